@@ -1,0 +1,1 @@
+"""How good a candidate is: accuracy, hardware cost and Pareto analysis."""

@@ -1,0 +1,1 @@
+"""Runnable entry points, tasks and models."""

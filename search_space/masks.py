@@ -1,0 +1,190 @@
+"""N:M masks as pure torch functions (any device, any floating dtype).
+
+Grouping always runs along the GEMM reduction dimension K:
+
+* Linear weight ``(out, in)``: M consecutive ``in`` features.
+* Conv weight ``(Cout, Cin/groups, kh, kw)``: M consecutive input channels at a fixed
+  ``(cout, kh, kw)`` -- the NHWC / implicit-GEMM layout sparse tensor cores consume.
+* Conv input ``(B, C, H, W)``: M consecutive channels of each pixel.
+* Linear input ``(..., K)``: M consecutive entries of the last dimension.
+
+Within a group the N largest scores survive; ties go to the lowest index, so masks are
+deterministic and equal to a stable descending sort. NaN scores (a diverged model) give an
+unspecified mask; trainers detect divergence from the loss instead of paying for a check here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from search_space.patterns import NMPattern, check_divisible
+
+# Up to this M the pairwise rank (M(M-1)/2 comparisons on uint8 ranks) beats top-k;
+# measured on a 2-core CPU in benchmarks/masks.py.
+_PAIRWISE_MAX_M = 16
+
+
+def _pairwise_keep(groups: Tensor, n: int, m: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """Rank each entry by how many group members beat it (larger, or equal and earlier)."""
+    cols = groups.unbind(dim)
+    losses: list[Tensor | None] = [None] * m
+    for i in range(m):
+        for j in range(i + 1, m):
+            i_wins = torch.ge(cols[i], cols[j])
+            j_wins = torch.logical_not(i_wins)
+            # bool -> uint8 views avoid a copy for each column's first comparison
+            losses[j] = i_wins.view(torch.uint8) if losses[j] is None else losses[j].add_(i_wins)
+            losses[i] = j_wins.view(torch.uint8) if losses[i] is None else losses[i].add_(j_wins)
+    # Writing the comparison straight into e.g. float32 costs nothing extra and spares the
+    # caller a slow bool -> float promotion in ``weight * mask`` on CPU.
+    keep = torch.empty(groups.shape, dtype=dtype, device=groups.device)
+    for i, lost in enumerate(losses):
+        torch.lt(lost, n, out=keep.select(dim, i))
+    return keep
+
+
+def _threshold_keep(groups: Tensor, n: int, dim: int) -> Tensor:
+    """Keep entries above the N-th largest value, then fill ties in index order."""
+    kth = groups.topk(n, dim).values.narrow(dim, n - 1, 1)
+    above = groups > kth
+    tied = groups == kth
+    room = n - above.sum(dim, keepdim=True)
+    return above | (tied & (tied.cumsum(dim) <= room))
+
+
+def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype = torch.bool) -> Tensor:
+    """Mask keeping the ``n`` largest of every ``m`` consecutive ``scores`` along ``dim``.
+
+    The mask is ``bool`` by default; ``dtype`` returns it as 0/1 values of another type.
+    ``scores.shape[dim]`` must be divisible by ``m``. ``n == m`` returns an all-true mask.
+    Any ``m`` works here (structure decay uses e.g. 8:64); user-facing patterns are capped
+    by :class:`NMPattern`.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+        raise ValueError(f"invalid N:M {n!r}:{m!r}: need integers with 1 <= N <= M")
+    dim = dim % scores.dim()
+    size = scores.shape[dim]
+    if size % m:
+        raise ValueError(f"dimension {dim} of size {size} is not divisible by M={m}")
+    if n == m:
+        return torch.ones_like(scores, dtype=dtype)
+    scores = scores.detach()
+    groups = scores.unflatten(dim, (size // m, m))
+    if m <= _PAIRWISE_MAX_M:
+        keep = _pairwise_keep(groups, n, m, dim + 1, dtype)
+    else:
+        keep = _threshold_keep(groups, n, dim + 1).to(dtype)
+    return keep.flatten(dim, dim + 1)
+
+
+def weight_nm_mask(
+    weight: Tensor,
+    n: int,
+    m: int,
+    scores: Tensor | None = None,
+    *,
+    layer: str = "<weight>",
+) -> Tensor:
+    """N:M mask of a Linear ``(out, in)`` or Conv ``(Cout, Cin/groups, *kernel)`` weight.
+
+    Groups run along dimension 1 (input features / input channels of the group), so a conv
+    group is M consecutive input channels at a fixed output channel and kernel offset.
+    ``scores`` defaults to ``|weight|``; pass e.g. :func:`activation_weighted_scores`.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"layer '{layer}': a weight needs at least 2 dimensions, got {weight.dim()}")
+    what = "in_features" if weight.dim() == 2 else "input channels per group"
+    check_divisible(weight.shape[1], NMPattern(n, m).m, layer=layer, what=what)
+    if scores is None:
+        scores = weight.detach().abs()
+    elif scores.shape != weight.shape:
+        raise ValueError(f"layer '{layer}': scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    return nm_mask(scores, n, m, dim=1)
+
+
+def activation_nm_mask(
+    x: Tensor,
+    n: int,
+    m: int,
+    dim: int = -1,
+    channel_scale: Tensor | None = None,
+    *,
+    layer: str = "<input>",
+) -> Tensor:
+    """Dynamic N:M mask of an input: conv ``(B, C, H, W)`` with ``dim=1``, linear ``(..., K)``.
+
+    The score is ``|x|``, or ``|x| * channel_scale`` (e.g. the norm of each weight column,
+    see :func:`weight_column_norms`) to keep entries that matter most to the output.
+    """
+    dim = dim % x.dim()
+    check_divisible(x.shape[dim], NMPattern(n, m).m, layer=layer, what="input channels")
+    scores = x.detach().abs()
+    if channel_scale is not None:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        scores = scores * channel_scale.view(shape)
+    return nm_mask(scores, n, m, dim=dim)
+
+
+def weight_column_norms(weight: Tensor, groups: int = 1) -> Tensor:
+    """L2 norm of the weight column each input channel / feature multiplies, shape ``(C_in,)``."""
+    w = weight.detach()
+    if w.dim() == 2:
+        return w.norm(dim=0)
+    cout, cpg = w.shape[:2]
+    sq = w.reshape(groups, cout // groups, cpg, -1).pow(2).sum(dim=(1, 3))
+    return sq.reshape(groups * cpg).sqrt()
+
+
+def input_column_sq_sums(
+    x: Tensor,
+    kernel_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] = (1, 1),
+    dilation: tuple[int, int] = (1, 1),
+    pad: tuple[int, ...] = (0, 0, 0, 0),
+    pad_mode: str = "constant",
+) -> Tensor:
+    """Sum of squares of each GEMM column of X over a batch.
+
+    Linear (``kernel_size=None``): ``x`` is ``(..., K)``, result ``(K,)``.
+    Conv2d: ``x`` is ``(B, C, H, W)``, ``pad`` is in ``F.pad`` order (a conv's
+    ``_reversed_padding_repeated_twice``); result ``(C, kh, kw)``, one entry per im2col
+    column ``(c, r, s)``, summed over the positions kernel offset ``(r, s)`` reads --
+    without materialising im2col.
+    """
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    if kernel_size is None:
+        return x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+    sq = torch.nn.functional.pad(x, list(pad), mode=pad_mode).pow(2)
+    kh, kw = kernel_size
+    h_out = (sq.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (sq.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = sq.new_empty(sq.shape[1], kh, kw)
+    for r in range(kh):
+        for s in range(kw):
+            top, left = r * dilation[0], s * dilation[1]
+            window = sq[
+                :,
+                :,
+                top : top + stride[0] * (h_out - 1) + 1 : stride[0],
+                left : left + stride[1] * (w_out - 1) + 1 : stride[1],
+            ]
+            out[:, r, s] = window.sum(dim=(0, 2, 3))
+    return out
+
+
+def activation_weighted_scores(weight: Tensor, input_col_norms: Tensor, groups: int = 1) -> Tensor:
+    """Weight scores ``|w| * ||x_col||`` (Wanda-style) from calibration column norms.
+
+    ``input_col_norms`` is ``(K,)`` for a Linear or ``(C_in, kh, kw)`` for a Conv2d
+    (the square root of :func:`input_column_sq_sums`).
+    """
+    w = weight.detach().abs()
+    norms = input_col_norms.to(w.dtype)
+    if w.dim() == 2:
+        return w * norms.view(1, -1)
+    cout, cpg = w.shape[:2]
+    per_group = norms.reshape(groups, cpg, *norms.shape[1:])
+    expanded = per_group.repeat_interleave(cout // groups, dim=0)
+    return w * expanded

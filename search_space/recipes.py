@@ -1,0 +1,245 @@
+"""Gradient recipes for N:M training, configured by one dataclass and driven by ``step()``.
+
+* ``ste``     -- forward ``W * E``, dense gradient to ``W`` (straight-through).
+* ``srste``   -- SR-STE (Zhou et al. 2021): adds ``srste_lambda * (1 - E) * W`` to the gradient.
+* ``fixed``   -- one-shot mask (NVIDIA ASP): pruned once when masking starts, gradient masked.
+* ``decay="mask"``      -- pruning mask decay: forward ``W * (E + beta(t) (1 - E))``, STE
+  backward, beta linear ``max(0, 1 - alpha t)`` or exponential ``exp(-alpha t)`` (then 0).
+* ``decay="structure"`` -- sparse structure decay: N shrinks over equal time frames
+  (stepwise ``7:8 -> 4:8 -> 2:8 -> 1:8``, or geometric ``8:64 -> 4:32 -> 2:16 -> 1:8``),
+  then the binary target mask for the final fine-tune.
+
+``t`` counts steps after ``warmup_steps`` dense steps. SR-STE with a decay is refused, as in
+Google's praxis: its regulariser pulls pruned weights to zero while the decay still uses them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+from torch import nn
+
+from search_space.layers import ESTIMATORS, MaskState, SparseLayerMixin, sparse_layers
+from search_space.patterns import NMPattern, NMSearchError
+
+DECAYS = ("none", "mask", "structure")
+MASK_DECAY_SCHEDULES = ("linear", "exp")
+STRUCTURE_DECAY_MODES = ("stepwise", "geometric")
+
+# Exponential mask decay ends at beta = 1% when alpha is derived from decay_steps.
+_EXP_DECAY_END = 0.01
+
+
+class RecipeConfigError(NMSearchError):
+    """A recipe configuration that cannot work."""
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """How masked weights are trained. Every field has a Hydra key of the same name."""
+
+    estimator: str = "srste"
+    srste_lambda: float = 2e-4
+    decay: str = "none"
+    warmup_steps: int = 0
+    decay_steps: int = 1000
+    mask_decay_schedule: str = "linear"
+    mask_decay_alpha: float | None = None
+    structure_decay_mode: str = "stepwise"
+    structure_decay_max_scale: int = 8
+
+    def __post_init__(self) -> None:
+        def choice(field: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, field) not in allowed:
+                raise RecipeConfigError(f"recipe.{field} = {getattr(self, field)!r} is not one of {', '.join(allowed)}")
+
+        choice("estimator", ESTIMATORS)
+        choice("decay", DECAYS)
+        choice("mask_decay_schedule", MASK_DECAY_SCHEDULES)
+        choice("structure_decay_mode", STRUCTURE_DECAY_MODES)
+        if self.decay != "none" and self.estimator != "ste":
+            raise RecipeConfigError(
+                f"recipe.estimator = {self.estimator!r} cannot be combined with decay = {self.decay!r}; "
+                "decay recipes train with the plain STE: set estimator=ste (or decay=none)"
+            )
+        if self.srste_lambda < 0:
+            raise RecipeConfigError(f"recipe.srste_lambda must be >= 0, got {self.srste_lambda}")
+        for field in ("warmup_steps", "decay_steps"):
+            if getattr(self, field) < 0:
+                raise RecipeConfigError(f"recipe.{field} must be >= 0, got {getattr(self, field)}")
+        if self.mask_decay_alpha is not None and self.mask_decay_alpha <= 0:
+            raise RecipeConfigError(f"recipe.mask_decay_alpha must be > 0, got {self.mask_decay_alpha}")
+        scale = self.structure_decay_max_scale
+        if scale < 1 or scale & (scale - 1):
+            raise RecipeConfigError(f"recipe.structure_decay_max_scale must be a power of two, got {scale}")
+
+    @property
+    def alpha(self) -> float:
+        """The mask-decay rate: given, or derived so the decay spans ``decay_steps``."""
+        if self.mask_decay_alpha is not None:
+            return self.mask_decay_alpha
+        steps = max(self.decay_steps, 1)
+        if self.mask_decay_schedule == "linear":
+            return 1.0 / steps
+        return -math.log(_EXP_DECAY_END) / steps
+
+
+def mask_decay_beta(t: int, config: RecipeConfig) -> float:
+    """Weight given to pruned entries ``t`` steps after warm-up; 0 once the decay is over."""
+    if t < 0:
+        return 1.0
+    if t >= config.decay_steps and config.mask_decay_alpha is None:
+        return 0.0
+    if config.mask_decay_schedule == "linear":
+        return max(0.0, 1.0 - config.alpha * t)
+    return math.exp(-config.alpha * t)
+
+
+def structure_decay_stages(
+    target: NMPattern, group_dim: int, mode: str = "stepwise", max_scale: int = 8
+) -> list[tuple[int, int]]:
+    """The ``(n, m)`` sequence ending at ``target``.
+
+    Stepwise keeps M and shrinks N: ``M-1``, then halvings of M down to the target N
+    (1:8 -> 7:8, 4:8, 2:8, 1:8). Geometric keeps the density and refines the structure
+    (1:8 -> 8:64, 4:32, 2:16, 1:8), starting at the largest scale ``<= max_scale`` whose
+    group size divides the layer's ``group_dim``.
+    """
+    n, m = target.n, target.m
+    if mode == "stepwise":
+        stages = [m - 1]
+        k = m // 2
+        while k > n:
+            stages.append(k)
+            k //= 2
+        stages.append(n)
+        ordered = [s for i, s in enumerate(stages) if s >= n and s not in stages[:i]]
+        return [(s, m) for s in ordered]
+    scale = max_scale
+    while scale > 1 and group_dim % (m * scale):
+        scale //= 2
+    stages_geo = []
+    while scale >= 1:
+        stages_geo.append((n * scale, m * scale))
+        scale //= 2
+    return stages_geo
+
+
+def structure_decay_stage(t: int, stages: list[tuple[int, int]], decay_steps: int) -> tuple[int, int]:
+    """Stage at step ``t`` after warm-up: intermediate stages share ``decay_steps`` equally."""
+    intermediate = len(stages) - 1
+    if t >= decay_steps or intermediate == 0:
+        return stages[-1]
+    frame = decay_steps / intermediate
+    return stages[min(int(t // frame), intermediate - 1)]
+
+
+class Recipe:
+    """Drives every sparse layer of ``model`` through a :class:`RecipeConfig`.
+
+    Call ``step(global_step)`` once per optimizer step, before the forward pass. It also
+    records SAD (mask flips between consecutive mask updates) per layer.
+    """
+
+    def __init__(self, model: nn.Module, config: RecipeConfig | None = None, *, record_mask_flips: bool = True) -> None:
+        self.config = config or RecipeConfig()
+        self.layers: dict[str, SparseLayerMixin] = dict(sparse_layers(model))
+        self.record_mask_flips = record_mask_flips
+        self._stages = {
+            name: structure_decay_stages(
+                layer.weight_pattern,
+                layer.weight.shape[1],
+                self.config.structure_decay_mode,
+                self.config.structure_decay_max_scale,
+            )
+            for name, layer in self.layers.items()
+            if layer.weight_pattern is not None
+        }
+        self._fixed = False
+        self._history: list[dict] = []
+        self.global_step = -1
+
+    def phase(self, global_step: int) -> str:
+        """``warmup`` (dense), ``decay`` (mask/structure decay running) or ``sparse``."""
+        t = global_step - self.config.warmup_steps
+        if t < 0:
+            return "warmup"
+        if self.config.decay != "none" and t < self.config.decay_steps:
+            return "decay"
+        return "sparse"
+
+    def step(self, global_step: int) -> None:
+        self._record_flips()
+        self.global_step = global_step
+        config = self.config
+        t = global_step - config.warmup_steps
+        if t < 0:
+            for layer in self.layers.values():
+                layer.mask_state = MaskState(enabled=False, estimator=config.estimator)
+            return
+        beta = mask_decay_beta(t, config) if config.decay == "mask" else 0.0
+        for name, layer in self.layers.items():
+            weight_nm = None
+            if config.decay == "structure" and name in self._stages:
+                weight_nm = structure_decay_stage(t, self._stages[name], config.decay_steps)
+            layer.mask_state = MaskState(
+                enabled=True,
+                estimator=config.estimator,
+                srste_lambda=config.srste_lambda,
+                decay_beta=beta,
+                weight_nm=weight_nm,
+            )
+        if config.estimator == "fixed" and not self._fixed:
+            for layer in self.layers.values():
+                layer.fix_weight_mask()
+            self._fixed = True
+
+    def _record_flips(self) -> None:
+        if not self.record_mask_flips:
+            return
+        for name, layer in self.layers.items():
+            flips, updates = layer.read_mask_flips()
+            if updates:
+                numel = layer.weight.numel()
+                self._history.append(
+                    {
+                        "step": self.global_step,
+                        "layer": name,
+                        "updates": updates,
+                        "flips": flips,
+                        "flip_rate": flips / (numel * updates),
+                    }
+                )
+
+    def sad_history(self) -> pd.DataFrame:
+        """One row per layer and step with mask updates: flips and flip rate (``flips / numel``)."""
+        self._record_flips()
+        columns = ["step", "layer", "updates", "flips", "flip_rate"]
+        return pd.DataFrame(self._history, columns=columns)
+
+    def sad_frame(self) -> pd.DataFrame:
+        """Per-layer totals since the layers were created (see :func:`mask_flip_frame`)."""
+        return mask_flip_frame(self.layers.items())
+
+
+def mask_flip_frame(layers: nn.Module | Iterable[tuple[str, SparseLayerMixin]]) -> pd.DataFrame:
+    """Per-layer SAD totals: mask updates, flips, and mean flip rate per update."""
+    items = sparse_layers(layers) if isinstance(layers, nn.Module) else layers
+    rows = []
+    for name, layer in items:
+        numel = layer.weight.numel()
+        flips = int(layer.mask_flips)
+        updates = layer.mask_updates
+        rows.append(
+            {
+                "layer": name,
+                "numel": numel,
+                "updates": updates,
+                "flips": flips,
+                "flip_rate": flips / (numel * updates) if updates else 0.0,
+            }
+        )
+    return pd.DataFrame(rows, columns=["layer", "numel", "updates", "flips", "flip_rate"])
