@@ -1,5 +1,6 @@
 """What a candidate is: N:M masks, sparse layer wrappers and gradient recipes."""
 
+from search_space.io import atomic_write, atomic_write_text
 from search_space.layers import (
     MaskState,
     SparseConv2d,
@@ -34,26 +35,50 @@ from search_space.recipes import (
     structure_decay_stage,
     structure_decay_stages,
 )
+from search_space.scheme import (
+    DENSE,
+    Option,
+    Scheme,
+    SchemeError,
+    SchemeMismatchError,
+    model_fingerprint,
+    prunable_modules,
+)
+from search_space.space import DEFAULT_RATIOS, DEFAULT_TARGETS, LayerInfo, SearchSpace, SkippedLayer
 
 __all__ = [
+    "DEFAULT_RATIOS",
+    "DEFAULT_TARGETS",
+    "DENSE",
     "IneligibleLayerError",
     "InvalidPatternError",
+    "LayerInfo",
     "MaskState",
     "NMPattern",
     "NMSearchError",
+    "Option",
     "Recipe",
     "RecipeConfig",
     "RecipeConfigError",
+    "Scheme",
+    "SchemeError",
+    "SchemeMismatchError",
+    "SearchSpace",
+    "SkippedLayer",
     "SparseConv2d",
     "SparseLayerMixin",
     "SparseLinear",
     "activation_nm_mask",
     "activation_weighted_scores",
+    "atomic_write",
+    "atomic_write_text",
     "calibrate_input_norms",
     "input_column_sq_sums",
     "mask_decay_beta",
     "mask_flip_frame",
+    "model_fingerprint",
     "nm_mask",
+    "prunable_modules",
     "set_submodule",
     "sparse_layers",
     "sparsify",

@@ -1,0 +1,438 @@
+"""The search space of a model: its layers (shapes, GEMM dims, MACs) and each layer's options.
+
+``SearchSpace.from_model`` runs one forward pass with hooks on example inputs. Every Conv2d /
+Linear (subclasses included) that ran through its ``forward`` is *modelled* (its cost counts);
+it is *searchable* when it has more than the dense option. Layers whose weights a model uses
+functionally (``nn.MultiheadAttention``'s packed ``in_proj_weight`` and ``out_proj``) or that
+never ran are listed in ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from search_space.layers import SparseLayerMixin
+from search_space.patterns import NMPattern, NMSearchError
+from search_space.scheme import (
+    DENSE,
+    Option,
+    Scheme,
+    SchemeMismatchError,
+    _close_matches,
+    functional_use_reason,
+    model_fingerprint,
+    prunable_modules,
+)
+
+DEFAULT_RATIOS = ("2:4", "1:4", "2:8", "1:8")
+DEFAULT_TARGETS = ("weights", "activations", "both")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A modelled layer as the example pass saw it. GEMM ``Y[T x N] = X[T x K] W^T`` per group.
+
+    ``channels`` is the dimension N:M groups run along (input channels per conv group, or
+    ``in_features``). ``tokens`` (T), ``macs``, ``input_numel`` and ``output_numel`` sum
+    over all calls of the layer in one pass; shapes are those of the first call.
+    """
+
+    name: str
+    kind: str
+    module_type: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    calls: int
+    tokens: int
+    reduction: int
+    outputs: int
+    groups: int
+    channels: int
+    params: int
+    macs: int
+    input_numel: int
+    output_numel: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    module_type: str
+    reason: str
+
+
+@dataclass
+class _Record:
+    module: nn.Module
+    order: int
+    calls: int = 0
+    input_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    tokens: int = 0
+    input_numel: int = 0
+    output_numel: int = 0
+
+
+def _gemm_tokens(kind: str, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> int:
+    if kind == "conv2d":
+        return y.shape[0] * y.shape[2] * y.shape[3] if y.dim() == 4 else y.shape[1] * y.shape[2]
+    return x.numel() // module.in_features
+
+
+def _matches(name: str, module: nn.Module, patterns: Iterable[str | type]) -> str | None:
+    for pattern in patterns:
+        if isinstance(pattern, type):
+            if isinstance(module, pattern):
+                return pattern.__name__
+        elif fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern:
+            return pattern
+    return None
+
+
+class SearchSpace:
+    """Layers of a model and, per layer, the sparsity options a strategy may choose from.
+
+    Options: ``dense`` plus weights / activations / both at the configured ratios, filtered by
+    eligibility (the grouped channel count must be divisible by M). ``both`` ties the weight
+    and activation ratio unless ``tie_both=False``, which searches every pair.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerInfo],
+        *,
+        skipped: Sequence[SkippedLayer] = (),
+        fingerprint: str = "",
+        example_batch_size: int = 1,
+        ratios: Sequence[str | NMPattern] = DEFAULT_RATIOS,
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        tie_both: bool = True,
+        fixed_dense: Iterable[str] = (),
+    ) -> None:
+        self.layers: tuple[LayerInfo, ...] = tuple(layers)
+        self.skipped: tuple[SkippedLayer, ...] = tuple(skipped)
+        self.fingerprint = fingerprint
+        self.example_batch_size = example_batch_size
+        self.ratios: tuple[NMPattern, ...] = tuple(NMPattern.parse(r) for r in ratios)
+        if any(r.is_dense for r in self.ratios):
+            raise NMSearchError("space.ratios must be sparse N:M patterns (N < M), e.g. ['2:4', '1:8']")
+        unknown = [t for t in targets if t not in DEFAULT_TARGETS]
+        if unknown:
+            raise NMSearchError(f"space.targets: {unknown[0]!r} is not one of {', '.join(DEFAULT_TARGETS)}")
+        self.targets = tuple(targets)
+        self.tie_both = tie_both
+        fixed = set(fixed_dense)
+        self.options: dict[str, tuple[Option, ...]] = {
+            info.name: (DENSE,) if info.name in fixed else self._layer_options(info) for info in self.layers
+        }
+        self._index = {name: {o: i for i, o in enumerate(opts)} for name, opts in self.options.items()}
+        self._info = {info.name: info for info in self.layers}
+
+    # -- discovery -------------------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[Any] | Mapping[str, Any],
+        *,
+        include: Iterable[str | type] | None = None,
+        exclude: Iterable[str | type] = (),
+        keep_first_last_dense: bool = False,
+        ratios: Sequence[str | NMPattern] = DEFAULT_RATIOS,
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        tie_both: bool = True,
+    ) -> SearchSpace:
+        """Discover the space of ``model`` from one forward pass on ``example_inputs``.
+
+        ``example_inputs``: a tensor, a tuple of positional arguments, or a dict of keyword
+        arguments. ``include`` / ``exclude`` take name globs (``"layer4.*"``), class names or
+        classes; non-matching layers stay in the space (their cost counts) with only ``dense``.
+        """
+        include = list(include) if include is not None else None
+        exclude = list(exclude)
+        modules = prunable_modules(model)
+        if isinstance(model, nn.Conv2d | nn.Linear):
+            raise NMSearchError(
+                f"the model itself is a {type(model).__name__}: layers are addressed by name, so wrap it, "
+                "e.g. nn.Sequential(model)"
+            )
+        if not modules:
+            raise NMSearchError(
+                f"{type(model).__name__} has no Conv2d or Linear layers: there is nothing to search over"
+            )
+        records: dict[str, _Record] = {}
+        handles = []
+
+        def hook(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+            record = records.setdefault(name, _Record(module, len(records)))
+            x = args[0]
+            y = output
+            kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+            record.calls += 1
+            if record.calls == 1:
+                record.input_shape, record.output_shape = tuple(x.shape), tuple(y.shape)
+            record.tokens += _gemm_tokens(kind, x, y, module)
+            record.input_numel += x.numel()
+            record.output_numel += y.numel()
+
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if isinstance(example_inputs, Mapping):
+                    model(**example_inputs)
+                elif isinstance(example_inputs, tuple | list):
+                    model(*example_inputs)
+                else:
+                    model(example_inputs)
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+
+        skipped = []
+        for owner_name, owner in model.named_modules():
+            if isinstance(owner, nn.MultiheadAttention) and owner.in_proj_weight is not None:
+                skipped.append(
+                    SkippedLayer(
+                        f"{owner_name}.in_proj_weight" if owner_name else "in_proj_weight",
+                        "MultiheadAttention",
+                        "packed q/k/v projection used functionally by nn.MultiheadAttention; not searchable",
+                    )
+                )
+        for name, module in modules.items():
+            reason = functional_use_reason(model, name)
+            if name not in records:
+                reason = reason or "never ran through forward() in the example pass (used functionally or bypassed)"
+            if reason:
+                skipped.append(SkippedLayer(name, type(module).__name__, reason))
+                records.pop(name, None)
+                continue
+            if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward) and not isinstance(
+                module, SparseLayerMixin
+            ):
+                skipped.append(
+                    SkippedLayer(
+                        name, type(module).__name__, "overrides forward(); masking could change what it computes"
+                    )
+                )
+                records.pop(name)
+
+        ordered = sorted(records.items(), key=lambda item: item[1].order)
+        layers = [_layer_info(name, record) for name, record in ordered]
+        if not layers:
+            raise NMSearchError(
+                f"no Conv2d/Linear layer of {type(model).__name__} ran through forward() on the example inputs: "
+                "nothing to search over"
+            )
+        fixed: dict[str, str] = {}
+        for info in layers:
+            module = records[info.name].module
+            if include is not None and not _matches(info.name, module, include):
+                fixed[info.name] = "not matched by include"
+            hit = _matches(info.name, module, exclude)
+            if hit:
+                fixed[info.name] = f"excluded by {hit!r}"
+        if keep_first_last_dense:
+            fixed.setdefault(layers[0].name, "first layer kept dense")
+            fixed.setdefault(layers[-1].name, "last layer kept dense")
+        layers = [
+            LayerInfo(**{**info.__dict__, "note": fixed.get(info.name, "")}) if info.name in fixed else info
+            for info in layers
+        ]
+        batch = layers[0].input_shape[0] if layers[0].input_shape else 1
+        return cls(
+            layers,
+            skipped=skipped,
+            fingerprint=model_fingerprint(model),
+            example_batch_size=batch,
+            ratios=ratios,
+            targets=targets,
+            tie_both=tie_both,
+            fixed_dense=fixed,
+        )
+
+    def _layer_options(self, info: LayerInfo) -> tuple[Option, ...]:
+        eligible = [r for r in self.ratios if info.channels % r.m == 0]
+        options = [DENSE]
+        if "weights" in self.targets:
+            options += [Option(weight=r) for r in eligible]
+        if "activations" in self.targets:
+            options += [Option(activation=r) for r in eligible]
+        if "both" in self.targets:
+            if self.tie_both:
+                options += [Option(r, r) for r in eligible]
+            else:
+                options += [Option(w, a) for w in eligible for a in eligible]
+        return tuple(dict.fromkeys(options))
+
+    # -- description -----------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        return [info.name for info in self.layers]
+
+    @property
+    def searchable(self) -> list[str]:
+        """Layers with more than one option."""
+        return [name for name, options in self.options.items() if len(options) > 1]
+
+    def info(self, name: str) -> LayerInfo:
+        if name not in self._info:
+            raise SchemeMismatchError(
+                f"layer {name!r} is not in the search space{_close_matches(name, self.layer_names)}"
+            )
+        return self._info[name]
+
+    @property
+    def size(self) -> int:
+        """Number of distinct schemes."""
+        return math.prod(len(options) for options in self.options.values())
+
+    @property
+    def log10_size(self) -> float:
+        return sum(math.log10(len(options)) for options in self.options.values())
+
+    @property
+    def max_options(self) -> int:
+        return max(len(options) for options in self.options.values())
+
+    def option_names(self, name: str) -> list[str]:
+        return [option.name for option in self.options[name]]
+
+    def option_valid_mask(self) -> np.ndarray:
+        """``(layers, max_options)`` booleans: which option slots exist (rows padded after the last)."""
+        mask = np.zeros((len(self.layers), self.max_options), dtype=bool)
+        for row, name in enumerate(self.layer_names):
+            mask[row, : len(self.options[name])] = True
+        return mask
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per modelled layer: type, shapes, GEMM dims, parameters, MACs, options."""
+        rows = []
+        for info in self.layers:
+            row = {k: v for k, v in info.__dict__.items() if k not in ("input_numel", "output_numel")}
+            row["options"] = len(self.options[info.name])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def options_frame(self) -> pd.DataFrame:
+        """One row per (layer, option) with its index in the layer's categorical choice."""
+        rows = [
+            {
+                "layer": name,
+                "index": index,
+                "option": option.name,
+                "target": option.target,
+                "weights": str(option.weight or ""),
+                "activations": str(option.activation or ""),
+            }
+            for name, options in self.options.items()
+            for index, option in enumerate(options)
+        ]
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"SearchSpace({len(self.layers)} layers, {len(self.searchable)} searchable, "
+            f"{len(self.skipped)} skipped, 10^{self.log10_size:.1f} schemes)"
+        )
+
+    # -- schemes ---------------------------------------------------------------------------
+    def scheme(self, choices: Mapping[str, Option | str], **metadata_fields: Any) -> Scheme:
+        """A scheme of this space from ``{layer: option}``; unnamed layers are dense.
+
+        Every layer and option is checked against the space; the scheme lists every layer
+        and carries the space's fingerprint and weight shapes.
+        """
+        parsed = {name: Option.parse(option) for name, option in choices.items()}
+        for name, option in parsed.items():
+            info = self.info(name)
+            if option not in self._index[name]:
+                raise SchemeMismatchError(
+                    f"option {option.name!r} is not available for layer {name!r} "
+                    f"({info.channels} grouped channels{', ' + info.note if info.note else ''}); "
+                    f"available: {', '.join(self.option_names(name))}"
+                )
+        return Scheme(
+            tuple((name, parsed.get(name, DENSE)) for name in self.layer_names),
+            fingerprint=self.fingerprint,
+            shapes={info.name: info.weight_shape for info in self.layers},
+            **metadata_fields,
+        )
+
+    def check(self, scheme: Scheme) -> None:
+        """Raise :class:`SchemeMismatchError` unless ``scheme`` belongs to this space."""
+        if scheme.fingerprint and self.fingerprint and scheme.fingerprint != self.fingerprint:
+            raise SchemeMismatchError(
+                f"scheme fingerprint {scheme.fingerprint} does not match the search space's {self.fingerprint}: "
+                "it was made for another model"
+            )
+        self.scheme(dict(scheme.layers))
+
+    def encode(self, scheme: Scheme) -> np.ndarray:
+        """Option index per layer (``0`` = dense), in layer order."""
+        self.check(scheme)
+        return np.array([self._index[name][scheme[name]] for name in self.layer_names], dtype=np.int64)
+
+    def encode_many(self, schemes: Iterable[Scheme]) -> np.ndarray:
+        """``(schemes, layers)`` option indices."""
+        rows = [self.encode(s) for s in schemes]
+        return np.stack(rows) if rows else np.zeros((0, len(self.layers)), dtype=np.int64)
+
+    def decode(self, indices: Sequence[int] | np.ndarray, **metadata_fields: Any) -> Scheme:
+        indices = [int(i) for i in indices]
+        if len(indices) != len(self.layers):
+            raise SchemeMismatchError(f"expected {len(self.layers)} option indices (one per layer), got {len(indices)}")
+        choices = {}
+        for name, index in zip(self.layer_names, indices, strict=True):
+            options = self.options[name]
+            if not 0 <= index < len(options):
+                raise SchemeMismatchError(f"layer {name!r} has {len(options)} options, got index {index}")
+            choices[name] = options[index]
+        return self.scheme(choices, **metadata_fields)
+
+
+def _layer_info(name: str, record: _Record) -> LayerInfo:
+    module = record.module
+    weight_shape = tuple(module.weight.shape)
+    params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    if isinstance(module, nn.Conv2d):
+        groups = module.groups
+        reduction = weight_shape[1] * weight_shape[2] * weight_shape[3]
+        outputs = weight_shape[0] // groups
+        channels, kind = weight_shape[1], "conv2d"
+    else:
+        groups, reduction, outputs = 1, module.in_features, module.out_features
+        channels, kind = module.in_features, "linear"
+    dense_type = getattr(module, "dense_type", type(module))
+    return LayerInfo(
+        name=name,
+        kind=kind,
+        module_type=dense_type.__name__,
+        weight_shape=weight_shape,
+        input_shape=record.input_shape,
+        output_shape=record.output_shape,
+        calls=record.calls,
+        tokens=record.tokens,
+        reduction=reduction,
+        outputs=outputs,
+        groups=groups,
+        channels=channels,
+        params=params,
+        macs=groups * record.tokens * reduction * outputs,
+        input_numel=record.input_numel,
+        output_numel=record.output_numel,
+    )
