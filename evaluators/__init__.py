@@ -1,21 +1,59 @@
 """How good a candidate is: accuracy, hardware cost and Pareto analysis."""
 
+from evaluators.accuracy import FIDELITIES, AccuracyConfig, AccuracyEvaluator, NoSearchableLayersError
 from evaluators.base import (
     MAXIMIZE,
     MINIMIZE,
+    Constraint,
     Evaluation,
     Evaluator,
     Objective,
     objective_names,
     select_objectives,
 )
+from evaluators.composite import CompositeEvaluator
+from evaluators.cost import COST_METRICS, CostEvaluator, CostModelError, CostReport, CostTable, HardwareCostModel
+from evaluators.hardware import HardwareProfile, HardwareProfileError, available_profiles, load_profile
+from evaluators.task import Task, TaskError, TensorTask, TrainingSchedule
+from evaluators.training import (
+    Trainer,
+    TrainingDivergedError,
+    evaluate_model,
+    reestimate_batchnorm,
+    train_one_epoch,
+)
 
 __all__ = [
+    "COST_METRICS",
+    "FIDELITIES",
     "MAXIMIZE",
     "MINIMIZE",
+    "AccuracyConfig",
+    "AccuracyEvaluator",
+    "CompositeEvaluator",
+    "Constraint",
+    "CostEvaluator",
+    "CostModelError",
+    "CostReport",
+    "CostTable",
     "Evaluation",
     "Evaluator",
+    "HardwareCostModel",
+    "HardwareProfile",
+    "HardwareProfileError",
+    "NoSearchableLayersError",
     "Objective",
+    "Task",
+    "TaskError",
+    "TensorTask",
+    "Trainer",
+    "TrainingDivergedError",
+    "TrainingSchedule",
+    "available_profiles",
+    "evaluate_model",
+    "load_profile",
     "objective_names",
+    "reestimate_batchnorm",
     "select_objectives",
+    "train_one_epoch",
 ]

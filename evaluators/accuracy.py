@@ -1,0 +1,131 @@
+"""Accuracy of a scheme at one of three fidelities, as an :class:`~evaluators.base.Evaluator`.
+
+* ``oneshot``  -- mask the pre-trained dense model (``scheme.apply``), re-estimate BatchNorm
+  statistics on a few training batches, evaluate. No training: milliseconds to seconds.
+* ``finetune`` -- the masked pre-trained model trained for ``finetune_epochs`` with the recipe
+  at the schedule's ``finetune_lr``.
+* ``full``     -- a freshly initialised model, masked from the first step, trained with the
+  recipe for the task's whole schedule (the SR-STE setting); independent of pre-training.
+
+The objective is ``accuracy`` (top-1 fraction, maximised) on the validation split; the test
+split is kept for final reporting through :meth:`AccuracyEvaluator.evaluate_on`. Every
+evaluation re-seeds, so the same scheme always gets the same score.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from evaluators.base import MAXIMIZE, Evaluation, Objective
+from evaluators.task import SPLITS, TaskError
+from evaluators.training import Trainer, TrainingDivergedError, seed_everything
+from search_space import RecipeConfig, Scheme, SearchSpace
+
+FIDELITIES = ("oneshot", "finetune", "full")
+
+
+class NoSearchableLayersError(TaskError):
+    """A model none of whose layers can be made N:M sparse."""
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name."""
+
+    fidelity: str = "oneshot"
+    finetune_epochs: int = 1
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    bn_batches: int = 8
+    split: str = "val"
+
+    def __post_init__(self) -> None:
+        if self.fidelity not in FIDELITIES:
+            raise TaskError(f"accuracy.fidelity = {self.fidelity!r} is not one of {', '.join(FIDELITIES)}")
+        if self.split not in SPLITS:
+            raise TaskError(f"accuracy.split = {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.finetune_epochs < 1 or self.bn_batches < 0:
+            raise TaskError("accuracy.finetune_epochs must be >= 1 and accuracy.bn_batches >= 0")
+
+
+class AccuracyEvaluator:
+    """Scores schemes of ``space`` (discovered from the task's model when not given) by accuracy."""
+
+    objectives = (Objective("accuracy", MAXIMIZE),)
+
+    def __init__(
+        self, trainer: Trainer, space: SearchSpace | None = None, config: AccuracyConfig | None = None
+    ) -> None:
+        self.trainer = trainer
+        self.config = config or AccuracyConfig()
+        task = trainer.task
+        if space is None:
+            space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs().to(trainer.device))
+        if not space.searchable:
+            layers = ", ".join(f"{info.name!r} ({info.channels} channels)" for info in space.layers[:4])
+            more = ", ..." if len(space.layers) > 4 else ""
+            ratios = ", ".join(map(str, space.ratios))
+            raise NoSearchableLayersError(
+                f"task {task.name!r}: no layer of the model can be made N:M sparse at {ratios} "
+                f"(layers: {layers}{more}); searchable layers need input channels divisible by M"
+            )
+        self.space = space
+
+    def evaluate(self, scheme: Scheme) -> Evaluation:
+        """Accuracy on the configured split (validation by default)."""
+        return self.evaluate_on(scheme, self.config.split)
+
+    def evaluate_on(self, scheme: Scheme, split: str) -> Evaluation:
+        """Accuracy on ``split``; ``evaluate_on(scheme, "test")`` is the final report of a chosen scheme."""
+        start = time.perf_counter()
+        info = {"fidelity": self.config.fidelity, "split": split}
+        try:
+            model = self.sparse_model(scheme)
+        except TrainingDivergedError as error:
+            return Evaluation.failure(self.objectives, str(error), info=info, duration_s=time.perf_counter() - start)
+        except torch.cuda.OutOfMemoryError:
+            reason = f"out of GPU memory while training at fidelity {self.config.fidelity!r}"
+            return Evaluation.failure(self.objectives, reason, info=info, duration_s=time.perf_counter() - start)
+        result = self.trainer.evaluate(model, split)
+        duration = time.perf_counter() - start
+        info.update(loss=result.loss, samples=result.samples)
+        if not math.isfinite(result.loss):
+            reason = f"{split} loss is {result.loss} at fidelity {self.config.fidelity!r}"
+            return Evaluation.failure(self.objectives, reason, info=info, duration_s=duration)
+        return Evaluation({"accuracy": result.accuracy}, info=info, duration_s=duration)
+
+    def sparse_model(self, scheme: Scheme) -> nn.Module:
+        """The model ``scheme`` gets at this fidelity (weight masks not yet baked in: see ``Scheme.finalize``).
+
+        Raises :class:`~evaluators.training.TrainingDivergedError` when training diverges.
+        """
+        self.space.check(scheme)
+        trainer, config, schedule = self.trainer, self.config, self.trainer.schedule
+        seed_everything(trainer.seed)
+        if config.fidelity == "full":
+            model = scheme.apply(trainer.fresh_model(), inplace=True)
+            trainer.fit(
+                model,
+                epochs=schedule.epochs,
+                lr=schedule.lr,
+                recipe=config.recipe,
+                warmup_epochs=schedule.warmup_epochs,
+                description="full training",
+            )
+            return model
+        model = scheme.apply(trainer.pretrained(), inplace=True)
+        if config.fidelity == "oneshot":
+            trainer.reestimate_batchnorm(model, config.bn_batches)
+        else:
+            trainer.fit(
+                model,
+                epochs=config.finetune_epochs,
+                lr=schedule.finetune_lr,
+                recipe=config.recipe,
+                description="finetune",
+            )
+        return model

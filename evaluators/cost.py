@@ -1,0 +1,452 @@
+"""Hardware cost model: what a scheme costs at inference on a :class:`~evaluators.hardware.HardwareProfile`.
+
+Every layer is a GEMM ``Y[T x N] = X[T x K] W^T`` (per conv group). For a layer and an option:
+
+* **bytes**: weights (and bias) read once per call, the input activation read once, the output
+  written dense. A sparse N:M tensor is stored compressed: ``N/M (1 + ceil(log2 M) / (8 b))`` of
+  its dense bytes (``b`` bytes per element; FP16 2:4 = 0.5625, INT8 2:4 = 0.625).
+* **plans**: the GEMM runs dense, with the sparse weights on the sparse tensor cores, or with the
+  sparse activations on them: at most one operand is accelerated, and only when its pattern runs
+  on a hardware pattern of the dtype (1:8 runs as 2:4 at 2x, 3:8 runs dense). The fastest plan is
+  taken, as a runtime picking kernels would. Accelerating dynamic activations needs them
+  compressed on the fly: unless the profile fuses that into the producer, an extra pass reads the
+  dense activation, writes the compressed one and costs a launch. Without the tensor cores or a
+  fused producer, sparse activations are read dense (compressing them would only add traffic).
+* **roofline**: ``t = max(2 MACs / (eta_c P), bytes / (eta_m BW)) + calls t0 (+ compression)``
+  with ``P`` the dense peak times the plan's speedup and ``eta_c`` the dense or sparse efficiency.
+* **energy**: executed MACs (dense MACs / plan speedup) x pJ per MAC + DRAM bytes x pJ per byte.
+
+A scheme's totals are sums over layers, so :meth:`HardwareCostModel.table` precomputes every
+(layer, option) once: scoring many schemes is a gather and a sum, and the expected cost under
+per-layer option probabilities is a differentiable torch contraction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from evaluators.base import MINIMIZE, Evaluation, Objective
+from evaluators.hardware import DTYPE_BYTES, DtypeSpec, HardwareProfile, load_profile
+from search_space import DENSE, LayerInfo, NMPattern, NMSearchError, Option, Scheme, SearchSpace
+
+COST_METRICS = ("latency_ms", "bytes_mb", "energy_mj", "params", "macs")
+METRIC_UNITS: Mapping[str, str] = MappingProxyType(
+    {"latency_ms": "ms", "bytes_mb": "MB", "energy_mj": "mJ", "params": "", "macs": ""}
+)
+PLANS = ("dense", "sparse weights", "sparse activations")
+
+
+class CostModelError(NMSearchError):
+    """Bad input to the cost model: batch size, metric names, option indices or probabilities."""
+
+
+def compressed_fraction(pattern: NMPattern | None, bytes_per_element: int) -> float:
+    """Bytes of an N:M-compressed tensor relative to dense: values plus ceil(log2 M) index bits per kept value.
+
+    Never above 1: a pattern whose metadata outweighs the zeros (7:8) is stored dense.
+    """
+    if pattern is None or pattern.is_dense:
+        return 1.0
+    index_bits = math.ceil(math.log2(pattern.m))
+    return min(1.0, pattern.density * (1 + index_bits / (8 * bytes_per_element)))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A layer's GEMM work in one forward pass (all calls), already scaled to the batch size."""
+
+    macs: float
+    weight_numel: int
+    bias_numel: int
+    input_numel: float
+    output_numel: float
+    calls: int = 1
+
+    @classmethod
+    def of_layer(cls, info: LayerInfo, scale: float = 1.0) -> Workload:
+        """``scale`` multiplies the batch-dependent sizes (tokens, activations), not the weights."""
+        weight_numel = math.prod(info.weight_shape)
+        return cls(
+            macs=info.macs * scale,
+            weight_numel=weight_numel,
+            bias_numel=info.params - weight_numel,
+            input_numel=info.input_numel * scale,
+            output_numel=info.output_numel * scale,
+            calls=info.calls,
+        )
+
+    @classmethod
+    def linear(cls, tokens: int, in_features: int, out_features: int, bias: bool = False) -> Workload:
+        return cls(
+            macs=tokens * in_features * out_features,
+            weight_numel=in_features * out_features,
+            bias_numel=out_features if bias else 0,
+            input_numel=tokens * in_features,
+            output_numel=tokens * out_features,
+        )
+
+
+@dataclass(frozen=True)
+class GemmTerms:
+    """What does not depend on the efficiency factors, one entry per (workload, option)."""
+
+    macs: np.ndarray
+    calls: np.ndarray
+    weight_bytes: np.ndarray
+    input_bytes: np.ndarray
+    input_sparse_bytes: np.ndarray
+    output_bytes: np.ndarray
+    activation_sparse: np.ndarray
+    speedup: np.ndarray  # (entries, plans): peak ratio of each plan; 1 where a sparse plan is unavailable
+    params: np.ndarray
+    effective_macs: np.ndarray
+
+
+def gemm_terms(
+    workloads: Sequence[Workload], options: Sequence[Option], spec: DtypeSpec, bytes_per_element: int
+) -> GemmTerms:
+    def column(values: Any, dtype: type = np.float64) -> np.ndarray:
+        return np.fromiter(values, dtype=dtype, count=len(workloads))
+
+    pairs = list(zip(workloads, options, strict=True))
+    w_frac = column(compressed_fraction(o.weight, bytes_per_element) for _, o in pairs)
+    a_frac = column(compressed_fraction(o.activation, bytes_per_element) for _, o in pairs)
+    w_density = column(o.weight.density if o.weight else 1.0 for _, o in pairs)
+    a_density = column(o.activation.density if o.activation else 1.0 for _, o in pairs)
+    macs = column(w.macs for w, _ in pairs)
+    calls = column(w.calls for w, _ in pairs)
+    weight_numel = column(w.weight_numel for w, _ in pairs)
+    bias_numel = column(w.bias_numel for w, _ in pairs)
+    input_bytes = column(w.input_numel for w, _ in pairs) * bytes_per_element
+    speedup = np.ones((len(pairs), len(PLANS)))
+    speedup[:, 1] = column(spec.sparse_speedup(o.weight) for _, o in pairs)
+    speedup[:, 2] = column(spec.sparse_speedup(o.activation) for _, o in pairs)
+    return GemmTerms(
+        macs=macs,
+        calls=calls,
+        weight_bytes=(weight_numel * w_frac + bias_numel) * bytes_per_element * calls,
+        input_bytes=input_bytes,
+        input_sparse_bytes=input_bytes * a_frac,
+        output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element,
+        activation_sparse=column((o.activation is not None for _, o in pairs), bool),
+        speedup=speedup,
+        params=weight_numel * w_density + bias_numel,
+        effective_macs=macs * w_density * a_density,
+    )
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Per-entry costs of the chosen plan (seconds, bytes, joules)."""
+
+    plan: np.ndarray
+    speedup: np.ndarray
+    compute_s: np.ndarray
+    memory_s: np.ndarray
+    launch_s: np.ndarray
+    compress_s: np.ndarray
+    latency_s: np.ndarray
+    weight_bytes: np.ndarray
+    activation_bytes: np.ndarray
+    output_bytes: np.ndarray
+    compress_bytes: np.ndarray
+    energy_j: np.ndarray
+
+    @property
+    def total_bytes(self) -> np.ndarray:
+        return self.weight_bytes + self.activation_bytes + self.output_bytes + self.compress_bytes
+
+    @property
+    def compute_bound(self) -> np.ndarray:
+        return self.compute_s >= self.memory_s
+
+
+def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> dict[str, np.ndarray]:
+    """Every plan's costs, shaped ``(entries, plans)``; unavailable plans have infinite latency."""
+    eff = profile.efficiency
+    fused = profile.fused_activation_compression
+    bandwidth = profile.memory_bandwidth_gbs * 1e9 * eff.memory
+    launch = terms.calls * profile.launch_overhead_us * 1e-6
+    efficiency = np.array([eff.compute_dense, eff.compute_sparse, eff.compute_sparse])
+    compute = 2 * terms.macs[:, None] / (spec.dense_tflops * 1e12 * efficiency * terms.speedup)
+    stored = np.where(terms.activation_sparse & fused, terms.input_sparse_bytes, terms.input_bytes)
+    activation = np.stack([stored, stored, terms.input_sparse_bytes], axis=1)
+    compress = np.zeros_like(activation)
+    if not fused:
+        compress[:, 2] = terms.input_bytes + terms.input_sparse_bytes
+    gemm_bytes = terms.weight_bytes[:, None] + activation + terms.output_bytes[:, None]
+    memory = gemm_bytes / bandwidth
+    compress_s = compress / bandwidth + (compress > 0) * launch[:, None]
+    available = terms.speedup > 1
+    available[:, 0] = True
+    latency = np.where(available, np.maximum(compute, memory) + launch[:, None] + compress_s, np.inf)
+    executed_macs = terms.macs[:, None] / terms.speedup
+    energy = (executed_macs * spec.pj_per_mac + (gemm_bytes + compress) * profile.pj_per_dram_byte) * 1e-12
+    return {
+        "compute_s": compute,
+        "memory_s": memory,
+        "launch_s": np.broadcast_to(launch[:, None], latency.shape),
+        "compress_s": compress_s,
+        "latency_s": latency,
+        "activation_bytes": activation,
+        "compress_bytes": compress,
+        "energy_j": energy,
+    }
+
+
+def roofline(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec, plan: np.ndarray | None = None) -> Roofline:
+    """Costs of the fastest plan per entry, or of the given ``plan`` indices (into :data:`PLANS`)."""
+    plans = plan_costs(terms, profile, spec)
+    if plan is None:
+        # The fastest plan; among equally fast ones (memory- or launch-bound), the least energy.
+        latency = plans["latency_s"]
+        fastest = latency <= latency.min(axis=1, keepdims=True) * (1 + 1e-12)
+        chosen = np.argmin(np.where(fastest, plans["energy_j"], np.inf), axis=1)
+    else:
+        chosen = np.asarray(plan, dtype=np.int64)
+
+    def take(values: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(values, chosen[:, None], axis=1)[:, 0]
+
+    if plan is not None and not np.isfinite(take(plans["latency_s"])).all():
+        raise CostModelError("a forced plan runs a pattern the profile's sparse tensor cores do not accept")
+    return Roofline(
+        plan=chosen,
+        speedup=take(terms.speedup),
+        compute_s=take(plans["compute_s"]),
+        memory_s=take(plans["memory_s"]),
+        launch_s=take(plans["launch_s"]),
+        compress_s=take(plans["compress_s"]),
+        latency_s=take(plans["latency_s"]),
+        weight_bytes=terms.weight_bytes,
+        activation_bytes=take(plans["activation_bytes"]),
+        output_bytes=terms.output_bytes,
+        compress_bytes=take(plans["compress_bytes"]),
+        energy_j=take(plans["energy_j"]),
+    )
+
+
+def metric_columns(terms: GemmTerms, roof: Roofline) -> dict[str, np.ndarray]:
+    """The total metrics' per-entry contributions, keyed by :data:`COST_METRICS`."""
+    return {
+        "latency_ms": roof.latency_s * 1e3,
+        "bytes_mb": roof.total_bytes / 1e6,
+        "energy_mj": roof.energy_j * 1e3,
+        "params": terms.params,
+        "macs": terms.effective_macs,
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class CostTable:
+    """Every (layer, option) cost of one space: ``values[layer, option, metric]``, padded slots zero.
+
+    ``totals(indices)`` scores ``(schemes, layers)`` option indices (``space.encode_many``) at once;
+    ``expected(probs)`` is the differentiable expected cost for per-layer option probabilities.
+    """
+
+    layer_names: tuple[str, ...]
+    values: np.ndarray
+    valid: np.ndarray
+    metrics: tuple[str, ...] = COST_METRICS
+    _flat: np.ndarray = field(init=False, repr=False)
+    _offsets: np.ndarray = field(init=False, repr=False)
+    _option_counts: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        layers, options, _ = self.values.shape
+        values = np.where(self.valid[..., None], self.values, 0.0)
+        object.__setattr__(self, "values", values)
+        # One contiguous row per metric: a gather with flat indices is the fastest numpy path.
+        object.__setattr__(self, "_flat", np.ascontiguousarray(values.reshape(layers * options, -1).T))
+        object.__setattr__(self, "_offsets", np.arange(layers, dtype=np.int64) * options)
+        object.__setattr__(self, "_option_counts", self.valid.sum(axis=1))
+
+    def _metric_index(self, metric: str) -> int:
+        if metric not in self.metrics:
+            raise CostModelError(f"unknown cost metric {metric!r}; available: {', '.join(self.metrics)}")
+        return self.metrics.index(metric)
+
+    def totals(self, indices: np.ndarray, metrics: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Per-scheme totals ``{metric: (schemes,)}`` from ``(schemes, layers)`` option indices."""
+        indices = np.atleast_2d(np.asarray(indices))
+        if indices.ndim != 2 or indices.shape[1] != len(self.layer_names):
+            raise CostModelError(
+                f"expected option indices shaped (schemes, {len(self.layer_names)}), got {indices.shape}"
+            )
+        if indices.size and (indices.min() < 0 or (indices >= self._option_counts).any()):
+            row, col = np.argwhere((indices < 0) | (indices >= self._option_counts))[0]
+            raise CostModelError(
+                f"scheme {row}: layer {self.layer_names[col]!r} has {self._option_counts[col]} options, "
+                f"got index {indices[row, col]}"
+            )
+        flat = indices + self._offsets
+        return {m: self._flat[self._metric_index(m)][flat].sum(axis=1) for m in (metrics or self.metrics)}
+
+    def expected(self, probs: torch.Tensor, metric: str = "latency_ms") -> torch.Tensor:
+        """``sum_layers sum_options p(option) cost(layer, option)`` for probabilities ``(..., layers, options)``.
+
+        Differentiable in ``probs``; padded option slots (``space.option_valid_mask()``) must hold 0.
+        """
+        shape = tuple(self.valid.shape)
+        if tuple(probs.shape[-2:]) != shape:
+            raise CostModelError(
+                f"expected probabilities shaped (..., {shape[0]}, {shape[1]}), got {tuple(probs.shape)}"
+            )
+        padded = torch.from_numpy(~self.valid).to(probs.device)
+        if bool((probs.detach()[..., padded] != 0).any()):
+            raise CostModelError("probabilities on padded option slots must be 0 (mask them with option_valid_mask)")
+        cost = torch.as_tensor(self.values[..., self._metric_index(metric)], dtype=probs.dtype, device=probs.device)
+        return (probs * cost).sum(dim=(-2, -1))
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """A scheme's totals (and the dense model's), with the per-layer breakdown in ``layers``."""
+
+    totals: Mapping[str, float]
+    dense_totals: Mapping[str, float]
+    layers: pd.DataFrame
+    profile: HardwareProfile
+    dtype: str
+    batch_size: int
+
+    @property
+    def speedup(self) -> float:
+        """Dense latency over the scheme's latency."""
+        return self.dense_totals["latency_ms"] / self.totals["latency_ms"]
+
+
+@dataclass(frozen=True)
+class HardwareCostModel:
+    """Roofline cost of a scheme on one profile, dtype and batch size."""
+
+    profile: HardwareProfile
+    dtype: str = "fp16"
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.profile.dtype(self.dtype)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise CostModelError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    @classmethod
+    def from_profile(
+        cls, profile: str | Path | Mapping[str, Any] | HardwareProfile, dtype: str = "fp16", batch_size: int = 1
+    ) -> HardwareCostModel:
+        """From a shipped profile name (``"a100"``), a YAML path, a mapping of its fields or a profile."""
+        loaded = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+        return cls(loaded, dtype, batch_size)
+
+    @property
+    def spec(self) -> DtypeSpec:
+        return self.profile.dtype(self.dtype)
+
+    def costs(self, space: SearchSpace, pairs: Sequence[tuple[str, Option]]) -> tuple[GemmTerms, Roofline]:
+        """Terms and roofline of the given (layer name, option) pairs of ``space``."""
+        scale = self.batch_size / space.example_batch_size
+        workloads = [Workload.of_layer(space.info(name), scale) for name, _ in pairs]
+        terms = gemm_terms(workloads, [option for _, option in pairs], self.spec, DTYPE_BYTES[self.dtype])
+        return terms, roofline(terms, self.profile, self.spec)
+
+    def table(self, space: SearchSpace) -> CostTable:
+        """Every (layer, option) of ``space`` costed once."""
+        valid = space.option_valid_mask()
+        pairs = [(name, option) for name in space.layer_names for option in space.options[name]]
+        terms, roof = self.costs(space, pairs)
+        columns = metric_columns(terms, roof)
+        values = np.zeros((*valid.shape, len(COST_METRICS)))
+        values[valid] = np.stack([columns[m] for m in COST_METRICS], axis=1)
+        return CostTable(tuple(space.layer_names), values, valid)
+
+    def evaluate(self, space: SearchSpace, scheme: Scheme) -> CostReport:
+        """Totals and the per-layer breakdown (chosen vs dense) of ``scheme``."""
+        space.check(scheme)
+        names = space.layer_names
+        chosen_terms, chosen = self.costs(space, [(name, scheme[name]) for name in names])
+        dense_terms, dense = self.costs(space, [(name, DENSE) for name in names])
+        columns, dense_columns = metric_columns(chosen_terms, chosen), metric_columns(dense_terms, dense)
+        latency = columns["latency_ms"]
+        frame = pd.DataFrame(
+            {
+                "layer": names,
+                "option": [scheme[name].name for name in names],
+                "plan": [PLANS[p] for p in chosen.plan],
+                "bound": np.where(chosen.compute_bound, "compute", "memory"),
+                "latency_ms": latency,
+                "dense_latency_ms": dense_columns["latency_ms"],
+                "speedup": dense_columns["latency_ms"] / latency,
+                "latency_share": latency / latency.sum(),
+                "compute_ms": chosen.compute_s * 1e3,
+                "memory_ms": chosen.memory_s * 1e3,
+                "launch_ms": chosen.launch_s * 1e3,
+                "compress_ms": chosen.compress_s * 1e3,
+                "tensor_core_speedup": chosen.speedup,
+                "bytes_mb": columns["bytes_mb"],
+                "dense_bytes_mb": dense_columns["bytes_mb"],
+                "weight_mb": chosen.weight_bytes / 1e6,
+                "activation_mb": chosen.activation_bytes / 1e6,
+                "output_mb": chosen.output_bytes / 1e6,
+                "compress_mb": chosen.compress_bytes / 1e6,
+                "energy_mj": columns["energy_mj"],
+                "dense_energy_mj": dense_columns["energy_mj"],
+                "params": columns["params"],
+                "dense_params": dense_columns["params"],
+                "macs": columns["macs"],
+                "dense_macs": dense_columns["macs"],
+            }
+        )
+        return CostReport(
+            totals={m: float(columns[m].sum()) for m in COST_METRICS},
+            dense_totals={m: float(dense_columns[m].sum()) for m in COST_METRICS},
+            layers=frame,
+            profile=self.profile,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+        )
+
+
+class CostEvaluator:
+    """The :class:`~evaluators.base.Evaluator` protocol over a cost model: every objective is minimised.
+
+    ``metrics`` picks the objectives among :data:`COST_METRICS`; ``table`` scores many schemes at once.
+    """
+
+    def __init__(
+        self, space: SearchSpace, cost_model: HardwareCostModel, metrics: Sequence[str] = ("latency_ms",)
+    ) -> None:
+        if not metrics:
+            raise CostModelError(f"CostEvaluator needs at least one metric of: {', '.join(COST_METRICS)}")
+        unknown = [m for m in metrics if m not in COST_METRICS]
+        if unknown:
+            raise CostModelError(f"unknown cost metric {unknown[0]!r}; available: {', '.join(COST_METRICS)}")
+        self.space = space
+        self.cost_model = cost_model
+        self.table = cost_model.table(space)
+        self._objectives = tuple(Objective(m, MINIMIZE, METRIC_UNITS[m]) for m in metrics)
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        return self._objectives
+
+    def evaluate(self, scheme: Scheme) -> Evaluation:
+        start = time.perf_counter()
+        totals = {m: float(v[0]) for m, v in self.table.totals(self.space.encode(scheme)).items()}
+        names = [o.name for o in self._objectives]
+        info = {
+            "hardware": self.cost_model.profile.name,
+            "dtype": self.cost_model.dtype,
+            "batch_size": self.cost_model.batch_size,
+            **{m: v for m, v in totals.items() if m not in names},
+        }
+        return Evaluation({name: totals[name] for name in names}, info=info, duration_s=time.perf_counter() - start)

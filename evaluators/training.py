@@ -1,0 +1,387 @@
+"""Training pieces shared by evaluators and strategies, and a :class:`Trainer` bound to one task.
+
+* :func:`train_one_epoch` -- one pass over batches with any loss callable and a per-step hook
+  (``Recipe.step`` for N:M recipes, a temperature or architecture update for a supernet);
+* :func:`evaluate_model` -- top-1 accuracy and mean cross-entropy;
+* :func:`reestimate_batchnorm` -- recompute BatchNorm running statistics after masking;
+* :class:`Trainer` -- dense pre-training cached on disk (keyed by a hash of the task config and
+  seed, written atomically, verified by sha256 when read), sparse fine-tuning with a recipe,
+  and evaluation on a split. Deterministic under its seed; uses CUDA when present.
+
+A non-finite training loss raises :class:`TrainingDivergedError`; evaluators turn it into a
+failed evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from evaluators.task import Batch, Task, TaskError, TrainingSchedule, check_split, check_task
+from search_space import Recipe, RecipeConfig, atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "NMSEARCH_CACHE_DIR"
+CACHE_FORMAT = 1  # bump when the checkpoint layout or pre-training procedure changes
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def default_cache_dir() -> Path:
+    """``$NMSEARCH_CACHE_DIR``, else ``~/.cache/nmsearch``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nmsearch").expanduser()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A data-order seed per (run seed, epoch) that does not collide across run seeds."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Mean training loss and accuracy of one epoch; ``end_step`` is the next global step."""
+
+    loss: float
+    accuracy: float
+    samples: int
+    end_step: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Top-1 accuracy (a fraction) and mean cross-entropy over a split."""
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :meth:`Trainer.fit` did; ``recipe`` holds the SAD history when a recipe ran."""
+
+    epochs: int
+    steps: int
+    train_loss: float
+    train_accuracy: float
+    recipe: Recipe | None = None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    before_step: Callable[[int], None] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    start_step: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    description: str = "train",
+) -> EpochStats:
+    """One pass over ``batches``: ``before_step(global_step)``, forward, ``loss_fn(outputs, targets)``,
+    backward, optimizer step, then ``scheduler.step()``. Raises :class:`TrainingDivergedError`."""
+    model.train()
+    step, total_loss, correct, samples = start_step, 0.0, 0, 0
+    bar = tqdm(batches, desc=description, leave=False, disable=not progress, dynamic_ncols=True)
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if before_step is not None:
+            before_step(step)
+        outputs = model(inputs)
+        loss = loss_fn(outputs, targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDivergedError(f"training loss became {value} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += value * len(targets)
+        correct += int((outputs.detach().argmax(1) == targets).sum())
+        samples += len(targets)
+        step += 1
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    if samples == 0:
+        raise TaskError("the training loader yielded no batches (is the training split smaller than a batch?)")
+    return EpochStats(total_loss / samples, correct / samples, samples, step)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    description: str = "eval",
+) -> EvalResult:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (in eval mode) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, samples = 0.0, 0, 0
+    try:
+        for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress):
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            outputs = model(inputs)
+            total_loss += float(F.cross_entropy(outputs.float(), targets, reduction="sum"))
+            correct += int((outputs.argmax(1) == targets).sum())
+            samples += len(targets)
+    finally:
+        model.train(was_training)
+    return EvalResult(correct / max(samples, 1), total_loss / max(samples, 1), samples)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: nn.Module, batches: Iterable[Batch], num_batches: int, *, device: torch.device | str = "cpu"
+) -> None:
+    """Replace every BatchNorm's running statistics by their plain average over ``num_batches``
+    training-mode forward passes: masking shifts each layer's output distribution."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or num_batches < 1:
+        return
+    momenta = [norm.momentum for norm in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    try:
+        for index, (inputs, _) in enumerate(batches):
+            if index == num_batches:
+                break
+            model(inputs.to(device, non_blocking=True))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], schedule: TrainingSchedule, lr: float) -> torch.optim.Optimizer:
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=schedule.weight_decay)
+    return torch.optim.SGD(
+        parameters,
+        lr=lr,
+        momentum=schedule.momentum,
+        weight_decay=schedule.weight_decay,
+        nesterov=schedule.momentum > 0,
+    )
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then a cosine from the base learning rate to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Trains and evaluates the models of one task under one seed.
+
+    ``pretrained()`` trains the dense model with the task's schedule once and caches the weights
+    under ``cache_dir/pretrained`` (default :func:`default_cache_dir`), keyed by a hash of
+    ``task.config()`` and the seed, so trials and runs reuse them. A cache entry whose payload does
+    not match its recorded sha256, or that torch cannot load into the model, is rebuilt.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.task = check_task(task)
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.progress = progress
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self._pretrained_state: dict[str, Tensor] | None = None
+
+    @property
+    def schedule(self) -> TrainingSchedule:
+        return self.task.schedule
+
+    # -- models ----------------------------------------------------------------------------
+    def fresh_model(self) -> nn.Module:
+        """A newly initialised dense model (same weights for the same seed), on the trainer's device."""
+        seed_everything(self.seed)
+        return self.task.build_model().to(self.device)
+
+    def pretrained(self) -> nn.Module:
+        """A fresh copy of the dense pre-trained model (trained once, then read from the cache)."""
+        if self._pretrained_state is None:
+            cached = self._read_cache()
+            self._pretrained_state = cached if cached is not None else self._pretrain_and_cache()
+        model = self.fresh_model()
+        model.load_state_dict(self._pretrained_state)
+        return model.eval()
+
+    # -- training --------------------------------------------------------------------------
+    def fit(
+        self,
+        model: nn.Module,
+        *,
+        epochs: int,
+        lr: float,
+        recipe: RecipeConfig | None = None,
+        warmup_epochs: float = 0.0,
+        loss_fn: LossFn | None = None,
+        description: str = "train",
+    ) -> FitResult:
+        """Train ``model`` in place for ``epochs`` with the task's optimizer and a cosine learning rate.
+
+        With ``recipe``, a :class:`~search_space.Recipe` drives the model's sparse layers
+        (``recipe.step(global_step)`` before every forward). Raises :class:`TrainingDivergedError`.
+        """
+        model.to(self.device)
+        loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=self.schedule.label_smoothing)
+        steps_per_epoch = len(self.task.loader("train", shuffle=True, augment=True, seed=self.seed))
+        optimizer = make_optimizer(model.parameters(), self.schedule, lr)
+        scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch))
+        driver = Recipe(model, recipe) if recipe is not None else None
+        seed_everything(self.seed)
+        step, stats = 0, None
+        bar = tqdm(range(epochs), desc=f"{self.task.name} {description}", disable=not self.progress, leave=False)
+        for epoch in bar:
+            batches = self.task.loader("train", shuffle=True, augment=True, seed=epoch_seed(self.seed, epoch))
+            try:
+                stats = train_one_epoch(
+                    model,
+                    batches,
+                    optimizer,
+                    loss_fn=loss_fn,
+                    before_step=driver.step if driver is not None else None,
+                    scheduler=scheduler,
+                    start_step=step,
+                    device=self.device,
+                    progress=self.progress,
+                    description=f"epoch {epoch + 1}/{epochs}",
+                )
+            except TrainingDivergedError as error:
+                raise TrainingDivergedError(f"{description} of task {self.task.name!r} diverged: {error}") from None
+            step = stats.end_step
+            bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", refresh=False)
+        loss, accuracy = (stats.loss, stats.accuracy) if stats is not None else (math.nan, math.nan)
+        return FitResult(epochs, step, loss, accuracy, driver)
+
+    def evaluate(self, model: nn.Module, split: str = "val") -> EvalResult:
+        check_split(split)
+        return evaluate_model(
+            model, self.task.loader(split), device=self.device, progress=self.progress, description=f"eval {split}"
+        )
+
+    def reestimate_batchnorm(self, model: nn.Module, num_batches: int) -> None:
+        """Re-estimate BatchNorm statistics on ``num_batches`` shuffled, un-augmented training batches."""
+        batches = self.task.loader("train", shuffle=True, augment=False, seed=self.seed)
+        reestimate_batchnorm(model, batches, num_batches, device=self.device)
+
+    # -- pre-training cache ----------------------------------------------------------------
+    @property
+    def cache_key(self) -> str:
+        identity = {"format": CACHE_FORMAT, "task": self.task.config(), "seed": self.seed}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The cached weights; a ``.json`` beside them records the config, sha256 and dense metrics."""
+        return self.cache_dir / "pretrained" / f"{self.task.name}-{self.cache_key}.pt"
+
+    def _read_cache(self) -> dict[str, Tensor] | None:
+        path, meta_path = self.checkpoint_path, self.checkpoint_path.with_suffix(".json")
+        if not path.exists() and not meta_path.exists():
+            return None
+        try:
+            recorded = json.loads(meta_path.read_text())["sha256"]
+            payload = path.read_bytes()
+            if hashlib.sha256(payload).hexdigest() != recorded:
+                raise ValueError("payload sha256 does not match the recorded one")
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            self.fresh_model().load_state_dict(state)
+        except Exception as error:  # any unreadable entry is rebuilt, never used
+            logger.warning("pre-training cache entry %s is corrupt (%s); training it again", path, error)
+            return None
+        return state
+
+    def _pretrain_and_cache(self) -> dict[str, Tensor]:
+        start = time.perf_counter()
+        model = self.fresh_model()
+        fit = self.fit(
+            model,
+            epochs=self.schedule.epochs,
+            lr=self.schedule.lr,
+            warmup_epochs=self.schedule.warmup_epochs,
+            description="pre-training",
+        )
+        seconds = time.perf_counter() - start
+        val = self.evaluate(model, "val")
+        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        atomic_write(self.checkpoint_path, lambda handle: handle.write(payload))
+        meta: dict[str, Any] = {
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "key": self.cache_key,
+            "seed": self.seed,
+            "task": self.task.config(),
+            "train_seconds": round(seconds, 3),
+            "train_loss": fit.train_loss,
+            "val_accuracy": val.accuracy,
+            "val_loss": val.loss,
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        atomic_write_text(self.checkpoint_path.with_suffix(".json"), json.dumps(meta, indent=2, default=str) + "\n")
+        logger.info("pre-trained %s in %.1f s: val accuracy %.4f", self.task.name, seconds, val.accuracy)
+        return state
