@@ -8,6 +8,7 @@ Every evaluator (accuracy, hardware cost, their composite) exposes ``objectives`
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -83,3 +84,38 @@ def select_objectives(evaluator: Evaluator, names: Sequence[str] | None) -> tupl
     if unknown:
         raise NMSearchError(f"unknown objective {unknown[0]!r}; this evaluator provides: {', '.join(by_name)}")
     return tuple(by_name[n] for n in names)
+
+
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on a metric, e.g. ``latency_ms <= 0.5`` or ``accuracy >= 0.95``."""
+
+    metric: str
+    op: str
+    bound: float
+
+    def __post_init__(self) -> None:
+        if self.op not in ("<=", ">="):
+            raise NMSearchError(f"constraint on {self.metric!r}: operator must be '<=' or '>=', got {self.op!r}")
+
+    @classmethod
+    def parse(cls, text: str | Constraint) -> Constraint:
+        if isinstance(text, Constraint):
+            return text
+        match = _CONSTRAINT.match(str(text))
+        if match is None:
+            raise NMSearchError(f"invalid constraint {text!r}: write it as 'metric<=value' or 'metric>=value'")
+        return cls(match.group(1), match.group(2), float(match.group(3)))
+
+    def violation(self, values: Mapping[str, float]) -> float:
+        """How far ``values`` break the bound: <= 0 when satisfied (Optuna's convention)."""
+        if self.metric not in values:
+            raise NMSearchError(f"constraint on {self.metric!r}, but the evaluator reports only: {', '.join(values)}")
+        value = float(values[self.metric])
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.bound:g}"

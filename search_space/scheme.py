@@ -139,6 +139,7 @@ def _close_matches(name: str, names: list[str]) -> str:
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
+@functools.cache
 def nmsearch_version() -> str:
     try:
         return metadata.version("nmsearch")

@@ -373,6 +373,17 @@ class SearchSpace:
             **metadata_fields,
         )
 
+    def uniform_schemes(self) -> dict[str, Scheme]:
+        """``dense`` and, per target and ratio of the space, the uniform scheme (ineligible
+        layers dense), keyed like ``"weights 2:4"``; schemes equal to an earlier one are dropped."""
+        schemes = {"dense": Scheme.dense(self)}
+        for target in self.targets:
+            for ratio in self.ratios:
+                scheme = Scheme.uniform(self, target, ratio.n, ratio.m)
+                if scheme not in schemes.values():
+                    schemes[f"{target} {ratio}"] = scheme
+        return schemes
+
     def check(self, scheme: Scheme) -> None:
         """Raise :class:`SchemeMismatchError` unless ``scheme`` belongs to this space."""
         if scheme.fingerprint and self.fingerprint and scheme.fingerprint != self.fingerprint:

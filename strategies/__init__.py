@@ -1,1 +1,20 @@
 """How the search space is explored (strategies import search_space, never the reverse)."""
+
+from strategies.base import Candidate, SearchResult, Strategy, trials_frame
+from strategies.baselines import RandomStrategy, UniformStrategy
+from strategies.optuna_strategy import SAMPLERS, OptunaStrategy, make_sampler
+from strategies.storage import StorageError, open_storage
+
+__all__ = [
+    "SAMPLERS",
+    "Candidate",
+    "OptunaStrategy",
+    "RandomStrategy",
+    "SearchResult",
+    "StorageError",
+    "Strategy",
+    "UniformStrategy",
+    "make_sampler",
+    "open_storage",
+    "trials_frame",
+]

@@ -1,0 +1,212 @@
+"""The strategy protocol and the result every strategy returns.
+
+A strategy explores a :class:`~search_space.SearchSpace` by proposing schemes to an
+:class:`~evaluators.Evaluator`; whatever it does inside, it returns a :class:`SearchResult` in
+one format, so fronts of different strategies overlay in one plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from evaluators import Constraint, Evaluation, Evaluator, Objective
+from evaluators.pareto import hypervolume, knee_index, pareto_front
+from search_space import NMSearchError, Scheme, SearchSpace, atomic_write_text
+
+COMPLETE, FAIL, RUNNING, WAITING = "COMPLETE", "FAIL", "RUNNING", "WAITING"
+RESULT_FILE = "result.json"
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """Explores a search space; configuration lives in the strategy object (a dataclass)."""
+
+    name: str
+
+    def search(
+        self, space: SearchSpace, evaluator: Evaluator, *, run_dir: str | os.PathLike | None = None
+    ) -> SearchResult: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated (or attempted) scheme, as strategies report it."""
+
+    trial: int
+    scheme: Scheme
+    evaluation: Evaluation | None
+    state: str = COMPLETE
+    duration_s: float = 0.0
+    feasible: bool = True
+    reason: str = ""
+
+
+def trials_frame(candidates: Iterable[Candidate], objectives: Sequence[Objective]) -> pd.DataFrame:
+    """One row per candidate: trial, state, objectives, other metrics, feasibility, time, scheme."""
+    rows = []
+    for c in candidates:
+        values = dict(c.evaluation.values) if c.evaluation is not None else {}
+        row: dict[str, Any] = {"trial": c.trial, "state": c.state}
+        for objective in objectives:
+            row[objective.name] = values.pop(objective.name, np.nan)
+        row.update(values)
+        if c.evaluation is not None:
+            row.update({f"info.{k}": v for k, v in c.evaluation.info.items() if _is_scalar(v)})
+        reason = c.reason or (c.evaluation.reason if c.evaluation is not None else "")
+        row.update(
+            feasible=c.feasible,
+            duration_s=c.duration_s,
+            reason=reason,
+            summary=c.scheme.summary(),
+            scheme=json.dumps(c.scheme.choices, separators=(",", ":")),
+        )
+        rows.append(row)
+    base = ["trial", "state", *(o.name for o in objectives)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=[*base, "feasible", "duration_s", "reason", "summary", "scheme"])
+    tail = ["feasible", "duration_s", "reason", "summary", "scheme"]
+    middle = [c for c in frame.columns if c not in base and c not in tail]
+    return frame[base + middle + tail].sort_values("trial", kind="stable").reset_index(drop=True)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool | np.number)
+
+
+@dataclass
+class SearchResult:
+    """What a search produced: every candidate (``trials``), its schemes, and the Pareto front.
+
+    The front is taken over completed, feasible candidates in the ``objectives`` the strategy
+    optimised; the trials frame also carries every other metric the evaluator reported.
+    """
+
+    strategy: str
+    objectives: tuple[Objective, ...]
+    trials: pd.DataFrame
+    schemes: dict[int, Scheme]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_candidates(
+        cls,
+        strategy: str,
+        objectives: Sequence[Objective],
+        candidates: Sequence[Candidate],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SearchResult:
+        return cls(
+            strategy,
+            tuple(objectives),
+            trials_frame(candidates, objectives),
+            {c.trial: c.scheme for c in candidates},
+            dict(metadata or {}),
+        )
+
+    @property
+    def completed(self) -> pd.DataFrame:
+        return self.trials[(self.trials["state"] == COMPLETE) & self.trials["feasible"].astype(bool)]
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """Non-dominated completed, feasible candidates, best first objective first."""
+        return pareto_front(self.completed, self.objectives)
+
+    def front_schemes(self) -> dict[int, Scheme]:
+        return {int(t): self.schemes[int(t)] for t in self.front["trial"]}
+
+    def knee(self) -> int:
+        """Trial number of the front's knee (see :func:`evaluators.pareto.knee_index`)."""
+        front = self.front
+        return int(front.loc[knee_index(front, self.objectives), "trial"])
+
+    def select(self, constraints: Sequence[str | Constraint] = (), objective: str | None = None) -> int:
+        """Trial number of the best front point (by ``objective``, default the first) that
+        satisfies every constraint; raises when none does."""
+        front = self.front
+        if front.empty:
+            raise NMSearchError(f"{self.strategy}: no completed feasible candidate to select from")
+        parsed = [Constraint.parse(c) for c in constraints]
+        ok = np.ones(len(front), dtype=bool)
+        for constraint in parsed:
+            if constraint.metric not in front.columns:
+                raise NMSearchError(
+                    f"constraint on {constraint.metric!r}, but the results have: "
+                    f"{', '.join(c for c in front.columns if c not in ('trial', 'state', 'scheme', 'summary'))}"
+                )
+            ok &= np.array([constraint.violation(row) <= 0 for row in front.to_dict("records")])
+        if not ok.any():
+            best = {c.metric: front[c.metric].min() if c.op == "<=" else front[c.metric].max() for c in parsed}
+            raise NMSearchError(
+                f"no Pareto point satisfies {' and '.join(map(str, parsed))} (best available: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in best.items())
+                + ")"
+            )
+        by = next((o for o in self.objectives if o.name == objective), None) if objective else self.objectives[0]
+        if by is None:
+            raise NMSearchError(
+                f"unknown objective {objective!r}; optimised: {', '.join(o.name for o in self.objectives)}"
+            )
+        candidates = front[ok]
+        index = candidates[by.name].idxmax() if by.direction == "maximize" else candidates[by.name].idxmin()
+        return int(candidates.loc[index, "trial"])
+
+    def hypervolume(self, reference: Sequence[float]) -> float:
+        front = self.front
+        return hypervolume(
+            front[[o.name for o in self.objectives]].to_numpy(dtype=float),
+            [o.direction for o in self.objectives],
+            reference,
+        )
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, run_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write ``trials.csv``, ``pareto.csv``, ``schemes/trial_NNNN.json`` (one per Pareto point)
+        and ``result.json`` (strategy, objectives, metadata) into ``run_dir``, each atomically."""
+        run_dir = Path(run_dir)
+        paths = {
+            "trials": atomic_write_text(run_dir / "trials.csv", self.trials.to_csv(index=False)),
+            "pareto": atomic_write_text(run_dir / "pareto.csv", self.front.to_csv(index=False)),
+        }
+        for trial, scheme in self.front_schemes().items():
+            scheme.save(run_dir / "schemes" / f"trial_{trial:04d}.json")
+        meta = {
+            "strategy": self.strategy,
+            "objectives": [{"name": o.name, "direction": o.direction, "unit": o.unit} for o in self.objectives],
+            "metadata": self.metadata,
+        }
+        paths["result"] = atomic_write_text(run_dir / RESULT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+        return paths
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> SearchResult:
+        """Read a result written by :meth:`save` (schemes of non-Pareto trials come from the
+        ``scheme`` column and carry the fingerprint recorded in the metadata)."""
+        run_dir = Path(run_dir)
+        meta_path, trials_path = run_dir / RESULT_FILE, run_dir / "trials.csv"
+        if not meta_path.is_file() or not trials_path.is_file():
+            raise NMSearchError(
+                f"'{run_dir}' holds no finished search (missing {RESULT_FILE} or trials.csv); "
+                "point to a run directory written by a completed search"
+            )
+        meta = json.loads(meta_path.read_text())
+        objectives = tuple(Objective(**o) for o in meta["objectives"])
+        trials = pd.read_csv(trials_path, dtype={"reason": str, "summary": str, "scheme": str, "state": str})
+        trials["reason"] = trials["reason"].fillna("")
+        fingerprint = meta.get("metadata", {}).get("fingerprint")
+        schemes = {
+            int(row.trial): Scheme.from_choices(json.loads(row.scheme), fingerprint=fingerprint)
+            for row in trials.itertuples()
+        }
+        for path in sorted((run_dir / "schemes").glob("trial_*.json")):
+            schemes[int(path.stem.split("_")[1])] = Scheme.load(path)
+        return cls(meta["strategy"], objectives, trials, schemes, meta.get("metadata", {}))

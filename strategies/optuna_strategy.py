@@ -1,0 +1,279 @@
+"""Multi-objective black-box search with Optuna: one categorical parameter per searchable layer.
+
+Storage-backed, so a search resumes by re-running it with the same study name, and several
+worker processes (or machines sharing a storage) can run one study together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from evaluators import Constraint, Evaluation, Evaluator, Objective, select_objectives
+from search_space import NMSearchError, SearchSpace
+from strategies.base import COMPLETE, FAIL, Candidate, SearchResult
+from strategies.storage import (
+    StorageError,
+    TrialLease,
+    fail_stale_leases,
+    has_native_heartbeat,
+    open_storage,
+    resolve_storage,
+)
+
+SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
+DEFAULT_OBJECTIVES = ("accuracy", "latency_ms")
+_FAIL_REASON = "fail_reason"
+
+
+class _EvaluationFailed(Exception):
+    """Raised inside the Optuna objective so the trial is recorded as failed (and caught)."""
+
+
+def make_sampler(name: str, seed: int | None, population_size: int | None = None) -> optuna.samplers.BaseSampler:
+    """An Optuna sampler by name: tpe (multivariate, constant liar for parallel workers),
+    nsga2, nsga3, gp or random."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size or 50)
+    if name == "nsga3":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population_size or 50)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise NMSearchError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
+
+
+@dataclass
+class OptunaStrategy:
+    """Search with an Optuna sampler. Budget: ``n_trials`` finished evaluations and/or
+    ``timeout_s`` of wall time (per call). ``constraints`` (``"latency_ms<=0.5"``) become
+    ``trial.set_constraint`` values the samplers respect; ``warm_start`` enqueues the dense and
+    every uniform scheme first. ``worker_index`` offsets the seed, so parallel workers differ;
+    worker 0 alone enqueues the warm start."""
+
+    n_trials: int | None = 100
+    timeout_s: float | None = None
+    sampler: str = "tpe"
+    seed: int | None = 0
+    objectives: Sequence[str] | None = None
+    constraints: Sequence[str] = ()
+    storage: str | None = None
+    study_name: str = "nmsearch"
+    warm_start: bool = True
+    worker_index: int = 0
+    population_size: int | None = None
+    heartbeat_interval_s: int = 10
+    grace_period_s: int = 30
+    max_retry: int = 3
+    show_progress_bar: bool = False
+    name: str = field(default="optuna")
+
+    def _objectives(self, evaluator: Evaluator) -> tuple[Objective, ...]:
+        if self.objectives is not None:
+            return select_objectives(evaluator, list(self.objectives))
+        available = {o.name for o in evaluator.objectives}
+        if set(DEFAULT_OBJECTIVES) <= available:
+            return select_objectives(evaluator, list(DEFAULT_OBJECTIVES))
+        return evaluator.objectives
+
+    def _validate(self, evaluator: Evaluator) -> tuple[tuple[Objective, ...], list[Constraint]]:
+        make_sampler(self.sampler, self.seed)  # unknown names fail here, before any work
+        if self.n_trials is None and self.timeout_s is None:
+            raise NMSearchError("set n_trials and/or timeout_s: an unbounded search never ends")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise NMSearchError(f"n_trials must be >= 1, got {self.n_trials}")
+        objectives = self._objectives(evaluator)
+        constraints = [Constraint.parse(c) for c in self.constraints]
+        metrics = [o.name for o in evaluator.objectives]
+        for constraint in constraints:
+            if constraint.metric not in metrics:
+                raise NMSearchError(
+                    f"constraint {constraint} is on {constraint.metric!r}, "
+                    f"but the evaluator reports: {', '.join(metrics)}"
+                )
+        return objectives, constraints
+
+    def _open_study(self, storage_url: str | None, objectives: Sequence[Objective], space: SearchSpace) -> optuna.Study:
+        storage = open_storage(
+            storage_url,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            grace_period_s=self.grace_period_s,
+            max_retry=self.max_retry,
+        )
+        sampler = make_sampler(
+            self.sampler, None if self.seed is None else self.seed + self.worker_index, self.population_size
+        )
+        directions = [o.direction for o in objectives]
+        names = [o.name for o in objectives]
+        study = optuna.create_study(
+            storage=storage, sampler=sampler, study_name=self.study_name, directions=directions, load_if_exists=True
+        )
+        if study.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.set_metric_names(names)
+            study.set_user_attr("fingerprint", space.fingerprint)
+        found = list(zip(study.metric_names or names, [d.name.lower() for d in study.directions], strict=False))
+        wanted = list(zip(names, directions, strict=True))
+        if found != wanted:
+            raise StorageError(
+                f"study {self.study_name!r} in {storage_url} optimises "
+                + ", ".join(f"{n} ({d})" for n, d in found)
+                + f"; this search asks for {', '.join(f'{n} ({d})' for n, d in wanted)}: use another study_name"
+            )
+        fingerprint = study.user_attrs.get("fingerprint")
+        if fingerprint and fingerprint != space.fingerprint:
+            raise StorageError(
+                f"study {self.study_name!r} was created for a model with fingerprint {fingerprint}, "
+                f"this one is {space.fingerprint}: use another study_name"
+            )
+        return study
+
+    def _enqueue_warm_start(self, study: optuna.Study, space: SearchSpace) -> None:
+        taken = {
+            json.dumps(t.params, sort_keys=True)
+            for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+            or t.user_attrs.get(_FAIL_REASON)
+        }
+        for label, scheme in space.uniform_schemes().items():
+            params = {name: scheme[name].name for name in space.searchable}
+            if json.dumps(params, sort_keys=True) not in taken:
+                study.enqueue_trial(params, user_attrs={"warm_start": label})
+
+    def search(
+        self, space: SearchSpace, evaluator: Evaluator, *, run_dir: str | os.PathLike | None = None
+    ) -> SearchResult:
+        objectives, constraints = self._validate(evaluator)
+        if not space.searchable:
+            raise NMSearchError("the search space has no layer with a choice: nothing to search")
+        storage_url = resolve_storage(self.storage, Path(run_dir) if run_dir is not None else None)
+        study = self._open_study(storage_url, objectives, space)
+        leases = not has_native_heartbeat(study._storage) and storage_url is not None
+        if leases:
+            fail_stale_leases(study, self.grace_period_s, self.max_retry)
+        if self.warm_start and self.worker_index == 0:
+            self._enqueue_warm_start(study, space)
+
+        def objective(trial: optuna.Trial) -> tuple[float, ...]:
+            if leases:
+                fail_stale_leases(study, self.grace_period_s, self.max_retry)
+            choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
+            scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
+            trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
+            with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
+                evaluation = evaluator.evaluate(scheme)
+            return self._record(trial, evaluation, objectives, constraints)
+
+        def stop_at_budget(study: optuna.Study, _: FrozenTrial) -> None:
+            if self.n_trials is not None and self._finished(study) >= self.n_trials:
+                study.stop()
+
+        if self.n_trials is None or self._finished(study) < self.n_trials:
+            study.optimize(
+                objective,
+                timeout=self.timeout_s,
+                callbacks=[stop_at_budget],
+                catch=(_EvaluationFailed,),
+                show_progress_bar=self.show_progress_bar,
+            )
+        return self.result(study, space, objectives, storage_url)
+
+    @staticmethod
+    def _record(
+        trial: optuna.Trial, evaluation: Evaluation, objectives: Sequence[Objective], constraints: Sequence[Constraint]
+    ) -> tuple[float, ...]:
+        # One attribute write: every RDB write is a transaction of its own.
+        trial.set_user_attr(
+            "evaluation",
+            {
+                "metrics": _finite(dict(evaluation.values)),
+                "info": _finite({k: v for k, v in evaluation.info.items() if isinstance(v, int | float | str)}),
+                "duration_s": evaluation.duration_s,
+            },
+        )
+        values = [evaluation.values.get(o.name, math.nan) for o in objectives]
+        if evaluation.failed or not all(math.isfinite(v) for v in values):
+            reason = evaluation.reason or "non-finite objective value"
+            trial.set_user_attr(_FAIL_REASON, reason)
+            raise _EvaluationFailed(reason)
+        for constraint in constraints:
+            trial.set_constraint(str(constraint), constraint.violation(evaluation.values))
+        return tuple(values)
+
+    @staticmethod
+    def _finished(study: optuna.Study) -> int:
+        """Evaluations that count against the budget: completed, or failed by the evaluator
+        (not trials of workers that died; those are retried)."""
+        return sum(
+            1
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+            if t.state == TrialState.COMPLETE or t.user_attrs.get(_FAIL_REASON)
+        )
+
+    def result(
+        self, study: optuna.Study, space: SearchSpace, objectives: Sequence[Objective], storage_url: str | None
+    ) -> SearchResult:
+        """Every trial of the study as a :class:`SearchResult`."""
+        candidates = []
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state in (TrialState.WAITING, TrialState.PRUNED) or set(trial.params) != set(space.searchable):
+                continue
+            scheme = space.scheme(trial.params, provenance={"strategy": self.name, "trial": trial.number})
+            stored = trial.user_attrs.get("evaluation")
+            evaluation = None
+            if stored is not None:
+                metrics = {k: math.nan if v is None else v for k, v in stored["metrics"].items()}
+                evaluation = Evaluation(metrics, info=stored["info"], duration_s=stored["duration_s"])
+            duration = (
+                (trial.datetime_complete - trial.datetime_start).total_seconds()
+                if trial.datetime_complete and trial.datetime_start
+                else math.nan
+            )
+            reason = trial.user_attrs.get(_FAIL_REASON, "")
+            if trial.state == TrialState.FAIL and not reason:
+                reason = "interrupted: the worker stopped or died during this trial"
+            candidates.append(
+                Candidate(
+                    trial=trial.number,
+                    scheme=scheme,
+                    evaluation=evaluation,
+                    state={TrialState.COMPLETE: COMPLETE, TrialState.FAIL: FAIL}.get(trial.state, trial.state.name),
+                    duration_s=duration,
+                    feasible=all(v <= 0 for v in trial.constraints.values()),
+                    reason=reason,
+                )
+            )
+        metadata = {
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "study_name": self.study_name,
+            "storage": storage_url,
+            "constraints": [str(Constraint.parse(c)) for c in self.constraints],
+            "fingerprint": space.fingerprint,
+            "n_trials": self.n_trials,
+            "timeout_s": self.timeout_s,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return SearchResult.from_candidates(self.name, objectives, candidates, metadata)

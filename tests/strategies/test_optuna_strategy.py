@@ -1,0 +1,238 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from evaluators import Constraint
+from evaluators.pareto import pareto_front
+from search_space import NMSearchError, Scheme, SearchSpace
+from strategies import OptunaStrategy, RandomStrategy, SearchResult, StorageError, UniformStrategy
+from strategies.storage import LEASE_ATTR
+from tests.strategies.toy import ToyEvaluator, toy_space
+
+ROOT = Path(__file__).resolve().parents[2]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def space():
+    return toy_space()
+
+
+def test_search_warm_starts_resumes_and_records_schemes(space, tmp_path: Path) -> None:
+    evaluator = ToyEvaluator(space)
+    uniform = space.uniform_schemes()
+    result = OptunaStrategy(n_trials=len(uniform) + 3).search(space, evaluator, run_dir=tmp_path)
+    assert (tmp_path / "optuna.db").exists()
+    assert (result.trials["state"] == "COMPLETE").sum() == len(uniform) + 3 == evaluator.calls
+    first = {json.dumps(result.schemes[t].choices, sort_keys=True) for t in range(len(uniform))}
+    assert first == {json.dumps(s.choices, sort_keys=True) for s in uniform.values()}  # warm start ran first
+    assert list(result.trials.columns[:4]) == ["trial", "state", "accuracy", "latency_ms"]
+    assert {"bytes_mb", "info.loss", "feasible", "duration_s", "scheme"} <= set(result.trials.columns)
+
+    study = optuna.load_study(study_name="nmsearch", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    stored = Scheme.from_json(json.loads(study.trials[5].user_attrs["scheme"]))
+    assert stored == result.schemes[5] and stored.fingerprint == space.fingerprint
+
+    # same study, bigger budget: only the missing trials run; the warm start is not repeated
+    again = ToyEvaluator(space)
+    resumed = OptunaStrategy(n_trials=len(uniform) + 6).search(space, again, run_dir=tmp_path)
+    assert again.calls == 3 and len(resumed.trials) == len(uniform) + 6
+    done = ToyEvaluator(space)
+    OptunaStrategy(n_trials=len(uniform) + 6).search(space, done, run_dir=tmp_path)
+    assert done.calls == 0
+
+
+def test_front_matches_optuna_best_trials_and_respects_constraints(space, tmp_path: Path) -> None:
+    strategy = OptunaStrategy(n_trials=25, constraints=["latency_ms<=0.5"], sampler="nsga2", population_size=8)
+    result = strategy.search(space, ToyEvaluator(space), run_dir=tmp_path)
+    study = optuna.load_study(study_name="nmsearch", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert set(result.front["trial"]) == {t.number for t in study.best_trials}
+    infeasible = result.trials[~result.trials["feasible"]]
+    assert len(infeasible) > 0 and (infeasible["latency_ms"] > 0.5).all()
+    assert len(result.front) > 1 and (result.front["latency_ms"] <= 0.5).all()
+    assert result.metadata["constraints"] == ["latency_ms<=0.5"]
+
+
+def test_failed_evaluations_are_failed_trials_not_crashes(space, tmp_path: Path) -> None:
+    evaluator = ToyEvaluator(space, fail_when="a1:8")
+    result = OptunaStrategy(n_trials=16).search(space, evaluator, run_dir=tmp_path)
+    failed = result.trials[result.trials["state"] == "FAIL"]
+    assert len(failed) >= 1 and (failed["reason"] == "diverged on a1:8").all()
+    assert len(result.trials) == 16  # failed evaluations count against the budget
+    assert not result.front["scheme"].str.contains("a1:8").any()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "nsga3", "gp", "random"])
+def test_every_sampler_runs(space, sampler: str) -> None:
+    result = OptunaStrategy(n_trials=14, sampler=sampler, seed=1, warm_start=False, population_size=4).search(
+        space, ToyEvaluator(space)
+    )
+    assert (result.trials["state"] == "COMPLETE").sum() == 14 and not result.front.empty
+
+
+def test_seeded_search_is_reproducible(space) -> None:
+    runs = [OptunaStrategy(n_trials=16, seed=3).search(space, ToyEvaluator(space)).trials["scheme"] for _ in range(2)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_bad_configuration_fails_before_any_work(space, tmp_path: Path) -> None:
+    evaluator = ToyEvaluator(space)
+    with pytest.raises(NMSearchError, match="unknown sampler 'cmaes'; choose one of tpe, nsga2, nsga3, gp, random"):
+        OptunaStrategy(sampler="cmaes").search(space, evaluator, run_dir=tmp_path)
+    with pytest.raises(NMSearchError, match="unknown objective 'energy_mj'"):
+        OptunaStrategy(objectives=["accuracy", "energy_mj"]).search(space, evaluator, run_dir=tmp_path)
+    with pytest.raises(NMSearchError, match="constraint params<=10 is on 'params'"):
+        OptunaStrategy(constraints=["params<=10"]).search(space, evaluator, run_dir=tmp_path)
+    with pytest.raises(NMSearchError, match="invalid constraint"):
+        OptunaStrategy(constraints=["latency_ms < 1"]).search(space, evaluator, run_dir=tmp_path)
+    with pytest.raises(NMSearchError, match="unbounded"):
+        OptunaStrategy(n_trials=None).search(space, evaluator, run_dir=tmp_path)
+    assert evaluator.calls == 0 and not (tmp_path / "optuna.db").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match="cannot open Optuna storage 'sqlite:///"):
+        OptunaStrategy(storage=f"sqlite:///{blocker}/sub/x.db").search(space, evaluator)
+    with pytest.raises(StorageError, match="cannot open Optuna storage 'postgresql://"):
+        OptunaStrategy(storage="postgresql://nobody@127.0.0.1:1/none").search(space, evaluator)
+
+
+def test_existing_study_with_other_objectives_is_refused(space, tmp_path: Path) -> None:
+    OptunaStrategy(n_trials=2, warm_start=False).search(space, ToyEvaluator(space), run_dir=tmp_path)
+    evaluator = ToyEvaluator(space)
+    with pytest.raises(StorageError, match=r"optimises accuracy \(maximize\), latency_ms \(minimize\); .*bytes_mb"):
+        OptunaStrategy(n_trials=4, objectives=["accuracy", "bytes_mb"]).search(space, evaluator, run_dir=tmp_path)
+    assert evaluator.calls == 0
+    wider = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    other = SearchSpace.from_model(wider, torch.randn(2, 16))
+    with pytest.raises(StorageError, match="created for a model with fingerprint"):
+        OptunaStrategy(n_trials=4).search(other, ToyEvaluator(other), run_dir=tmp_path)
+
+
+def test_baselines(space, tmp_path: Path) -> None:
+    uniform = UniformStrategy().search(space, ToyEvaluator(space), run_dir=tmp_path / "u")
+    expected = space.uniform_schemes()
+    assert len(uniform.trials) == len(expected)
+    assert {json.dumps(s.choices, sort_keys=True) for s in uniform.schemes.values()} == {
+        json.dumps(s.choices, sort_keys=True) for s in expected.values()
+    }
+    random = RandomStrategy(n_trials=10, seed=0).search(space, ToyEvaluator(space), run_dir=tmp_path / "r")
+    assert len(random.trials) == 10 and random.strategy == "random" and uniform.strategy == "uniform"
+
+
+def test_result_save_load_select_and_hypervolume(space, tmp_path: Path) -> None:
+    result = OptunaStrategy(n_trials=20).search(space, ToyEvaluator(space), run_dir=tmp_path)
+    paths = result.save(tmp_path)
+    assert {p.name for p in paths.values()} == {"trials.csv", "pareto.csv", "result.json"}
+    assert len(list((tmp_path / "schemes").glob("trial_*.json"))) == len(result.front)
+    loaded = SearchResult.load(tmp_path)
+    assert loaded.strategy == "optuna" and loaded.objectives == result.objectives
+    assert loaded.front["trial"].tolist() == result.front["trial"].tolist()
+    assert loaded.schemes == result.schemes
+    knee = result.knee()
+    assert knee in set(result.front["trial"])
+    pick = result.select(["latency_ms<=0.5"])
+    row = result.trials.set_index("trial").loc[pick]
+    assert row["latency_ms"] <= 0.5
+    assert row["accuracy"] == result.front[result.front["latency_ms"] <= 0.5]["accuracy"].max()
+    assert (
+        result.select(["accuracy>=0.9"], objective="latency_ms")
+        == result.front[result.front["accuracy"] >= 0.9].sort_values("latency_ms")["trial"].iloc[0]
+    )
+    with pytest.raises(
+        NMSearchError, match=r"no Pareto point satisfies latency_ms<=0\.001 .*best available: latency_ms="
+    ):
+        result.select(["latency_ms<=0.001"])
+    reference = [0.0, float(result.trials["latency_ms"].max()) * 1.1]
+    assert result.hypervolume(reference) > 0
+    with pytest.raises(NMSearchError, match="holds no finished search"):
+        SearchResult.load(tmp_path / "empty")
+
+
+def _worker(storage: str, n_trials: int, worker: int, sleep_s: float, marker: str = "") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tests.strategies.toy", storage, str(n_trials), str(worker), str(sleep_s), marker]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_two_workers_share_one_journal_file(space, tmp_path: Path) -> None:
+    storage = f"journal:{tmp_path / 'study.log'}"
+    workers = [_worker(storage, 30, i, 0.05) for i in range(2)]
+    for w in workers:
+        output, _ = w.communicate(timeout=180)
+        assert w.returncode == 0, output.decode()[-2000:]
+    study = optuna.load_study(study_name="nmsearch", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.log"))))  # fmt: skip
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # every trial recorded once
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 30 <= len(complete) <= 31  # the budget is shared; at most one trial in flight overshoots
+    warm = [t.user_attrs["warm_start"] for t in complete if "warm_start" in t.user_attrs]
+    assert sorted(warm) == sorted(set(warm)) and len(warm) == len(space.uniform_schemes())
+    assert all(LEASE_ATTR in t.user_attrs for t in complete)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_trials_of_a_killed_worker_are_retried_not_lost(space, tmp_path: Path, kind: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'x.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'x.log'}"
+    marker = tmp_path / "started"
+    budget = len(space.uniform_schemes()) + 2  # covers the warm start queue, behind which the retry waits
+    worker = _worker(storage, budget, 0, 30.0, str(marker))  # every evaluation takes 30 s
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), worker.communicate()[0].decode()[-2000:]
+    os.kill(worker.pid, signal.SIGKILL)  # dies mid-trial: no chance to mark it failed
+    worker.wait()
+    time.sleep(3.5)  # past the grace period
+    evaluator = ToyEvaluator(space)
+    result = OptunaStrategy(n_trials=budget, storage=storage, heartbeat_interval_s=1, grace_period_s=3).search(
+        space, evaluator
+    )
+    states = result.trials["state"].tolist()
+    assert states.count("COMPLETE") == budget and states.count("FAIL") == 1
+    failed = result.trials[result.trials["state"] == "FAIL"].iloc[0]
+    assert "interrupted" in failed["reason"]
+    # the killed trial's scheme was evaluated again (the retry), exactly once
+    complete = result.trials[result.trials["state"] == "COMPLETE"]
+    assert (complete["scheme"] == failed["scheme"]).sum() == 1
+    assert evaluator.calls == budget
+
+
+def test_pareto_front_of_result_uses_completed_feasible_rows(space) -> None:
+    result = OptunaStrategy(n_trials=15).search(space, ToyEvaluator(space))
+    front = pareto_front(result.completed, result.objectives)
+    assert front["trial"].tolist() == result.front["trial"].tolist()
+    assert np.isfinite(result.front[["accuracy", "latency_ms"]].to_numpy()).all()
+    assert Constraint.parse("accuracy>=0.5").violation({"accuracy": 0.6}) < 0
+
+
+class _InterruptOnce(ToyEvaluator):
+    def evaluate(self, scheme: Scheme):
+        if self.calls == 2:
+            self.calls += 1
+            raise KeyboardInterrupt
+        return super().evaluate(scheme)
+
+
+def test_interrupted_warm_start_trial_is_redone_on_resume(space, tmp_path: Path) -> None:
+    budget = len(space.uniform_schemes())
+    with pytest.raises(KeyboardInterrupt):
+        OptunaStrategy(n_trials=budget).search(space, _InterruptOnce(space), run_dir=tmp_path)
+    evaluator = ToyEvaluator(space)
+    result = OptunaStrategy(n_trials=budget).search(space, evaluator, run_dir=tmp_path)
+    assert evaluator.calls == budget - 2  # two finished before the interrupt
+    complete = result.trials[result.trials["state"] == "COMPLETE"]
+    uniform = {json.dumps(s.choices, separators=(",", ":")) for s in space.uniform_schemes().values()}
+    assert set(complete["scheme"]) == uniform and len(complete) == budget  # each exactly once
+    assert result.trials[result.trials["state"] == "FAIL"]["reason"].str.contains("interrupted").all()

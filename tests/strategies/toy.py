@@ -1,0 +1,77 @@
+"""A fast, deterministic evaluator with a real trade-off, for strategy tests (and worker subprocesses)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+from evaluators import Evaluation, Objective
+from search_space import Scheme, SearchSpace
+
+
+def toy_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def toy_space() -> SearchSpace:
+    return SearchSpace.from_model(toy_model(), torch.randn(4, 16))
+
+
+class ToyEvaluator:
+    """accuracy falls and latency drops with sparsity; activations cost more accuracy than weights.
+
+    ``fail_when`` makes schemes whose choices contain that option name fail; ``sleep_s`` slows
+    every evaluation, ``sleep_trial_marker`` (a path) is touched when an evaluation starts.
+    """
+
+    objectives = (
+        Objective("accuracy", "maximize"),
+        Objective("latency_ms", "minimize", "ms"),
+        Objective("bytes_mb", "minimize", "MB"),
+    )
+
+    def __init__(
+        self, space: SearchSpace, fail_when: str | None = None, sleep_s: float = 0.0, marker: str | None = None
+    ):
+        self.space, self.fail_when, self.sleep_s, self.marker = space, fail_when, sleep_s, marker
+        self.calls = 0
+
+    def evaluate(self, scheme: Scheme) -> Evaluation:
+        self.calls += 1
+        if self.marker:
+            with open(self.marker, "a") as handle:
+                handle.write(f"{scheme.choices}\n")
+        time.sleep(self.sleep_s)
+        if self.fail_when and any(self.fail_when in o for o in scheme.choices.values()):
+            return Evaluation.failure(self.objectives, f"diverged on {self.fail_when}")
+        accuracy, latency, bytes_mb = 1.0, 0.0, 0.0
+        for info in self.space.layers:
+            option = scheme[info.name]
+            w = option.weight.density if option.weight else 1.0
+            a = option.activation.density if option.activation else 1.0
+            accuracy -= 0.02 * (1 - w) + 0.05 * (1 - a) + 0.03 * (1 - w) * (1 - a)
+            latency += info.macs * 1e-4 * max(w, 0.5) * (1.0 if a == 1.0 else 0.9)
+            bytes_mb += (info.params * w + info.input_numel * a) * 2e-6
+        return Evaluation(
+            {"accuracy": accuracy, "latency_ms": latency, "bytes_mb": bytes_mb}, info={"loss": 1 - accuracy}
+        )
+
+
+if __name__ == "__main__":  # a worker process: python -m tests.strategies.toy STORAGE N_TRIALS WORKER SLEEP MARKER
+    from strategies import OptunaStrategy
+
+    storage, n_trials, worker, sleep_s, marker = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        float(sys.argv[4]),
+        sys.argv[5],
+    )
+    space = toy_space()
+    strategy = OptunaStrategy(
+        n_trials=n_trials, storage=storage, worker_index=worker, heartbeat_interval_s=1, grace_period_s=3
+    )
+    strategy.search(space, ToyEvaluator(space, sleep_s=sleep_s, marker=marker or None))
