@@ -302,10 +302,14 @@ class SparseLayerMixin:
         return _MaskedWeight.apply(self.weight, mask, beta, srste_lambda, state.estimator == "fixed")
 
     # -- activations -----------------------------------------------------------------------
-    def input_mask(self, x: Tensor) -> Tensor | None:
-        """The dynamic activation mask of ``x`` (``None`` when activations are dense)."""
-        pattern = self.activation_pattern
-        if pattern is None or not self.mask_state.enabled:
+    def input_mask(self, x: Tensor, pattern: NMPattern | None = None) -> Tensor | None:
+        """The activation mask of ``x`` under ``pattern`` (default: the layer's own; ``None``
+        when activations stay dense). Supernets call it with every activation choice."""
+        if pattern is None:
+            if not self.mask_state.enabled:
+                return None
+            pattern = self.activation_pattern
+        if pattern is None:
             return None
         scale = weight_column_norms(self.weight, self.groups) if self.activation_score == "weight" else None
         return activation_nm_mask(x, pattern.n, pattern.m, self.input_dim, scale, layer=self.layer_name)
