@@ -1,6 +1,6 @@
 """How the search space is explored (strategies import search_space, never the reverse)."""
 
-from strategies.base import Candidate, SearchResult, Strategy, trials_frame
+from strategies.base import Candidate, SearchResult, Strategy, accuracy_part, trials_frame
 from strategies.baselines import RandomStrategy, UniformStrategy
 from strategies.optuna_strategy import SAMPLERS, OptunaStrategy, make_sampler
 from strategies.storage import StorageError, open_storage
@@ -14,6 +14,7 @@ __all__ = [
     "StorageError",
     "Strategy",
     "UniformStrategy",
+    "accuracy_part",
     "make_sampler",
     "open_storage",
     "trials_frame",

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from evaluators import Constraint, Evaluation, Evaluator, Objective
+from evaluators import AccuracyEvaluator, Constraint, Evaluation, Evaluator, Objective
 from evaluators.pareto import hypervolume, knee_index, pareto_front
 from search_space import NMSearchError, Scheme, SearchSpace, atomic_write_text
 
@@ -47,6 +47,20 @@ class Candidate:
     duration_s: float = 0.0
     feasible: bool = True
     reason: str = ""
+
+
+def accuracy_part(evaluator: Evaluator) -> AccuracyEvaluator:
+    """The :class:`~evaluators.AccuracyEvaluator` inside ``evaluator`` (itself, or a part of a
+    composite): training strategies take the task, pre-trained model and data from its trainer."""
+    if isinstance(evaluator, AccuracyEvaluator):
+        return evaluator
+    for part in getattr(evaluator, "parts", ()):
+        if isinstance(part, AccuracyEvaluator):
+            return part
+    raise NMSearchError(
+        "this strategy trains the model, so its evaluator must include an AccuracyEvaluator; "
+        f"got {type(evaluator).__name__}"
+    )
 
 
 def trials_frame(candidates: Iterable[Candidate], objectives: Sequence[Objective]) -> pd.DataFrame:
