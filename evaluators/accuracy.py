@@ -7,6 +7,10 @@
 * ``full``     -- a freshly initialised model, masked from the first step, trained with the
   recipe for the task's whole schedule (the SR-STE setting); independent of pre-training.
 
+A scheme with row masks (``r0.2``) first keeps the best of ``row_candidates`` random masks on a
+training batch (:func:`~search_space.select_row_masks`); training fidelities ramp their sparsity
+(power 2, from 10% to 90% of the steps, set by the recipe).
+
 The objective is ``accuracy`` (top-1 fraction, maximised) on the validation split; the test
 split is kept for final reporting through :meth:`AccuracyEvaluator.evaluate_on`. Every
 evaluation re-seeds, so the same scheme always gets the same score.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,7 +28,7 @@ from torch import nn
 from evaluators.base import MAXIMIZE, Evaluation, Objective
 from evaluators.task import SPLITS, TaskError
 from evaluators.training import Trainer, TrainingDivergedError, seed_everything
-from search_space import RecipeConfig, Scheme, SearchSpace
+from search_space import DEFAULT_ROW_CANDIDATES, RecipeConfig, Scheme, SearchSpace, select_row_masks
 
 FIDELITIES = ("oneshot", "finetune", "full")
 
@@ -42,6 +46,7 @@ class AccuracyConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     bn_batches: int = 8
     split: str = "val"
+    row_candidates: int = DEFAULT_ROW_CANDIDATES
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITIES:
@@ -50,6 +55,8 @@ class AccuracyConfig:
             raise TaskError(f"accuracy.split = {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.finetune_epochs < 1 or self.bn_batches < 0:
             raise TaskError("accuracy.finetune_epochs must be >= 1 and accuracy.bn_batches >= 0")
+        if self.row_candidates < 1:
+            raise TaskError(f"accuracy.row_candidates must be >= 1, got {self.row_candidates}")
 
 
 class AccuracyEvaluator:
@@ -108,16 +115,18 @@ class AccuracyEvaluator:
         seed_everything(trainer.seed)
         if config.fidelity == "full":
             model = scheme.apply(trainer.fresh_model(), inplace=True)
+            self._select_row_masks(scheme, model)
             trainer.fit(
                 model,
                 epochs=schedule.epochs,
                 lr=schedule.lr,
-                recipe=config.recipe,
+                recipe=self._recipe(scheme, schedule.epochs),
                 warmup_epochs=schedule.warmup_epochs,
                 description="full training",
             )
             return model
         model = scheme.apply(trainer.pretrained(), inplace=True)
+        self._select_row_masks(scheme, model)
         if config.fidelity == "oneshot":
             trainer.reestimate_batchnorm(model, config.bn_batches)
         else:
@@ -125,7 +134,30 @@ class AccuracyEvaluator:
                 model,
                 epochs=config.finetune_epochs,
                 lr=schedule.finetune_lr,
-                recipe=config.recipe,
+                recipe=self._recipe(scheme, config.finetune_epochs),
                 description="finetune",
             )
         return model
+
+    def _select_row_masks(self, scheme: Scheme, model: nn.Module) -> None:
+        """Keep the best of ``row_candidates`` random row masks on one training batch."""
+        if not scheme.has_rows:
+            return
+        trainer = self.trainer
+        inputs, targets = next(iter(trainer.task.loader("train", shuffle=True, augment=False, seed=trainer.seed)))
+        select_row_masks(
+            model,
+            inputs.to(trainer.device),
+            targets.to(trainer.device),
+            candidates=self.config.row_candidates,
+            seed=trainer.seed,
+        )
+
+    def _recipe(self, scheme: Scheme, epochs: int) -> RecipeConfig:
+        """The configured recipe; with row masks, their ramp laid over the training steps (unless set)."""
+        recipe = self.config.recipe
+        if not scheme.has_rows or recipe.total_steps is not None:
+            return recipe
+        trainer = self.trainer
+        steps_per_epoch = len(trainer.task.loader("train", shuffle=True, augment=True, seed=trainer.seed))
+        return replace(recipe, total_steps=epochs * steps_per_epoch)

@@ -12,6 +12,9 @@ Every layer is a GEMM ``Y[T x N] = X[T x K] W^T`` (per conv group). For a layer 
   compressed on the fly: unless the profile fuses that into the producer, an extra pass reads the
   dense activation, writes the compressed one and costs a launch. Without the tensor cores or a
   fused producer, sparse activations are read dense (compressing them would only add traffic).
+* **row masks** (``r0.2``): the skipped GEMM rows (output positions) are never computed, read or
+  written, on any hardware: MACs, input and output bytes shrink to the kept fraction of rows
+  (``1 - s`` up to rounding to whole rows); the smaller GEMM then runs any plan above.
 * **roofline**: ``t = max(2 MACs / (eta_c P), bytes / (eta_m BW)) + calls t0 (+ compression)``
   with ``P`` the dense peak times the plan's speedup and ``eta_c`` the dense or sparse efficiency.
 * **energy**: executed MACs (dense MACs / plan speedup) x pJ per MAC + DRAM bytes x pJ per byte.
@@ -37,7 +40,18 @@ import torch
 
 from evaluators.base import MINIMIZE, Evaluation, Objective
 from evaluators.hardware import DTYPE_BYTES, DtypeSpec, HardwareProfile, load_profile
-from search_space import DENSE, LayerInfo, NMPattern, NMSearchError, Option, Scheme, SearchSpace
+from search_space import (
+    DEFAULT_TARGETS,
+    DENSE,
+    LayerInfo,
+    NMPattern,
+    NMSearchError,
+    Option,
+    Scheme,
+    SearchSpace,
+    output_positions,
+    row_kept_fraction,
+)
 
 COST_METRICS = ("latency_ms", "bytes_mb", "energy_mj", "params", "macs")
 METRIC_UNITS: Mapping[str, str] = MappingProxyType(
@@ -71,6 +85,7 @@ class Workload:
     input_numel: float
     output_numel: float
     calls: int = 1
+    positions: int | None = None  # a conv's output positions per image: the GEMM rows a row mask picks from
 
     @classmethod
     def of_layer(cls, info: LayerInfo, scale: float = 1.0) -> Workload:
@@ -83,6 +98,7 @@ class Workload:
             input_numel=info.input_numel * scale,
             output_numel=info.output_numel * scale,
             calls=info.calls,
+            positions=output_positions(info),
         )
 
     @classmethod
@@ -119,26 +135,29 @@ def gemm_terms(
         return np.fromiter(values, dtype=dtype, count=len(workloads))
 
     pairs = list(zip(workloads, options, strict=True))
+    nm_activations = [None if o.rows else o.activation for o in options]
+    # Skipped rows are neither computed nor read nor written: the GEMM is that much shorter.
+    kept_rows = column(row_kept_fraction(w.positions, o.rows.sparsity) if o.rows else 1.0 for w, o in pairs)
     w_frac = column(compressed_fraction(o.weight, bytes_per_element) for _, o in pairs)
-    a_frac = column(compressed_fraction(o.activation, bytes_per_element) for _, o in pairs)
+    a_frac = column(compressed_fraction(a, bytes_per_element) for a in nm_activations)
     w_density = column(o.weight.density if o.weight else 1.0 for _, o in pairs)
-    a_density = column(o.activation.density if o.activation else 1.0 for _, o in pairs)
-    macs = column(w.macs for w, _ in pairs)
+    a_density = column(a.density if a else 1.0 for a in nm_activations)
+    macs = column(w.macs for w, _ in pairs) * kept_rows
     calls = column(w.calls for w, _ in pairs)
     weight_numel = column(w.weight_numel for w, _ in pairs)
     bias_numel = column(w.bias_numel for w, _ in pairs)
-    input_bytes = column(w.input_numel for w, _ in pairs) * bytes_per_element
+    input_bytes = column(w.input_numel for w, _ in pairs) * bytes_per_element * kept_rows
     speedup = np.ones((len(pairs), len(PLANS)))
     speedup[:, 1] = column(spec.sparse_speedup(o.weight) for _, o in pairs)
-    speedup[:, 2] = column(spec.sparse_speedup(o.activation) for _, o in pairs)
+    speedup[:, 2] = column(spec.sparse_speedup(a) for a in nm_activations)
     return GemmTerms(
         macs=macs,
         calls=calls,
         weight_bytes=(weight_numel * w_frac + bias_numel) * bytes_per_element * calls,
         input_bytes=input_bytes,
         input_sparse_bytes=input_bytes * a_frac,
-        output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element,
-        activation_sparse=column((o.activation is not None for _, o in pairs), bool),
+        output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element * kept_rows,
+        activation_sparse=column((a is not None for a in nm_activations), bool),
         speedup=speedup,
         params=weight_numel * w_density + bias_numel,
         effective_macs=macs * w_density * a_density,
@@ -440,8 +459,13 @@ class CostEvaluator:
         return self._objectives
 
     def evaluate(self, scheme: Scheme) -> Evaluation:
+        """Totals from the table; a scheme with options outside this space (e.g. DominoSearch's
+        ``w4:16``) is costed layer by layer through :meth:`HardwareCostModel.evaluate`."""
         start = time.perf_counter()
-        totals = {m: float(v[0]) for m, v in self.table.totals(self.space.encode(scheme)).items()}
+        if all(option in self.space.options.get(name, ()) for name, option in scheme):
+            totals = {m: float(v[0]) for m, v in self.table.totals(self.space.encode(scheme)).items()}
+        else:
+            totals = dict(self.cost_model.evaluate(self._space_with_ratios_of(scheme), scheme).totals)
         names = [o.name for o in self._objectives]
         info = {
             "hardware": self.cost_model.profile.name,
@@ -450,3 +474,19 @@ class CostEvaluator:
             **{m: v for m, v in totals.items() if m not in names},
         }
         return Evaluation({name: totals[name] for name in names}, info=info, duration_s=time.perf_counter() - start)
+
+    def _space_with_ratios_of(self, scheme: Scheme) -> SearchSpace:
+        """This space's layers with the scheme's N:M ratios added, every target and untied ``both``: the
+        scheme still has to fit the model (names, fingerprint, channels divisible by M) to be costed."""
+        space = self.space
+        patterns = {p for _, o in scheme for p in (o.weight, o.activation) if isinstance(p, NMPattern)}
+        return SearchSpace(
+            space.layers,
+            skipped=space.skipped,
+            fingerprint=space.fingerprint,
+            example_batch_size=space.example_batch_size,
+            ratios=sorted({*space.ratios, *patterns}),
+            targets=tuple(dict.fromkeys((*DEFAULT_TARGETS, *space.targets))),
+            tie_both=False,
+            row_sparsities=space.row_sparsities,
+        )

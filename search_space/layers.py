@@ -9,6 +9,9 @@ Weight masks are recomputed only when the weight changed (tracked by the tensor'
 counter), so evaluation passes reuse them and training recomputes once per optimizer step.
 Activation masks are dynamic (every forward); backward keeps a ``bool`` mask, never a float
 copy: the masked input the conv/linear saves is rebuilt from the input and the mask.
+
+A conv's activation choice may instead be a :class:`~search_space.rows.RowPattern`: a static mask
+over its output positions (GEMM rows), cut from the model's shared :class:`~search_space.rows.RowScores`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from search_space.masks import (
     nm_mask,
     weight_column_norms,
 )
-from search_space.patterns import NMPattern, NMSearchError, check_divisible
+from search_space.patterns import IneligibleLayerError, NMPattern, NMSearchError, check_divisible
+from search_space.rows import RowPattern, RowScores, conv_output_size, row_keep_mask
 
 WEIGHT_SCORES = ("magnitude", "activation")
 ACTIVATION_SCORES = ("magnitude", "weight")
@@ -43,7 +47,8 @@ class MaskState:
 
     ``enabled=False`` runs the layer dense (warm-up). ``decay_beta`` lets pruned weights
     through scaled by beta (mask decay). ``weight_nm`` overrides the target ``(n, m)``
-    (structure decay). ``estimator`` picks the backward: ``ste`` passes the dense gradient,
+    (structure decay). ``row_sparsity`` overrides a row mask's target sparsity (its ramp).
+    ``estimator`` picks the backward: ``ste`` passes the dense gradient,
     ``srste`` adds ``srste_lambda * (1 - E) * W``, ``fixed`` masks the gradient too.
     """
 
@@ -52,6 +57,7 @@ class MaskState:
     srste_lambda: float = 0.0
     decay_beta: float = 0.0
     weight_nm: tuple[int, int] | None = None
+    row_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -148,11 +154,22 @@ def _as_pattern(value: NMPattern | str | tuple[int, int] | None) -> NMPattern | 
     return None if pattern.is_dense else pattern
 
 
+ActivationChoice = NMPattern | RowPattern | str | tuple[int, int] | None
+
+
+def _as_activation(value: ActivationChoice) -> NMPattern | RowPattern | None:
+    """An N:M pattern (``"2:4"``) or a row pattern (``RowPattern(0.2)``, ``"r0.2"``)."""
+    if isinstance(value, RowPattern) or (isinstance(value, str) and value.strip().startswith("r")):
+        return RowPattern.parse(value)
+    return _as_pattern(value)
+
+
 class SparseLayerMixin:
     """Weight and/or activation N:M masking shared by :class:`SparseConv2d` and :class:`SparseLinear`."""
 
     dense_base: type[nn.Module]
     input_dim: int  # dimension of the input holding the reduction channels
+    supports_rows: bool  # whether row masks (skipped output positions) apply
 
     weight: nn.Parameter
     groups: int
@@ -162,7 +179,7 @@ class SparseLayerMixin:
         cls,
         module: nn.Module,
         weight: NMPattern | str | tuple[int, int] | None = None,
-        activation: NMPattern | str | tuple[int, int] | None = None,
+        activation: ActivationChoice = None,
         *,
         name: str = "",
         weight_score: str = "magnitude",
@@ -187,11 +204,13 @@ class SparseLayerMixin:
             raise NMSearchError(
                 f"layer '{name}': activation_score must be one of {ACTIVATION_SCORES}, got {activation_score!r}"
             )
-        weight_pattern, activation_pattern = _as_pattern(weight), _as_pattern(activation)
+        weight_pattern, activation_pattern = _as_pattern(weight), _as_activation(activation)
         group_dim, what = cls._reduction_channels(module)
         if weight_pattern is not None:
             check_divisible(group_dim, weight_pattern.m, layer=name, what=what)
-        if activation_pattern is not None:
+        if isinstance(activation_pattern, RowPattern):
+            cls._check_rows(name, type(module))
+        elif activation_pattern is not None:
             check_divisible(group_dim, activation_pattern.m, layer=name, what=what)
 
         layer = cls.__new__(cls)
@@ -213,11 +232,21 @@ class SparseLayerMixin:
         layer.mask_flips = 0
         layer._unread_flips = 0
         layer._unread_updates = 0
+        layer.row_scores = RowScores()
+        layer._row_mask_cache = None
         return layer
 
     @classmethod
     def _reduction_channels(cls, module: nn.Module) -> tuple[int, str]:
         raise NotImplementedError
+
+    @classmethod
+    def _check_rows(cls, name: str, module_type: type[nn.Module]) -> None:
+        if not cls.supports_rows:
+            raise IneligibleLayerError(
+                f"layer '{name}': row masks skip a Conv2d's output positions, {module_type.__name__} layers are "
+                "not eligible; keep its activations dense or use activation N:M"
+            )
 
     # -- weights ---------------------------------------------------------------------------
     @property
@@ -302,23 +331,66 @@ class SparseLayerMixin:
         return _MaskedWeight.apply(self.weight, mask, beta, srste_lambda, state.estimator == "fixed")
 
     # -- activations -----------------------------------------------------------------------
-    def input_mask(self, x: Tensor, pattern: NMPattern | None = None) -> Tensor | None:
+    def input_mask(self, x: Tensor, pattern: NMPattern | RowPattern | None = None) -> Tensor | None:
         """The activation mask of ``x`` under ``pattern`` (default: the layer's own; ``None``
-        when activations stay dense). Supernets call it with every activation choice."""
+        when activations stay dense). Supernets call it with every activation choice.
+
+        For a :class:`~search_space.rows.RowPattern` it is the ``(Ho, Wo)`` bool mask of the
+        *output* positions (GEMM rows) kept for an input like ``x``: multiply the layer's output
+        by it (``None`` when no row is skipped). The layer's own row pattern uses the sparsity
+        its recipe set (the ramp); an explicit one its own sparsity.
+        """
         if pattern is None:
             if not self.mask_state.enabled:
                 return None
             pattern = self.activation_pattern
+            if isinstance(pattern, RowPattern):
+                return self._row_mask(x, self.row_sparsity, torch.bool)
         if pattern is None:
             return None
+        if isinstance(pattern, RowPattern):
+            self._check_rows(self.layer_name, self.dense_type)
+            return self._row_mask(x, pattern.sparsity, torch.bool)
         scale = weight_column_norms(self.weight, self.groups) if self.activation_score == "weight" else None
         return activation_nm_mask(x, pattern.n, pattern.m, self.input_dim, scale, layer=self.layer_name)
+
+    @property
+    def row_sparsity(self) -> float:
+        """Fraction of output positions skipped now: the recipe's ramp value, else the target; 0 without
+        rows or while masks are off (warm-up)."""
+        if not (isinstance(self.activation_pattern, RowPattern) and self.mask_state.enabled):
+            return 0.0
+        override = self.mask_state.row_sparsity
+        return self.activation_pattern.sparsity if override is None else override
+
+    def _row_mask(self, x: Tensor, sparsity: float, dtype: torch.dtype) -> Tensor | None:
+        """Kept output positions ``(Ho, Wo)`` for an input like ``x``, cached per shape, field and dtype."""
+        input_size = tuple(x.shape[-2:])
+        scores = self.row_scores
+
+        def key() -> tuple:
+            return (input_size, sparsity, dtype, x.device, scores.seed, scores.input_size)
+
+        if self._row_mask_cache is not None and self._row_mask_cache[0] == key():
+            return self._row_mask_cache[1]
+        output_size = conv_output_size(
+            input_size, self.kernel_size, self.stride, self.dilation, self._reversed_padding_repeated_twice
+        )
+        keep = row_keep_mask(scores.pooled(output_size, input_size), sparsity)
+        mask = None if bool(keep.all()) else keep.to(device=x.device, dtype=dtype)
+        self._row_mask_cache = (key(), mask)  # after pooled(): it may have set the field's input size
+        return mask
 
     def forward(self, x: Tensor) -> Tensor:
         if self._calibrating:  # calibration observes the dense model's inputs
             self._observe_input(x)
             return self._dense_forward(x, self.weight)
         weight = self.sparse_weight()
+        if isinstance(self.activation_pattern, RowPattern):
+            keep = self._row_mask(x, self.row_sparsity, weight.dtype)
+            out = self._dense_forward(x, weight)
+            # In place: a conv's backward needs its input and weight, not its output.
+            return out if keep is None else out.mul_(keep)
         mask = self.input_mask(x)
         if mask is None:
             return self._dense_forward(x, weight)
@@ -349,7 +421,7 @@ class SparseLayerMixin:
     def with_patterns(
         self,
         weight: NMPattern | str | tuple[int, int] | None,
-        activation: NMPattern | str | tuple[int, int] | None,
+        activation: ActivationChoice,
     ) -> SparseLayerMixin:
         """A new wrapper over the same parameters with other patterns (validated first)."""
         layer = type(self).from_dense(
@@ -362,12 +434,17 @@ class SparseLayerMixin:
         )
         layer.mask_state = replace(self.mask_state, weight_nm=None)
         layer.input_sq_sum = self.input_sq_sum
+        layer.row_scores = self.row_scores
         return layer
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]  # type: ignore[misc]
         parts.append(f"weight_nm={self.weight_pattern or 'dense'}")
-        parts.append(f"activation_nm={self.activation_pattern or 'dense'}")
+        activation = self.activation_pattern
+        if isinstance(activation, RowPattern):
+            parts.append(f"activation_rows={activation.sparsity}")
+        else:
+            parts.append(f"activation_nm={activation or 'dense'}")
         return ", ".join(parts)
 
 
@@ -387,16 +464,20 @@ _SPARSE_ATTRS = (
     "mask_flips",
     "_unread_flips",
     "_unread_updates",
+    "row_scores",
+    "_row_mask_cache",
 )
 
 
 class SparseConv2d(SparseLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` with N:M weights (M consecutive input channels at a fixed ``(cout, kh, kw)``)
-    and/or N:M inputs (M consecutive channels of each pixel). Stride, padding (any mode),
-    dilation, groups and bias behave exactly as in the wrapped convolution."""
+    and/or N:M inputs (M consecutive channels of each pixel) or a row mask (skipped output
+    positions, see :mod:`search_space.rows`). Stride, padding (any mode), dilation, groups and
+    bias behave exactly as in the wrapped convolution."""
 
     dense_base = nn.Conv2d
     input_dim = 1
+    supports_rows = True
 
     @classmethod
     def _reduction_channels(cls, module: nn.Module) -> tuple[int, str]:
@@ -419,6 +500,7 @@ class SparseLinear(SparseLayerMixin, nn.Linear):
 
     dense_base = nn.Linear
     input_dim = -1
+    supports_rows = False
     groups = 1
 
     @classmethod
@@ -439,7 +521,7 @@ SPARSE_TYPES: tuple[type[SparseLayerMixin], ...] = (SparseConv2d, SparseLinear)
 def sparsify(
     module: nn.Module,
     weight: NMPattern | str | tuple[int, int] | None = None,
-    activation: NMPattern | str | tuple[int, int] | None = None,
+    activation: ActivationChoice = None,
     *,
     name: str = "",
     weight_score: str = "magnitude",

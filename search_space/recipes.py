@@ -11,6 +11,9 @@
 
 ``t`` counts steps after ``warmup_steps`` dense steps. SR-STE with a decay is refused, as in
 Google's praxis: its regulariser pulls pruned weights to zero while the decay still uses them.
+
+Row masks (:mod:`search_space.rows`) ramp their sparsity polynomially from 0 to the target between
+``row_ramp_start`` and ``row_ramp_end`` (fractions of ``total_steps``), as in Grimaldi et al. 2023.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from search_space.layers import ESTIMATORS, MaskState, SparseLayerMixin, sparse_layers
 from search_space.patterns import NMPattern, NMSearchError
+from search_space.rows import RowPattern
 
 DECAYS = ("none", "mask", "structure")
 MASK_DECAY_SCHEDULES = ("linear", "exp")
@@ -37,7 +41,7 @@ class RecipeConfigError(NMSearchError):
     """A recipe configuration that cannot work."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecipeConfig:
     """How masked weights are trained. Every field has a Hydra key of the same name."""
 
@@ -50,6 +54,10 @@ class RecipeConfig:
     mask_decay_alpha: float | None = None
     structure_decay_mode: str = "stepwise"
     structure_decay_max_scale: int = 8
+    total_steps: int | None = None  # training length the row-mask ramp is laid over; None: no ramp
+    row_ramp_start: float = 0.1
+    row_ramp_end: float = 0.9
+    row_ramp_power: float = 2.0
 
     def __post_init__(self) -> None:
         def choice(field: str, allowed: tuple[str, ...]) -> None:
@@ -75,6 +83,15 @@ class RecipeConfig:
         scale = self.structure_decay_max_scale
         if scale < 1 or scale & (scale - 1):
             raise RecipeConfigError(f"recipe.structure_decay_max_scale must be a power of two, got {scale}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise RecipeConfigError(f"recipe.total_steps must be >= 1 (or null), got {self.total_steps}")
+        if not 0 <= self.row_ramp_start <= self.row_ramp_end <= 1:
+            raise RecipeConfigError(
+                "recipe.row_ramp_start and row_ramp_end must satisfy 0 <= start <= end <= 1, "
+                f"got {self.row_ramp_start} and {self.row_ramp_end}"
+            )
+        if self.row_ramp_power <= 0:
+            raise RecipeConfigError(f"recipe.row_ramp_power must be > 0, got {self.row_ramp_power}")
 
     @property
     def alpha(self) -> float:
@@ -96,6 +113,21 @@ def mask_decay_beta(t: int, config: RecipeConfig) -> float:
     if config.mask_decay_schedule == "linear":
         return max(0.0, 1.0 - config.alpha * t)
     return math.exp(-config.alpha * t)
+
+
+def row_ramp_sparsity(global_step: int, target: float, config: RecipeConfig) -> float:
+    """Row-mask sparsity at ``global_step``: 0 before ``row_ramp_start * total_steps``, the target
+    from ``row_ramp_end * total_steps`` on, ``target (1 - (1 - p)^power)`` at progress ``p`` in
+    between. Without ``total_steps`` the target applies from the first step."""
+    if config.total_steps is None:
+        return target
+    start, end = config.row_ramp_start * config.total_steps, config.row_ramp_end * config.total_steps
+    if global_step >= end:
+        return target
+    if global_step < start:
+        return 0.0
+    progress = (global_step - start) / (end - start)
+    return target * (1.0 - (1.0 - progress) ** config.row_ramp_power)
 
 
 def structure_decay_stages(
@@ -185,12 +217,17 @@ class Recipe:
             weight_nm = None
             if config.decay == "structure" and name in self._stages:
                 weight_nm = structure_decay_stage(t, self._stages[name], config.decay_steps)
+            rows = layer.activation_pattern
+            row_sparsity = (
+                row_ramp_sparsity(global_step, rows.sparsity, config) if isinstance(rows, RowPattern) else None
+            )
             layer.mask_state = MaskState(
                 enabled=True,
                 estimator=config.estimator,
                 srste_lambda=config.srste_lambda,
                 decay_beta=beta,
                 weight_nm=weight_nm,
+                row_sparsity=row_sparsity,
             )
         if config.estimator == "fixed" and not self._fixed:
             for layer in self.layers.values():

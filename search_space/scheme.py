@@ -27,6 +27,7 @@ from torch import nn
 from search_space.io import atomic_write_text
 from search_space.layers import SparseLayerMixin, set_submodule, sparsify
 from search_space.patterns import NMPattern, NMSearchError
+from search_space.rows import InvalidSparsityError, RowPattern, share_row_scores
 
 if TYPE_CHECKING:
     from search_space.space import SearchSpace
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 FORMAT = "nmsearch.scheme"
 VERSION = 1
 TARGETS = ("dense", "weights", "activations", "both")
-_OPTION_NAME = re.compile(r"^(?:w(?P<w>\d+:\d+))?(?:\+)?(?:a(?P<a>\d+:\d+))?$")
+_OPTION_NAME = re.compile(r"^(?:w(?P<w>\d+:\d+))?(?:\+)?(?:a(?P<a>\d+:\d+)|r(?P<r>[0-9.eE+-]+))?$")
 
 
 class SchemeError(NMSearchError):
@@ -47,10 +48,11 @@ class SchemeMismatchError(SchemeError):
 
 @dataclass(frozen=True)
 class Option:
-    """One layer's choice: N:M on its weights, its input activations, both, or neither."""
+    """One layer's choice: N:M on its weights, and N:M on its input activations or a row mask
+    (skipped output positions, :class:`~search_space.rows.RowPattern`), both, or neither."""
 
     weight: NMPattern | None = None
-    activation: NMPattern | None = None
+    activation: NMPattern | RowPattern | None = None
 
     def __post_init__(self) -> None:
         for attr in ("weight", "activation"):
@@ -67,10 +69,17 @@ class Option:
         return "activations" if self.activation else "dense"
 
     @property
+    def rows(self) -> RowPattern | None:
+        """The row mask, when the activation choice is one."""
+        return self.activation if isinstance(self.activation, RowPattern) else None
+
+    @property
     def name(self) -> str:
-        """``dense``, ``w2:4``, ``a1:8`` or ``w2:4+a2:4``: the value Optuna and JSON dicts use."""
+        """``dense``, ``w2:4``, ``a1:8``, ``w2:4+a2:4``, ``r0.2`` or ``w2:4+r0.2``: the value Optuna and
+        JSON dicts use."""
         parts = [f"w{self.weight}"] if self.weight else []
-        parts += [f"a{self.activation}"] if self.activation else []
+        if self.activation:
+            parts.append(str(self.activation) if self.rows else f"a{self.activation}")
         return "+".join(parts) or "dense"
 
     def __str__(self) -> str:
@@ -84,17 +93,24 @@ class Option:
         if text == "dense":
             return cls()
         match = _OPTION_NAME.match(text)
-        if not text or match is None or not (match["w"] or match["a"]):
+        if not text or match is None or not (match["w"] or match["a"] or match["r"]):
             raise SchemeError(
-                f"unknown option {name!r}: use 'dense', 'wN:M' (weights), 'aN:M' (activations) or 'wN:M+aN:M'"
+                f"unknown option {name!r}: use 'dense', 'wN:M' (weights), 'aN:M' (activations), "
+                "'rS' (row mask, 0 < S < 1), 'wN:M+aN:M' or 'wN:M+rS'"
             )
-        return cls(
-            NMPattern.parse(match["w"]) if match["w"] else None,
-            NMPattern.parse(match["a"]) if match["a"] else None,
-        )
+        if match["r"]:
+            try:
+                activation: NMPattern | RowPattern | None = RowPattern.parse(match["r"])
+            except InvalidSparsityError as error:
+                raise SchemeError(f"option {name!r}: {error}") from None
+        else:
+            activation = NMPattern.parse(match["a"]) if match["a"] else None
+        return cls(NMPattern.parse(match["w"]) if match["w"] else None, activation)
 
     def to_json(self) -> dict[str, Any]:
-        def pattern(p: NMPattern | None) -> dict[str, int] | None:
+        def pattern(p: NMPattern | RowPattern | None) -> dict[str, Any] | None:
+            if isinstance(p, RowPattern):
+                return {"pattern": "rows", "sparsity": p.sparsity}
             return None if p is None else {"n": p.n, "m": p.m}
 
         return {"target": self.target, "weights": pattern(self.weight), "activations": pattern(self.activation)}
@@ -191,9 +207,19 @@ class Scheme:
             pattern if target in ("weights", "both") else None,
             pattern if target in ("activations", "both") else None,
         )
+        return cls._uniform(space, option, {"target": target, "pattern": str(pattern)})
+
+    @classmethod
+    def uniform_rows(cls, space: SearchSpace, sparsity: float) -> Scheme:
+        """The same row mask on every layer where the space offers it (other layers stay dense)."""
+        rows = RowPattern.parse(sparsity)
+        return cls._uniform(space, Option(activation=rows), {"target": "rows", "sparsity": rows.sparsity})
+
+    @classmethod
+    def _uniform(cls, space: SearchSpace, option: Option, provenance: dict[str, Any]) -> Scheme:
         return space.scheme(
             {name: option if option in space.options[name] else DENSE for name in space.layer_names},
-            provenance={"strategy": "uniform", "target": target, "pattern": str(pattern)},
+            provenance={"strategy": "uniform", **provenance},
         )
 
     @classmethod
@@ -340,11 +366,14 @@ class Scheme:
         strict: bool = True,
         weight_score: str = "magnitude",
         activation_score: str = "magnitude",
+        row_seed: int = 0,
     ) -> nn.Module:
         """A sparse copy of ``model`` (or ``model`` itself with ``inplace=True``).
 
         Everything is validated before anything changes. ``strict`` also requires the model's
-        fingerprint to match the scheme's (when the scheme has one).
+        fingerprint to match the scheme's (when the scheme has one). Row masks are cut from one
+        random field drawn from ``row_seed`` (:func:`~search_space.rows.select_row_masks` picks a
+        better one on a batch).
         """
         self._check_layers(model, strict=strict)
         target = model if inplace else copy.deepcopy(model)
@@ -352,7 +381,14 @@ class Scheme:
         replacements = self._replacements(target, weight_score, activation_score)
         for name, module in replacements.items():
             set_submodule(target, name, module)
+        if self.has_rows:
+            share_row_scores(target, row_seed)
         return target
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether any layer uses a row mask."""
+        return any(option.rows for _, option in self.layers)
 
     def _replacements(self, model: nn.Module, weight_score: str, activation_score: str) -> dict[str, nn.Module]:
         replacements = {}
@@ -472,11 +508,13 @@ class Scheme:
 
 
 def _option_from_entry(entry: dict[str, Any], source: str) -> Option:
-    def pattern(key: str) -> NMPattern | None:
+    def pattern(key: str) -> NMPattern | RowPattern | None:
         value = entry.get(key)
         if value is None:
             return None
         try:
+            if value.get("pattern", "nm") == "rows":
+                return RowPattern(value["sparsity"])
             return NMPattern(value["n"], value["m"])
         except NMSearchError as error:
             raise SchemeError(f"{source}: layer {entry['name']!r} {key}: {error}") from None

@@ -22,6 +22,7 @@ from torch import nn
 
 from search_space.layers import SparseLayerMixin
 from search_space.patterns import NMPattern, NMSearchError
+from search_space.rows import DEFAULT_ROW_SPARSITIES, RowPattern, pruned_rows
 from search_space.scheme import (
     DENSE,
     Option,
@@ -35,6 +36,8 @@ from search_space.scheme import (
 
 DEFAULT_RATIOS = ("2:4", "1:4", "2:8", "1:8")
 DEFAULT_TARGETS = ("weights", "activations", "both")
+# Opt-in targets beyond the defaults: "rows", a static mask over a conv's output positions.
+SPACE_TARGETS = (*DEFAULT_TARGETS, "rows")
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,9 @@ class SearchSpace:
 
     Options: ``dense`` plus weights / activations / both at the configured ratios, filtered by
     eligibility (the grouped channel count must be divisible by M). ``both`` ties the weight
-    and activation ratio unless ``tie_both=False``, which searches every pair.
+    and activation ratio unless ``tie_both=False``, which searches every pair. The opt-in target
+    ``rows`` adds, on Conv2d layers, a row mask at each of ``row_sparsities`` (``r0.2``) and, when
+    ``weights`` is a target too, each row mask with each weight ratio (``w2:4+r0.2``).
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class SearchSpace:
         targets: Sequence[str] = DEFAULT_TARGETS,
         tie_both: bool = True,
         fixed_dense: Iterable[str] = (),
+        row_sparsities: Sequence[float] = DEFAULT_ROW_SPARSITIES,
     ) -> None:
         self.layers: tuple[LayerInfo, ...] = tuple(layers)
         self.skipped: tuple[SkippedLayer, ...] = tuple(skipped)
@@ -127,11 +133,12 @@ class SearchSpace:
         self.ratios: tuple[NMPattern, ...] = tuple(NMPattern.parse(r) for r in ratios)
         if any(r.is_dense for r in self.ratios):
             raise NMSearchError("space.ratios must be sparse N:M patterns (N < M), e.g. ['2:4', '1:8']")
-        unknown = [t for t in targets if t not in DEFAULT_TARGETS]
+        unknown = [t for t in targets if t not in SPACE_TARGETS]
         if unknown:
-            raise NMSearchError(f"space.targets: {unknown[0]!r} is not one of {', '.join(DEFAULT_TARGETS)}")
+            raise NMSearchError(f"space.targets: {unknown[0]!r} is not one of {', '.join(SPACE_TARGETS)}")
         self.targets = tuple(targets)
         self.tie_both = tie_both
+        self.row_sparsities: tuple[float, ...] = tuple(RowPattern.parse(s).sparsity for s in row_sparsities)
         fixed = set(fixed_dense)
         self.options: dict[str, tuple[Option, ...]] = {
             info.name: (DENSE,) if info.name in fixed else self._layer_options(info) for info in self.layers
@@ -152,12 +159,14 @@ class SearchSpace:
         ratios: Sequence[str | NMPattern] = DEFAULT_RATIOS,
         targets: Sequence[str] = DEFAULT_TARGETS,
         tie_both: bool = True,
+        row_sparsities: Sequence[float] = DEFAULT_ROW_SPARSITIES,
     ) -> SearchSpace:
         """Discover the space of ``model`` from one forward pass on ``example_inputs``.
 
         ``example_inputs``: a tensor, a tuple of positional arguments, or a dict of keyword
         arguments. ``include`` / ``exclude`` take name globs (``"layer4.*"``), class names or
         classes; non-matching layers stay in the space (their cost counts) with only ``dense``.
+        ``targets=(*DEFAULT_TARGETS, "rows")`` adds row masks at ``row_sparsities`` to Conv2d layers.
         """
         include = list(include) if include is not None else None
         exclude = list(exclude)
@@ -263,6 +272,7 @@ class SearchSpace:
             targets=targets,
             tie_both=tie_both,
             fixed_dense=fixed,
+            row_sparsities=row_sparsities,
         )
 
     def _layer_options(self, info: LayerInfo) -> tuple[Option, ...]:
@@ -277,6 +287,11 @@ class SearchSpace:
                 options += [Option(r, r) for r in eligible]
             else:
                 options += [Option(w, a) for w in eligible for a in eligible]
+        if "rows" in self.targets:
+            rows = [RowPattern(s) for s in self.row_sparsities if _skips_rows(info, s)]
+            options += [Option(activation=r) for r in rows]
+            if "weights" in self.targets:
+                options += [Option(w, r) for w in eligible for r in rows]
         return tuple(dict.fromkeys(options))
 
     # -- description -----------------------------------------------------------------------
@@ -360,6 +375,9 @@ class SearchSpace:
         parsed = {name: Option.parse(option) for name, option in choices.items()}
         for name, option in parsed.items():
             info = self.info(name)
+            if option.rows and option not in self._index[name]:
+                reason = _rows_reason(self, info)
+                raise SchemeMismatchError(f"option {option.name!r} is not available for layer {name!r}: {reason}")
             if option not in self._index[name]:
                 raise SchemeMismatchError(
                     f"option {option.name!r} is not available for layer {name!r} "
@@ -375,13 +393,18 @@ class SearchSpace:
 
     def uniform_schemes(self) -> dict[str, Scheme]:
         """``dense`` and, per target and ratio of the space, the uniform scheme (ineligible
-        layers dense), keyed like ``"weights 2:4"``; schemes equal to an earlier one are dropped."""
+        layers dense), keyed like ``"weights 2:4"`` (with rows: ``"rows 0.2"`` per sparsity);
+        schemes equal to an earlier one are dropped."""
         schemes = {"dense": Scheme.dense(self)}
+        candidates = {}
         for target in self.targets:
-            for ratio in self.ratios:
-                scheme = Scheme.uniform(self, target, ratio.n, ratio.m)
-                if scheme not in schemes.values():
-                    schemes[f"{target} {ratio}"] = scheme
+            if target == "rows":
+                candidates.update({f"rows {s}": Scheme.uniform_rows(self, s) for s in self.row_sparsities})
+            else:
+                candidates.update({f"{target} {r}": Scheme.uniform(self, target, r.n, r.m) for r in self.ratios})
+        for label, scheme in candidates.items():
+            if scheme not in schemes.values():
+                schemes[label] = scheme
         return schemes
 
     def check(self, scheme: Scheme) -> None:
@@ -414,6 +437,30 @@ class SearchSpace:
                 raise SchemeMismatchError(f"layer {name!r} has {len(options)} options, got index {index}")
             choices[name] = options[index]
         return self.scheme(choices, **metadata_fields)
+
+
+def output_positions(info: LayerInfo) -> int | None:
+    """Output positions per image of a conv (its GEMM rows per image); ``None`` for other layers."""
+    shape = info.output_shape
+    if info.kind != "conv2d" or len(shape) < 3:
+        return None
+    return shape[-2] * shape[-1]
+
+
+def _skips_rows(info: LayerInfo, sparsity: float) -> bool:
+    """Whether a row mask at ``sparsity`` skips at least one of the layer's output positions."""
+    positions = output_positions(info)
+    return positions is not None and pruned_rows(positions, sparsity) > 0
+
+
+def _rows_reason(space: SearchSpace, info: LayerInfo) -> str:
+    if info.kind != "conv2d":
+        return f"row masks apply to Conv2d layers only, {info.name!r} is a {info.module_type}"
+    if info.note:
+        return info.note
+    if "rows" not in space.targets:
+        return "the space has no 'rows' target (SearchSpace.from_model(..., targets=[..., 'rows']))"
+    return f"available: {', '.join(space.option_names(info.name))}"
 
 
 def _layer_info(name: str, record: _Record) -> LayerInfo:

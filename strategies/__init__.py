@@ -2,12 +2,16 @@
 
 from strategies.base import Candidate, SearchResult, Strategy, accuracy_part, trials_frame
 from strategies.baselines import RandomStrategy, UniformStrategy
+from strategies.domino import DominoStrategy
+from strategies.gumbel import GumbelStrategy
 from strategies.optuna_strategy import SAMPLERS, OptunaStrategy, make_sampler
 from strategies.storage import StorageError, open_storage
 
 __all__ = [
     "SAMPLERS",
     "Candidate",
+    "DominoStrategy",
+    "GumbelStrategy",
     "OptunaStrategy",
     "RandomStrategy",
     "SearchResult",

@@ -109,6 +109,7 @@ class SearchResult:
     trials: pd.DataFrame
     schemes: dict[int, Scheme]
     metadata: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # strategy logs, saved as NAME.csv
 
     @classmethod
     def from_candidates(
@@ -117,6 +118,7 @@ class SearchResult:
         objectives: Sequence[Objective],
         candidates: Sequence[Candidate],
         metadata: Mapping[str, Any] | None = None,
+        tables: Mapping[str, pd.DataFrame] | None = None,
     ) -> SearchResult:
         return cls(
             strategy,
@@ -124,6 +126,7 @@ class SearchResult:
             trials_frame(candidates, objectives),
             {c.trial: c.scheme for c in candidates},
             dict(metadata or {}),
+            dict(tables or {}),
         )
 
     @property
@@ -184,8 +187,9 @@ class SearchResult:
 
     # -- files -----------------------------------------------------------------------------
     def save(self, run_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``trials.csv``, ``pareto.csv``, ``schemes/trial_NNNN.json`` (one per Pareto point)
-        and ``result.json`` (strategy, objectives, metadata) into ``run_dir``, each atomically."""
+        """Write ``trials.csv``, ``pareto.csv``, ``schemes/trial_NNNN.json`` (one per Pareto point),
+        one ``NAME.csv`` per strategy log in ``tables`` and ``result.json`` (strategy, objectives,
+        metadata) into ``run_dir``, each atomically."""
         run_dir = Path(run_dir)
         paths = {
             "trials": atomic_write_text(run_dir / "trials.csv", self.trials.to_csv(index=False)),
@@ -193,10 +197,13 @@ class SearchResult:
         }
         for trial, scheme in self.front_schemes().items():
             scheme.save(run_dir / "schemes" / f"trial_{trial:04d}.json")
+        for name, table in self.tables.items():
+            paths[name] = atomic_write_text(run_dir / f"{name}.csv", table.to_csv(index=False))
         meta = {
             "strategy": self.strategy,
             "objectives": [{"name": o.name, "direction": o.direction, "unit": o.unit} for o in self.objectives],
             "metadata": self.metadata,
+            "tables": sorted(self.tables),
         }
         paths["result"] = atomic_write_text(run_dir / RESULT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
         return paths
@@ -223,4 +230,5 @@ class SearchResult:
         }
         for path in sorted((run_dir / "schemes").glob("trial_*.json")):
             schemes[int(path.stem.split("_")[1])] = Scheme.load(path)
-        return cls(meta["strategy"], objectives, trials, schemes, meta.get("metadata", {}))
+        tables = {name: pd.read_csv(run_dir / f"{name}.csv") for name in meta.get("tables", [])}
+        return cls(meta["strategy"], objectives, trials, schemes, meta.get("metadata", {}), tables)

@@ -70,14 +70,16 @@ class OptunaStrategy:
     ``timeout_s`` of wall time (per call). ``constraints`` (``"latency_ms<=0.5"``) become
     ``trial.set_constraint`` values the samplers respect; ``warm_start`` enqueues the dense and
     every uniform scheme first. ``worker_index`` offsets the seed, so parallel workers differ;
-    worker 0 alone enqueues the warm start."""
+    worker 0 alone enqueues the warm start. ``reuse_evaluations``: a scheme the study already
+    completed (samplers do propose repeats) is not evaluated again; its trial records the same
+    values with ``info.duplicate_of`` (evaluators are deterministic for a scheme)."""
 
     n_trials: int | None = 100
     timeout_s: float | None = None
     sampler: str = "tpe"
     seed: int | None = 0
-    objectives: Sequence[str] | None = None
-    constraints: Sequence[str] = ()
+    objectives: list[str] | None = None
+    constraints: list[str] = field(default_factory=list)
     storage: str | None = None
     study_name: str = "nmsearch"
     warm_start: bool = True
@@ -86,6 +88,7 @@ class OptunaStrategy:
     heartbeat_interval_s: int = 10
     grace_period_s: int = 30
     max_retry: int = 3
+    reuse_evaluations: bool = True
     show_progress_bar: bool = False
     name: str = field(default="optuna")
 
@@ -176,14 +179,23 @@ class OptunaStrategy:
         if self.warm_start and self.worker_index == 0:
             self._enqueue_warm_start(study, space)
 
+        done = self._completed_evaluations(study, space) if self.reuse_evaluations else {}
+
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             if leases:
                 fail_stale_leases(study, self.grace_period_s, self.max_retry)
             choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
             scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
             trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
-            with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
-                evaluation = evaluator.evaluate(scheme)
+            key = tuple(choices.values())
+            if key in done:
+                number, earlier = done[key]
+                evaluation = Evaluation(earlier.values, info={**earlier.info, "duplicate_of": number})
+            else:
+                with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
+                    evaluation = evaluator.evaluate(scheme)
+                if self.reuse_evaluations and not evaluation.failed:
+                    done[key] = (trial.number, evaluation)
             return self._record(trial, evaluation, objectives, constraints)
 
         def stop_at_budget(study: optuna.Study, _: FrozenTrial) -> None:
@@ -221,6 +233,19 @@ class OptunaStrategy:
         for constraint in constraints:
             trial.set_constraint(str(constraint), constraint.violation(evaluation.values))
         return tuple(values)
+
+    @staticmethod
+    def _completed_evaluations(
+        study: optuna.Study, space: SearchSpace
+    ) -> dict[tuple[str, ...], tuple[int, Evaluation]]:
+        """Evaluations of the study's completed trials (of earlier runs and workers), by choices."""
+        done = {}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            record = trial.user_attrs.get("evaluation")
+            if record and "duplicate_of" not in record["info"] and set(trial.params) == set(space.searchable):
+                evaluation = Evaluation(record["metrics"], info=record["info"], duration_s=record["duration_s"])
+                done[tuple(trial.params[name] for name in space.searchable)] = (trial.number, evaluation)
+        return done
 
     @staticmethod
     def _finished(study: optuna.Study) -> int:

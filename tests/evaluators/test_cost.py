@@ -22,7 +22,10 @@ from evaluators.hardware import DTYPE_BYTES, HardwareProfileError, available_pro
 from experiments.models import resnet18
 from search_space import LayerInfo, NMPattern, NMSearchError, Option, Scheme, SearchSpace
 
-GPUS = [name for name in available_profiles() if name != "ideal_nm"]
+CPU = "cpu_x86_avx2"
+# Profiles with sparse tensor cores (2:4 for fp16/bf16/int8, 1:2 for tf32): every shipped one but the
+# hypothetical ideal_nm and the CPU, which has no sparse cores and only fp32.
+GPUS = [name for name in available_profiles() if name not in ("ideal_nm", CPU)]
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +103,39 @@ def test_compute_bound_sparse_speedup_never_exceeds_2x_on_gpus(profile: str, dty
     assert accelerated >= 5  # the cap is reached by real acceleration, not by never accelerating
 
 
-@pytest.mark.parametrize("profile", GPUS)
-def test_memory_bound_batch1_linear_gains_at_most_dense_over_compressed_bytes(profile: str) -> None:
+def test_gpu_and_cpu_profiles_are_both_tested() -> None:
+    assert len(GPUS) >= 7 and all({"fp16", "int8", "tf32"} <= set(load_profile(g).dtypes) for g in GPUS)
+    assert CPU in available_profiles()
+
+
+@pytest.mark.parametrize(("profile", "dtype"), [*((g, "fp16") for g in GPUS), (CPU, "fp32")])
+def test_memory_bound_batch1_linear_gains_at_most_dense_over_compressed_bytes(profile: str, dtype: str) -> None:
     space = linear_space(1, 4096, 4096)
-    model = HardwareCostModel.from_profile(profile)
+    model = HardwareCostModel.from_profile(profile, dtype=dtype)
     dense = layer(model.evaluate(space, Scheme.dense(space)))
     assert dense["bound"] == "memory"
+    cap = 1 / compressed_fraction(NMPattern(2, 4), DTYPE_BYTES[dtype])  # 1 / 0.5625 in fp16
     for option in ("w2:4", "a2:4", "w2:4+a2:4"):
         row = layer(model.evaluate(space, space.scheme({"0": option})))
-        assert row["speedup"] <= 1 / 0.5625
+        assert row["speedup"] <= cap
         assert row["bound"] == "memory"
     assert layer(model.evaluate(space, space.scheme({"0": "w2:4"})))["speedup"] > 1.3
+
+
+def test_cpu_compute_bound_conv_gains_nothing_from_nm_but_from_rows() -> None:
+    """No sparse tensor cores: N:M leaves a compute-bound GEMM's time alone, skipped rows shorten it."""
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1))
+    space = SearchSpace.from_model(model, torch.randn(1, 256, 16, 16), targets=("weights", "activations", "rows"))
+    cost = HardwareCostModel.from_profile(CPU, dtype="fp32", batch_size=16)
+    dense = layer(cost.evaluate(space, Scheme.dense(space)))
+    assert dense["bound"] == "compute"
+    for option in ("w2:4", "w1:8", "a2:4", "a1:8"):
+        assert layer(cost.evaluate(space, space.scheme({"0": option})))["compute_ms"] == dense["compute_ms"]
+    for sparsity in (0.1, 0.2, 0.3):
+        rows = layer(cost.evaluate(space, space.scheme({"0": f"r{sparsity}"})))
+        kept = 1 - round(sparsity * 256) / 256
+        assert rows["compute_ms"] == pytest.approx(dense["compute_ms"] * kept, rel=1e-12)
+        assert rows["speedup"] == pytest.approx(1 / kept, rel=0.02)
 
 
 def test_ideal_nm_runs_every_pattern_at_m_over_n() -> None:

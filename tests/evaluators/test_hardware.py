@@ -11,8 +11,9 @@ from evaluators.hardware import (
 )
 from search_space import NMPattern, NMSearchError
 
-SHIPPED = ["a100", "h100_pcie", "h100_sxm", "h200", "ideal_nm", "l4", "orin", "rtx4090"]
-GPUS = [name for name in SHIPPED if name != "ideal_nm"]
+SHIPPED = ["a100", "cpu_x86_avx2", "h100_pcie", "h100_sxm", "h200", "ideal_nm", "l4", "orin", "rtx4090"]
+CPUS = ["cpu_x86_avx2"]
+GPUS = [name for name in SHIPPED if name not in ("ideal_nm", *CPUS)]
 
 
 def p(text: str) -> NMPattern:
@@ -35,7 +36,20 @@ def test_every_shipped_profile_loads_with_name_and_source() -> None:
         profile = load_profile(name)
         assert profile.name and profile.source
         assert profile.origin.endswith(f"{name}.yaml")
-        assert {"fp16", "bf16", "tf32", "int8"} <= set(profile.dtypes)
+        expected = {"fp32"} if name in CPUS else {"fp16", "bf16", "tf32", "int8"}
+        assert expected <= set(profile.dtypes)
+
+
+def test_cpu_profile_is_measured_and_has_no_sparse_cores() -> None:
+    for name in CPUS:
+        profile = load_profile(name)
+        fp32 = profile.dtype("fp32")
+        assert set(profile.dtypes) == {"fp32"} and "benchmarks/cpu_profile.py" in profile.source
+        assert fp32.sparse_tflops is None and fp32.sparse_patterns == ()
+        assert fp32.sparse_speedup(p("2:4")) == fp32.sparse_speedup(p("1:8")) == 1.0
+        # Plausible for a few AVX2 cores: well under a GPU, above a naive loop.
+        assert 0.01 < fp32.dense_tflops < 5 and 1 < profile.memory_bandwidth_gbs < 200
+        assert 0 < profile.efficiency.compute_dense <= 1 and not profile.fused_activation_compression
 
 
 def test_profiles_hold_the_reference_numbers() -> None:

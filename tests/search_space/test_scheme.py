@@ -225,3 +225,12 @@ def test_equality_ignores_metadata_and_schemes_are_hashable() -> None:
     with pytest.raises(TypeError):
         a.metrics["accuracy"] = 0.0  # type: ignore[index]
     assert a.to_frame().to_dict("records") == [{"layer": "0", "target": "weights", "weights": "2:4", "activations": ""}]
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    from search_space import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    reference = tmp_path / "b.txt"
+    reference.write_text("x")
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777

@@ -179,7 +179,8 @@ def test_two_workers_share_one_journal_file(space, tmp_path: Path) -> None:
     assert 30 <= len(complete) <= 31  # the budget is shared; at most one trial in flight overshoots
     warm = [t.user_attrs["warm_start"] for t in complete if "warm_start" in t.user_attrs]
     assert sorted(warm) == sorted(set(warm)) and len(warm) == len(space.uniform_schemes())
-    assert all(LEASE_ATTR in t.user_attrs for t in complete)
+    evaluated = [t for t in complete if "duplicate_of" not in t.user_attrs["evaluation"]["info"]]
+    assert evaluated and all(LEASE_ATTR in t.user_attrs for t in evaluated)  # repeats reuse, no lease
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -206,7 +207,8 @@ def test_trials_of_a_killed_worker_are_retried_not_lost(space, tmp_path: Path, k
     # the killed trial's scheme was evaluated again (the retry), exactly once
     complete = result.trials[result.trials["state"] == "COMPLETE"]
     assert (complete["scheme"] == failed["scheme"]).sum() == 1
-    assert evaluator.calls == budget
+    repeats = int(complete.filter(like="duplicate_of").notna().sum().sum())
+    assert evaluator.calls == len(complete) - repeats  # a repeated scheme reuses its evaluation
 
 
 def test_pareto_front_of_result_uses_completed_feasible_rows(space) -> None:
@@ -236,3 +238,21 @@ def test_interrupted_warm_start_trial_is_redone_on_resume(space, tmp_path: Path)
     uniform = {json.dumps(s.choices, separators=(",", ":")) for s in space.uniform_schemes().values()}
     assert set(complete["scheme"]) == uniform and len(complete) == budget  # each exactly once
     assert result.trials[result.trials["state"] == "FAIL"]["reason"].str.contains("interrupted").all()
+
+
+def test_a_repeated_scheme_reuses_the_earlier_evaluation(tmp_path: Path) -> None:
+    space = SearchSpace.from_model(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8), ratios=["2:4"])
+    evaluator = ToyEvaluator(space)  # one layer: dense, w2:4, a2:4, w2:4+a2:4 — repeats are certain
+    result = OptunaStrategy(n_trials=12, sampler="random", warm_start=False).search(space, evaluator, run_dir=tmp_path)
+    assert len(result.trials) == 12 and evaluator.calls == result.trials["scheme"].nunique() <= 4
+    repeats = result.trials[result.trials["info.duplicate_of"].notna()]
+    assert len(repeats) == 12 - evaluator.calls
+    for _, row in repeats.iterrows():
+        first = result.trials.set_index("trial").loc[int(row["info.duplicate_of"])]
+        assert first["scheme"] == row["scheme"] and first["accuracy"] == row["accuracy"]
+    again = ToyEvaluator(space)  # resuming: the stored evaluations are reused too
+    OptunaStrategy(n_trials=16, sampler="random", warm_start=False).search(space, again, run_dir=tmp_path)
+    assert again.calls == 0
+    fresh = ToyEvaluator(space)
+    OptunaStrategy(n_trials=6, sampler="random", warm_start=False, reuse_evaluations=False).search(space, fresh)
+    assert fresh.calls == 6

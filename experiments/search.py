@@ -1,0 +1,215 @@
+"""The main job: ``python -m experiments.search [key=value ...]`` (``-m`` for sweeps).
+
+Builds the task's model, its search space, the evaluator (accuracy + hardware cost) and the
+strategy from the Hydra config, runs the search and writes into the run directory:
+``trials.csv``, ``pareto.csv``, ``pareto.png``, ``scheme.json`` (the knee, or the best point
+under ``select.constraints``), ``schemes/`` (one JSON per Pareto point), ``result.json``, the
+strategy's own files (``optuna.db``, logs) and ``config.yaml`` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from evaluators import (
+    COST_METRICS,
+    AccuracyConfig,
+    AccuracyEvaluator,
+    CompositeEvaluator,
+    CostEvaluator,
+    Evaluator,
+    HardwareCostModel,
+    Trainer,
+)
+from evaluators.pareto import plot_pareto
+from experiments.config import register_configs
+from experiments.tasks import instantiate_task
+from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text
+from strategies import SearchResult, Strategy
+
+register_configs()
+
+
+@dataclass
+class Job:
+    """Everything a search needs, built from one config."""
+
+    space: SearchSpace
+    evaluator: Evaluator
+    strategy: Strategy
+    hardware: str
+
+
+def cost_objectives(cfg: DictConfig) -> list[str]:
+    """The cost metrics among ``cfg.objectives`` (which must start with ``accuracy``)."""
+    objectives = list(cfg.objectives)
+    if "accuracy" not in objectives:
+        raise NMSearchError(f"objectives must include 'accuracy' (got {objectives}); add cost metrics after it")
+    cost_metrics = [o for o in objectives if o != "accuracy"]
+    unknown = [m for m in cost_metrics if m not in COST_METRICS]
+    if unknown or not cost_metrics:
+        raise NMSearchError(
+            f"objectives: {unknown[0] if unknown else 'no cost metric'!r} — choose from {', '.join(COST_METRICS)}"
+        )
+    return cost_metrics
+
+
+def build_cost_model(cfg: DictConfig) -> HardwareCostModel:
+    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
+    return HardwareCostModel.from_profile(hardware, dtype=cfg.evaluator.dtype, batch_size=cfg.evaluator.batch_size)
+
+
+def build_space(cfg: DictConfig) -> tuple[Trainer, SearchSpace]:
+    """The task's trainer (nothing is trained yet) and the search space of its model."""
+    task = instantiate_task(cfg.task)
+    trainer = Trainer(task, seed=cfg.seed, device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    space_cfg = OmegaConf.to_container(cfg.space, resolve=True)
+    space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs().to(trainer.device), **space_cfg)
+    return trainer, space
+
+
+def build(cfg: DictConfig) -> Job:
+    """Task, space, evaluator and strategy from a composed config; every input is validated
+    here, before any training or search starts."""
+    cost_metrics = cost_objectives(cfg)
+    recipe: RecipeConfig = OmegaConf.to_object(cfg.recipe)
+    strategy = OmegaConf.to_object(cfg.strategy)
+    fields = {f.name for f in dataclasses.fields(strategy)}
+    if "recipe" in fields:
+        strategy = dataclasses.replace(strategy, recipe=recipe)
+    if "objectives" in fields:
+        strategy = dataclasses.replace(strategy, objectives=list(cfg.objectives))
+    cost_model = build_cost_model(cfg)
+    trainer, space = build_space(cfg)
+    accuracy = AccuracyEvaluator(
+        trainer,
+        space,
+        AccuracyConfig(
+            fidelity=cfg.evaluator.fidelity,
+            finetune_epochs=cfg.evaluator.finetune_epochs,
+            recipe=recipe,
+            bn_batches=cfg.evaluator.bn_batches,
+            split=cfg.evaluator.split,
+        ),
+    )
+    evaluator = CompositeEvaluator(accuracy, CostEvaluator(space, cost_model, cost_metrics))
+    return Job(space, evaluator, strategy, cost_model.profile.name)
+
+
+def chosen_trial(result: SearchResult, cfg: DictConfig) -> int:
+    if cfg.select.constraints:
+        return result.select(list(cfg.select.constraints), cfg.select.objective)
+    return result.knee()
+
+
+def plot_result(result: SearchResult, title: str) -> plt.Figure:
+    """One panel per cost objective: accuracy against it, all candidates and the front."""
+    accuracy, *costs = result.objectives
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.0), squeeze=False)
+    for ax, cost in zip(axes[0], costs, strict=True):
+        plot_pareto({result.strategy: result.completed}, cost, accuracy, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(result: SearchResult, job: Job, cfg: DictConfig, out: Path) -> tuple[int, Scheme]:
+    """Save the result and pick ``scheme.json``; returns the chosen trial and its scheme."""
+    result.save(out)
+    trial = chosen_trial(result, cfg)
+    row = result.trials.set_index("trial").loc[trial]
+    metrics = {o.name: float(row[o.name]) for o in result.objectives}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    scheme = result.schemes[trial].with_metadata(
+        hardware=job.hardware,
+        metrics=metrics,
+        provenance={
+            **result.schemes[trial].provenance,
+            "strategy": result.strategy,
+            "trial": trial,
+            "seed": cfg.seed,
+            "config": resolved,
+        },
+    )
+    scheme.save(out / "scheme.json")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    figure = plot_result(
+        result, f"{result.strategy} on {cfg.task.get('_target_', 'task').rsplit('.', 1)[-1]}, {job.hardware}"
+    )
+    figure.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return trial, scheme
+
+
+def summary(result: SearchResult, trial: int, out: Path) -> str:
+    columns = ["trial", *(o.name for o in result.objectives), "summary"]
+    front = result.front[columns].copy()
+    front.insert(0, "", ["*" if t == trial else "" for t in front["trial"]])
+    lines = [
+        f"{result.strategy}: {len(result.trials)} candidates, {len(front)} on the Pareto front "
+        f"({', '.join(f'{o.name} {o.direction}' for o in result.objectives)})",
+        front.to_markdown(index=False, floatfmt=".4g"),
+        f"* = scheme.json (trial {trial})",
+        f"results: {out}",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, out: Path) -> SearchResult:
+    job = build(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    result = job.strategy.search(job.space, job.evaluator, run_dir=out)
+    trial, _ = write_outputs(result, job, cfg, out)
+    print(summary(result, trial, out))
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Any:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except NMSearchError as error:
+        print(f"nmsearch: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_error_line(error: Exception) -> str:
+    """A Hydra / OmegaConf composition error (a typo in a key, an unknown group option) as one line."""
+    first = [str(e).strip().splitlines()[0].rstrip(".") for e in (error, error.__cause__) if e and str(e).strip()]
+    line = ": ".join(dict.fromkeys(first))
+    options = [o for o in getattr(error, "options", None) or [] if not o.endswith("_schema")]
+    return f"{line}; available: {', '.join(options)}" if options else line
+
+
+def cli() -> None:
+    """Hydra reports configuration errors over several lines; print them as one, exit 2."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"nmsearch: {config_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,664 @@
+"""DominoSearch (Sun et al., NeurIPS 2021): layer-wise N:M weight schemes from a pre-trained dense model.
+
+M is fixed; every eligible layer starts at N = M (dense) and the search trains the pre-trained model
+while N falls layer by layer until a global budget is met:
+
+1. **Thresholds**, set once from the dense weights: per group of M, the mean of its M/2 smallest |w|.
+2. **Training** with the top-N mask of each layer's current N (recomputed every step; the gradient
+   reaches every weight through the straight-through estimator, or only the kept ones). Every
+   ``shrink_interval`` steps the loss adds ``lambda/2 sum_l alpha_l ||W_l * E_l||^2``, an L2 shrink
+   of the kept weights whose gradient is ``lambda alpha_l W * E``.
+3. **Votes** every ``vote_interval`` steps: a group votes when fewer than N of its entries are above
+   its threshold; when at least ``vote_fraction`` (75 %) of a layer's groups vote, its N drops by 1.
+4. **Commits**: when N reaches a power of two it is committed; the committed N of every layer forms
+   the scheme whose global objective is checked against the target.
+5. **Re-balancing** ("domino"): after each decision every layer's ``alpha`` is recomputed, so a layer
+   that gave up cost presses less and the others more. Over the L layers still above N = 1,
+   ``alpha_l = L (beta r_l / sum r + (1 - beta) c_l / sum c)`` with ``c_l`` the layer's current cost
+   and ``r_l`` the cost it holds above its allotment: its ERK share of the target for ``params`` and
+   ``macs``, its cost at N = 1 for cost-model metrics (:func:`shrink_alphas`).
+6. **Stop** as soon as the committed scheme reaches the target.
+
+Targets: ``params`` (global weight sparsity of the searchable layers, parameter-weighted), ``macs``
+or a cost-model metric (``latency_ms``, ``bytes_mb``, ``energy_mj``) as a fraction of the dense
+model's total. The per-layer cost curves (cost at every N) come from the search space for ``params``
+and ``macs`` and from a :class:`~evaluators.HardwareCostModel` for the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from evaluators import (
+    AccuracyEvaluator,
+    CompositeEvaluator,
+    CostEvaluator,
+    Evaluator,
+    HardwareCostModel,
+    Trainer,
+    TrainingDivergedError,
+    train_one_epoch,
+)
+from evaluators.cost import metric_columns
+from evaluators.training import epoch_seed, make_optimizer, seed_everything
+from search_space import (
+    DENSE,
+    MaskState,
+    NMPattern,
+    NMSearchError,
+    Option,
+    Scheme,
+    SearchSpace,
+    atomic_write_text,
+    prunable_modules,
+    set_submodule,
+    sparsify,
+)
+from search_space.layers import SparseLayerMixin
+from strategies.base import COMPLETE, FAIL, Candidate, SearchResult, accuracy_part
+
+logger = logging.getLogger(__name__)
+
+SPACE_TARGETS = ("params", "macs")
+COST_MODEL_TARGETS = ("latency_ms", "bytes_mb", "energy_mj")
+TARGETS = SPACE_TARGETS + COST_MODEL_TARGETS
+GRADIENTS = ("ste", "masked")
+LOG_TABLE = "domino_log"  # SearchResult.tables key, saved as domino_log.csv
+LOG_COLUMNS = (
+    "step",
+    "epoch",
+    "layer",
+    "n",
+    "m",
+    "committed",
+    "committed_n",
+    "vote_share",
+    "forced",
+    "objective",
+    "fraction",
+    "total",
+)
+
+
+class DominoError(NMSearchError):
+    """A DominoSearch configuration or space that cannot be searched."""
+
+
+class UnreachableTargetError(DominoError):
+    """A target the eligible layers cannot reach even at N = 1."""
+
+
+class _TargetReached(Exception):
+    """Raised from inside a training step to stop the epoch when the target is reached."""
+
+
+# -- the pure pieces ---------------------------------------------------------------------------
+def weight_groups(weight: Tensor, m: int) -> Tensor:
+    """``(groups, m)`` view of a Linear or Conv2d weight: M consecutive input channels at a fixed
+    output channel and kernel offset (the layout :func:`search_space.weight_nm_mask` masks)."""
+    return weight.detach().movedim(1, -1).reshape(-1, m)
+
+
+def group_thresholds(weight: Tensor, m: int) -> Tensor:
+    """Per group of M, the mean of its ``M // 2`` smallest magnitudes (set once, from the dense weights)."""
+    smallest = weight_groups(weight, m).abs().sort(dim=1).values[:, : m // 2]
+    return smallest.mean(dim=1)
+
+
+def vote_share(weight: Tensor, thresholds: Tensor, n: int, m: int) -> float:
+    """Share of groups with fewer than ``n`` entries whose magnitude is above the group's threshold."""
+    above = (weight_groups(weight, m).abs() > thresholds[:, None]).sum(dim=1)
+    return float((above < n).float().mean())
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def erk_scores(weight_shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """Erdos-Renyi-Kernel density scores ``sum(shape) / prod(shape)``: small layers keep more weights."""
+    return np.array([sum(shape) / math.prod(shape) for shape in weight_shapes], dtype=float)
+
+
+def allot_densities(
+    scores: np.ndarray, dense_costs: np.ndarray, budget: float, min_density: float, iterations: int = 100
+) -> np.ndarray:
+    """Densities ``clip(eps * scores, min_density, 1)`` whose cost ``sum(density * dense_costs)`` equals
+    ``budget`` (ERK with capped layers' excess redistributed); ``eps`` found by bisection."""
+
+    def densities(eps: float) -> np.ndarray:
+        return np.clip(eps * scores, min_density, 1.0)
+
+    low, high = 0.0, 1.0 / scores.min()  # at ``high`` every layer is dense
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(densities(middle) @ dense_costs) < budget else (low, middle)
+    return densities(high)
+
+
+def shrink_alphas(cost_now: np.ndarray, allotted: np.ndarray, active: np.ndarray, beta: float) -> np.ndarray:
+    """Per-layer weights of the L2 shrink: ``beta`` times the layer's share of the cost it still holds
+    above its allotment, plus ``1 - beta`` times its share of the current cost, both among the layers
+    still shrinking (``active``). They average 1 over those layers; finished layers get 0. When no
+    layer is above its allotment, the first share falls back to the cost share."""
+    alphas = np.zeros(len(cost_now))
+    if not active.any():
+        return alphas
+    cost = cost_now[active]
+    cost_share = cost / cost.sum() if cost.sum() > 0 else np.full(len(cost), 1.0 / len(cost))
+    remaining = np.maximum(cost - allotted[active], 0.0)
+    remaining_share = remaining / remaining.sum() if remaining.sum() > 0 else cost_share
+    alphas[active] = active.sum() * (beta * remaining_share + (1 - beta) * cost_share)
+    return alphas
+
+
+@dataclass(frozen=True)
+class CostCurves:
+    """What the target measures, per eligible layer and N (``per_n[layer, n - 1]``), plus the cost of
+    the modelled layers that stay dense (``fixed``) and the dense total the target is relative to."""
+
+    per_n: np.ndarray
+    fixed: float
+    dense_total: float
+
+    def total(self, ns: np.ndarray) -> float:
+        return self.fixed + float(self.per_n[np.arange(len(ns)), np.asarray(ns) - 1].sum())
+
+    def fraction(self, ns: np.ndarray) -> float:
+        """The total at per-layer ``ns`` as a fraction of the dense total."""
+        return self.total(ns) / self.dense_total
+
+    def layer_costs(self, ns: np.ndarray) -> np.ndarray:
+        return self.per_n[np.arange(len(ns)), np.asarray(ns) - 1]
+
+
+@dataclass(frozen=True)
+class DominoPlan:
+    """Everything fixed before training: the layers N:M applies to, their cost curves, the target as
+    a fraction of the dense total, each layer's allotted cost (for the remaining budget) and the
+    searchable layers left dense because M does not divide their channels."""
+
+    m: int
+    target: str
+    target_value: float
+    layers: tuple[str, ...]
+    ineligible: dict[str, str]
+    curves: CostCurves
+    target_fraction: float
+    allotted: np.ndarray
+    hardware: str | None = None
+
+    def objective(self, fraction: float) -> float:
+        """The target's quantity for a fraction of the dense total: sparsity for ``params``."""
+        return 1.0 - fraction if self.target == "params" else fraction
+
+    def reached(self, ns: np.ndarray) -> bool:
+        return self.curves.fraction(ns) <= self.target_fraction * (1 + 1e-9)
+
+
+class DominoState:
+    """Per-layer N (current and committed) and the decision log; no training inside, so it is
+    tested on its own. :meth:`decrement` applies one decision and reports whether the target is met."""
+
+    def __init__(self, plan: DominoPlan, beta: float) -> None:
+        self.plan, self.beta = plan, beta
+        self.n = np.full(len(plan.layers), plan.m, dtype=np.int64)
+        self.committed = self.n.copy()
+        self.commits: list[np.ndarray] = []
+        self.decisions: list[dict[str, Any]] = []
+        self.alphas = self._rebalance()
+
+    @property
+    def active(self) -> np.ndarray:
+        """Layers that can still drop N."""
+        return self.n > 1
+
+    @property
+    def reached(self) -> bool:
+        return self.plan.reached(self.committed)
+
+    def _rebalance(self) -> np.ndarray:
+        cost_now = self.plan.curves.layer_costs(self.n)
+        return shrink_alphas(cost_now, self.plan.allotted, self.active, self.beta)
+
+    def decrement(self, index: int, *, step: int, epoch: int, share: float, to: int | None = None) -> bool:
+        """Drop layer ``index``'s N by one (or straight ``to`` a lower N, for forced decisions), commit
+        it at a power of two, re-balance every layer's alpha and log the decision. Returns ``reached``."""
+        if self.reached:
+            raise DominoError("the target is already reached: no further decisions")
+        if self.n[index] <= 1:
+            raise DominoError(f"layer {self.plan.layers[index]!r} is already at N=1")
+        self.n[index] = self.n[index] - 1 if to is None else to
+        committed = is_power_of_two(int(self.n[index]))
+        if committed:
+            self.committed[index] = self.n[index]
+            self.commits.append(self.committed.copy())
+        self.alphas = self._rebalance()
+        fraction = self.plan.curves.fraction(self.committed)
+        self.decisions.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "layer": self.plan.layers[index],
+                "n": int(self.n[index]),
+                "m": self.plan.m,
+                "committed": committed,
+                "committed_n": int(self.committed[index]),
+                "vote_share": share,
+                "forced": to is not None,
+                "objective": self.plan.objective(fraction),
+                "fraction": fraction,
+                "total": fraction * self.plan.curves.dense_total,
+            }
+        )
+        return self.reached
+
+    def log(self) -> pd.DataFrame:
+        return pd.DataFrame(self.decisions, columns=LOG_COLUMNS)
+
+
+def apply_votes(state: DominoState, shares: Sequence[float], vote_fraction: float, *, step: int, epoch: int) -> bool:
+    """Drop N of every active layer whose vote share is at least ``vote_fraction``, strongest vote first;
+    returns True as soon as the target is reached (the remaining layers keep their N)."""
+    for index in sorted(range(len(shares)), key=lambda i: -shares[i]):
+        passed = shares[index] >= vote_fraction and state.active[index]
+        if passed and state.decrement(index, step=step, epoch=epoch, share=shares[index]):
+            return True
+    return False
+
+
+def _next_power_of_two_below(n: int) -> int:
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+# -- spaces and evaluators ---------------------------------------------------------------------
+def domino_space(space: SearchSpace, m: int) -> SearchSpace:
+    """The weights-only space DominoSearch's schemes live in: every ``N:m`` on the layers that are
+    searchable in ``space`` (and eligible at ``m``); the other layers stay dense."""
+    fixed = [name for name in space.layer_names if name not in space.searchable]
+    return SearchSpace(
+        space.layers,
+        skipped=space.skipped,
+        fingerprint=space.fingerprint,
+        example_batch_size=space.example_batch_size,
+        ratios=[NMPattern(n, m) for n in range(1, m)],
+        targets=("weights",),
+        fixed_dense=fixed,
+    )
+
+
+def scoring_evaluator(evaluator: Evaluator, space: SearchSpace) -> Evaluator:
+    """``evaluator`` able to score schemes of ``space`` (a :func:`domino_space`): accuracy parts are
+    rebuilt over ``space`` (same trainer and config, so the same scores), since an
+    :class:`~evaluators.AccuracyEvaluator` refuses options outside its own space; cost parts cost
+    such options directly."""
+    if isinstance(evaluator, AccuracyEvaluator):
+        return AccuracyEvaluator(evaluator.trainer, space, evaluator.config)
+    if isinstance(evaluator, CompositeEvaluator):
+        return CompositeEvaluator(*(scoring_evaluator(part, space) for part in evaluator.parts))
+    return evaluator
+
+
+def _cost_part(evaluator: Evaluator) -> CostEvaluator | None:
+    if isinstance(evaluator, CostEvaluator):
+        return evaluator
+    return next((part for part in getattr(evaluator, "parts", ()) if isinstance(part, CostEvaluator)), None)
+
+
+# -- the strategy ------------------------------------------------------------------------------
+@dataclass
+class DominoStrategy:
+    """DominoSearch over the weight N:M of the searchable layers, with fixed ``m`` and per-layer N.
+
+    ``target`` / ``target_value``: ``"params"`` with the global weight sparsity of the searchable
+    layers (``0.875``), or ``"macs"`` / ``"latency_ms"`` / ``"bytes_mb"`` / ``"energy_mj"`` with a
+    fraction of the dense model's total (``0.125``). Cost-model targets take the
+    :class:`~evaluators.HardwareCostModel` of the evaluator's :class:`~evaluators.CostEvaluator`
+    part, or of ``hardware`` (a profile name, with ``dtype`` and ``batch_size``), which wins when set.
+
+    Training: ``lr`` (default: the task's ``finetune_lr``) at a constant rate, the L2 shrink
+    ``shrink_lambda`` every ``shrink_interval`` steps, votes every ``vote_interval`` steps at
+    ``vote_fraction``; ``beta`` mixes remaining budget and cost share in alpha. ``gradient="ste"``
+    passes the dense gradient to every weight (pruned ones can grow back, as in SR-STE training);
+    ``"masked"`` trains only the kept weights, so pruned ones stay put. When ``max_epochs``
+    run out first, the remaining decisions are forced (logged as such): the layer with the largest
+    vote share times alpha drops to its next power of two until the target is met. ``score_intermediate``
+    also scores every committed scheme before the last.
+    """
+
+    m: int = 16
+    target: str = "params"
+    target_value: float = 0.875
+    vote_interval: int = 50
+    vote_fraction: float = 0.75
+    shrink_lambda: float = 1.0
+    shrink_interval: int = 1
+    beta: float = 0.5
+    gradient: str = "ste"
+    lr: float | None = None
+    max_epochs: int = 100
+    seed: int = 0
+    hardware: str | None = None
+    dtype: str = "fp16"
+    batch_size: int = 1
+    score_intermediate: bool = False
+    name: str = "domino"
+
+    # -- validation and planning -------------------------------------------------------------
+    def _validate(self) -> None:
+        NMPattern(1, self.m)  # M within the supported range
+        if self.m < 2:
+            raise DominoError(f"m must be >= 2, got {self.m}")
+        if self.target not in TARGETS:
+            raise DominoError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        what = "a sparsity" if self.target == "params" else "a fraction of the dense total"
+        if not 0 < self.target_value < 1:
+            raise DominoError(f"target_value for {self.target!r} is {what} in (0, 1), got {self.target_value}")
+        for name in ("vote_interval", "shrink_interval", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise DominoError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.vote_fraction <= 1:
+            raise DominoError(f"vote_fraction must be in (0, 1], got {self.vote_fraction}")
+        if self.gradient not in GRADIENTS:
+            raise DominoError(f"gradient must be one of {', '.join(GRADIENTS)}, got {self.gradient!r}")
+        if not 0 <= self.beta <= 1:
+            raise DominoError(f"beta must be in [0, 1], got {self.beta}")
+        if self.shrink_lambda < 0 or (self.lr is not None and not self.lr > 0):
+            raise DominoError("shrink_lambda must be >= 0 and lr > 0")
+
+    def _cost_model(self, evaluator: Evaluator | None) -> HardwareCostModel:
+        if self.hardware is not None:
+            return HardwareCostModel.from_profile(self.hardware, dtype=self.dtype, batch_size=self.batch_size)
+        part = _cost_part(evaluator) if evaluator is not None else None
+        if part is None:
+            raise DominoError(
+                f"target {self.target!r} needs a hardware cost model: set hardware='a100' (or another profile) "
+                "or pass an evaluator with a CostEvaluator part"
+            )
+        return part.cost_model
+
+    def plan(self, space: SearchSpace, evaluator: Evaluator | None = None) -> DominoPlan:
+        """Eligible layers, cost curves and target for ``space``; raises before any training when the
+        target cannot be reached, or is already met with every layer at N = M."""
+        self._validate()
+        if "weights" not in space.targets:
+            raise DominoError(f"DominoSearch searches weight N:M; the space's targets are {', '.join(space.targets)}")
+        searchable = [space.info(name) for name in space.searchable]
+        layers = [info for info in searchable if info.channels % self.m == 0]
+        ineligible = {
+            info.name: f"{info.channels} grouped input channels are not divisible by M={self.m}"
+            for info in searchable
+            if info.channels % self.m
+        }
+        for name, reason in ineligible.items():
+            logger.warning("DominoSearch leaves layer %r dense: %s", name, reason)
+        if not layers:
+            raise DominoError(
+                f"no searchable layer has grouped input channels divisible by M={self.m}: nothing to search"
+            )
+        names = tuple(info.name for info in layers)
+        share = np.arange(1, self.m + 1) / self.m
+        hardware = None
+        if self.target == "params":
+            weights = np.array([math.prod(info.weight_shape) for info in layers], dtype=float)
+            left_dense = sum(math.prod(space.info(name).weight_shape) for name in ineligible)
+            curves = CostCurves(np.outer(weights, share), float(left_dense), float(weights.sum() + left_dense))
+        elif self.target == "macs":
+            macs = np.array([info.macs for info in layers], dtype=float)
+            total = float(sum(info.macs for info in space.layers))
+            curves = CostCurves(np.outer(macs, share), total - float(macs.sum()), total)
+        else:
+            cost_model = self._cost_model(evaluator)
+            hardware = cost_model.profile.name
+            curves = _cost_model_curves(space, names, self.m, cost_model, self.target)
+        target_fraction = 1.0 - self.target_value if self.target == "params" else self.target_value
+        _check_reachable(curves, target_fraction, self.target, self.target_value, self.m, ineligible)
+        return DominoPlan(
+            m=self.m,
+            target=self.target,
+            target_value=self.target_value,
+            layers=names,
+            ineligible=ineligible,
+            curves=curves,
+            target_fraction=target_fraction,
+            allotted=self._allotted(layers, curves, target_fraction),
+            hardware=hardware,
+        )
+
+    def _allotted(self, layers: Sequence[Any], curves: CostCurves, target_fraction: float) -> np.ndarray:
+        """Each layer's share of the target: the ERK allocation for ``params`` and ``macs`` (as the
+        paper); for cost-model metrics, whose cost is not linear in density, its cost at N = 1, so
+        the remaining budget is what the layer can still save on that hardware."""
+        if self.target not in SPACE_TARGETS:
+            return curves.per_n[:, 0].copy()
+        dense_costs = curves.per_n[:, -1]
+        budget = target_fraction * curves.dense_total - curves.fixed
+        scores = erk_scores([info.weight_shape for info in layers])
+        return allot_densities(scores, dense_costs, budget, 1.0 / self.m) * dense_costs
+
+    # -- search ------------------------------------------------------------------------------
+    def search(
+        self, space: SearchSpace, evaluator: Evaluator, *, run_dir: str | os.PathLike | None = None
+    ) -> SearchResult:
+        """Search from the pre-trained model of the evaluator's trainer; the result's last trial is the
+        Domino scheme (``metadata["final_trial"]``), ``tables["domino_log"]`` the decision log."""
+        plan = self.plan(space, evaluator)
+        trainer = accuracy_part(evaluator).trainer
+        start = time.perf_counter()
+        state, steps, epochs = self._train(plan, trainer)
+        search_s = time.perf_counter() - start
+        schemes_space = domino_space(space, self.m)
+        commits = state.commits if self.score_intermediate else state.commits[-1:]
+        scorer = scoring_evaluator(evaluator, schemes_space)
+        candidates = [
+            self._candidate(trial, schemes_space, plan, committed, scorer) for trial, committed in enumerate(commits)
+        ]
+        final = candidates[-1].scheme
+        fraction = plan.curves.fraction(state.committed)
+        metadata = {
+            "m": self.m,
+            "target": self.target,
+            "target_value": self.target_value,
+            "objective": plan.objective(fraction),
+            "fraction": fraction,
+            "total": fraction * plan.curves.dense_total,
+            "dense_total": plan.curves.dense_total,
+            "hardware": plan.hardware,
+            "ineligible_layers": plan.ineligible,
+            "domino": final.to_domino(),
+            "final_trial": candidates[-1].trial,
+            "decisions": len(state.decisions),
+            "forced_decisions": sum(decision["forced"] for decision in state.decisions),
+            "steps": steps,
+            "epochs": epochs,
+            "search_s": search_s,
+            "fingerprint": space.fingerprint,
+            "config": dataclasses.asdict(self),
+        }
+        result = SearchResult.from_candidates(
+            self.name, evaluator.objectives, candidates, metadata, tables={LOG_TABLE: state.log()}
+        )
+        if run_dir is not None:
+            self._write(result, final, Path(run_dir))
+        return result
+
+    def _candidate(
+        self, trial: int, space: SearchSpace, plan: DominoPlan, committed: np.ndarray, evaluator: Evaluator
+    ) -> Candidate:
+        choices = {
+            name: Option(weight=NMPattern(int(n), self.m)) for name, n in zip(plan.layers, committed, strict=True)
+        }
+        fraction = plan.curves.fraction(committed)
+        provenance = {"strategy": self.name, "trial": trial, "seed": self.seed, "config": dataclasses.asdict(self)}
+        scheme = space.scheme(choices, provenance=provenance, hardware=plan.hardware)
+        evaluation = evaluator.evaluate(scheme)
+        metrics = {**evaluation.values, f"domino_{self.target}": plan.objective(fraction)}
+        return Candidate(
+            trial=trial,
+            scheme=scheme.with_metadata(metrics=metrics),
+            evaluation=evaluation,
+            state=FAIL if evaluation.failed else COMPLETE,
+            duration_s=evaluation.duration_s,
+            reason=evaluation.reason,
+        )
+
+    @staticmethod
+    def _write(result: SearchResult, scheme: Scheme, run_dir: Path) -> None:
+        """The result's files (the decision log is ``domino_log.csv``), the scheme in our JSON format
+        and in DominoSearch's ``{layer: [N, M]}``."""
+        result.save(run_dir)
+        scheme.save(run_dir / "domino_scheme.json")
+        atomic_write_text(run_dir / "domino.json", json.dumps(scheme.to_domino(), indent=2) + "\n")
+
+    def _train(self, plan: DominoPlan, trainer: Trainer) -> tuple[DominoState, int, int]:
+        """Run the search on the pre-trained model; returns the final state, steps and epochs run."""
+        state = DominoState(plan, self.beta)
+        model = trainer.pretrained()
+        layers = _wrap(model, plan.layers, self.m)
+        thresholds = [group_thresholds(layer.weight, self.m) for layer in layers]
+        _set_masks(layers, state.n, self.m, self.gradient)
+        schedule = trainer.schedule
+        optimizer = make_optimizer(model.parameters(), schedule, self.lr or schedule.finetune_lr)
+        cross_entropy = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+        clock = {"step": 0, "epoch": 0}
+
+        def shares() -> list[float]:
+            return [
+                vote_share(layer.weight, threshold, int(n), self.m) if n > 1 else 0.0
+                for layer, threshold, n in zip(layers, thresholds, state.n, strict=True)
+            ]
+
+        def before_step(step: int) -> None:
+            clock["step"] = step
+            if step and step % self.vote_interval == 0:
+                if apply_votes(state, shares(), self.vote_fraction, step=step, epoch=clock["epoch"]):
+                    logger.info("DominoSearch reached its %s target at step %d", self.target, step)
+                    raise _TargetReached
+                _set_masks(layers, state.n, self.m, self.gradient)
+
+        def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+            loss = cross_entropy(outputs, targets)
+            if self.shrink_lambda and clock["step"] % self.shrink_interval == 0:
+                loss = loss + self.shrink_lambda * _shrink_penalty(layers, state.alphas)
+            return loss
+
+        seed_everything(self.seed)
+        epoch, step = 0, 0
+        try:
+            for epoch in range(self.max_epochs):
+                clock["epoch"] = epoch
+                batches = trainer.task.loader("train", shuffle=True, augment=True, seed=epoch_seed(self.seed, epoch))
+                stats = train_one_epoch(
+                    model,
+                    batches,
+                    optimizer,
+                    loss_fn=loss_fn,
+                    before_step=before_step,
+                    start_step=step,
+                    device=trainer.device,
+                    progress=trainer.progress,
+                    description=f"domino epoch {epoch + 1}",
+                )
+                step = stats.end_step
+        except _TargetReached:
+            return state, clock["step"], epoch + 1
+        except TrainingDivergedError as error:
+            raise TrainingDivergedError(f"DominoSearch on task {trainer.task.name!r} diverged: {error}") from None
+        logger.warning(
+            "DominoSearch: %d epochs ran out at %s %.4f (target %.4f); forcing the remaining decisions",
+            self.max_epochs,
+            self.target,
+            plan.objective(plan.curves.fraction(state.committed)),
+            self.target_value,
+        )
+        force_to_target(state, shares, step=step, epoch=self.max_epochs - 1)
+        return state, step, self.max_epochs
+
+
+def force_to_target(state: DominoState, shares: Callable[[], list[float]], *, step: int, epoch: int) -> None:
+    """Out of epochs: until the target is reached, drop the active layer with the largest vote share
+    times alpha (close to voting and under the most pressure) to its next power of two."""
+    while not state.reached:
+        current = shares()
+        candidates = [i for i in range(len(current)) if state.active[i]]
+        index = max(candidates, key=lambda i: current[i] * state.alphas[i])
+        target_n = _next_power_of_two_below(int(state.n[index]))
+        state.decrement(index, step=step, epoch=epoch, share=current[index], to=target_n)
+
+
+def _check_reachable(
+    curves: CostCurves, target_fraction: float, target: str, target_value: float, m: int, ineligible: dict[str, str]
+) -> None:
+    start = curves.fraction(np.full(len(curves.per_n), m, dtype=np.int64))
+    if start <= target_fraction * (1 + 1e-9):
+        raise DominoError(
+            f"DominoSearch target {target} {target_value} is already met with every layer at {m}:{m} "
+            f"({start:.4f} of the dense total): nothing to search"
+        )
+    best = curves.fraction(np.ones(len(curves.per_n), dtype=np.int64))
+    if best <= target_fraction * (1 + 1e-9):
+        return
+    dense = f"; {len(ineligible)} searchable layer(s) stay dense (channels not divisible by M)" if ineligible else ""
+    if target == "params":
+        reach = f"weight sparsity {target_value} is unreachable: at 1:{m} on every eligible layer it is {1 - best:.4f}"
+    else:
+        reach = (
+            f"{target} at {target_value} of the dense total is unreachable: at 1:{m} on every eligible layer "
+            f"it is still {best:.4f} of it"
+        )
+    raise UnreachableTargetError(f"DominoSearch target {reach}{dense}")
+
+
+def _cost_model_curves(
+    space: SearchSpace, names: Sequence[str], m: int, cost_model: HardwareCostModel, metric: str
+) -> CostCurves:
+    pairs = [(name, Option(weight=NMPattern(n, m))) for name in names for n in range(1, m + 1)]
+    terms, roof = cost_model.costs(space, pairs)
+    per_n = metric_columns(terms, roof)[metric].reshape(len(names), m)
+    dense_terms, dense_roof = cost_model.costs(space, [(name, DENSE) for name in space.layer_names])
+    dense = metric_columns(dense_terms, dense_roof)[metric]
+    eligible = np.isin(space.layer_names, names)
+    return CostCurves(per_n, float(dense[~eligible].sum()), float(dense.sum()))
+
+
+# -- the model ---------------------------------------------------------------------------------
+def _wrap(model: nn.Module, names: Sequence[str], m: int) -> list[SparseLayerMixin]:
+    """Wrap the eligible layers (in place); their N is set through ``MaskState.weight_nm``."""
+    modules = prunable_modules(model)
+    layers = []
+    for name in names:
+        layer = sparsify(modules[name], weight=NMPattern(1, m), name=name)
+        set_submodule(model, name, layer)
+        layers.append(layer)
+    return layers
+
+
+def _set_masks(layers: Sequence[SparseLayerMixin], ns: np.ndarray, m: int, gradient: str) -> None:
+    # Without a frozen mask, the "fixed" estimator keeps the dynamic top-N mask and masks the gradient.
+    estimator = "ste" if gradient == "ste" else "fixed"
+    for layer, n in zip(layers, ns, strict=True):
+        layer.mask_state = MaskState(estimator=estimator, weight_nm=(int(n), m))
+
+
+def _shrink_penalty(layers: Sequence[SparseLayerMixin], alphas: np.ndarray) -> Tensor:
+    """``sum_l alpha_l / 2 ||W_l * E_l||^2``: its gradient is ``alpha_l W_l * E_l`` on the kept weights."""
+    terms = [
+        0.5 * float(alpha) * (layer.weight * layer.weight_mask()).pow(2).sum()
+        for layer, alpha in zip(layers, alphas, strict=True)
+        if alpha > 0
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -1,0 +1,362 @@
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import strategies.domino as domino_module
+from evaluators import AccuracyEvaluator, CompositeEvaluator, HardwareCostModel, Trainer
+from experiments.tasks import get_task
+from experiments.tasks.synthetic import SyntheticTask
+from search_space import NMSearchError, Scheme, weight_nm_mask
+from strategies import DominoStrategy
+from strategies.domino import (
+    CostCurves,
+    DominoError,
+    DominoPlan,
+    DominoState,
+    UnreachableTargetError,
+    _check_reachable,
+    _set_masks,
+    _shrink_penalty,
+    _wrap,
+    allot_densities,
+    apply_votes,
+    domino_space,
+    force_to_target,
+    group_thresholds,
+    shrink_alphas,
+    vote_share,
+    weight_groups,
+)
+
+FAST = {"vote_interval": 4, "gradient": "masked"}  # synthetic: 8 steps per epoch
+
+
+@dataclass(frozen=True)
+class NarrowHeadTask(SyntheticTask):
+    """The synthetic data with a head of 12 input features: searchable at M=4, not at M=8 or 16."""
+
+    name: ClassVar[str] = "synthetic_narrow_head"
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 12, 3, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(12, 4),
+        )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The models here are tiny: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def synthetic(cache_dir: Path) -> AccuracyEvaluator:
+    return AccuracyEvaluator(Trainer(get_task("synthetic"), cache_dir=cache_dir, progress=False))
+
+
+@pytest.fixture(scope="module")
+def narrow(cache_dir: Path) -> AccuracyEvaluator:
+    return AccuracyEvaluator(Trainer(NarrowHeadTask(), cache_dir=cache_dir, progress=False))
+
+
+def hand_plan(per_n: list[list[float]], target_fraction: float, fixed: float = 0.0) -> DominoPlan:
+    """A plan over layers "a", "b", ... with the given cost per N (1..M), no model needed."""
+    costs = np.array(per_n, dtype=float)
+    names = tuple("abcdefgh"[: len(costs)])
+    curves = CostCurves(costs, fixed, fixed + float(costs[:, -1].sum()))
+    return DominoPlan(
+        m=costs.shape[1],
+        target="macs",
+        target_value=target_fraction,
+        layers=names,
+        ineligible={},
+        curves=curves,
+        target_fraction=target_fraction,
+        allotted=costs[:, 0].copy(),
+    )
+
+
+def linear_plan(weights: list[int], m: int, target_fraction: float) -> DominoPlan:
+    return hand_plan([[w * n / m for n in range(1, m + 1)] for w in weights], target_fraction)
+
+
+# -- the pure pieces ---------------------------------------------------------------------------
+def test_groups_run_along_input_channels_like_the_masks() -> None:
+    weight = torch.randn(2, 16, 3, 3)
+    groups = weight_groups(weight, 8)
+    assert groups.shape == (2 * 3 * 3 * 2, 8)
+    # group k is 8 consecutive input channels at a fixed (cout, r, s)
+    assert torch.equal(groups[((1 * 3 + 2) * 3 + 0) * 2 + 1], weight[1, 8:16, 2, 0])
+    kept = weight_groups(weight_nm_mask(weight, 2, 8).float(), 8)
+    assert torch.equal(kept.sum(1), torch.full((36,), 2.0))
+    top2 = groups.abs().topk(2, dim=1).indices
+    assert torch.equal(kept.gather(1, top2), torch.ones(36, 2))
+
+
+def test_threshold_is_the_mean_of_the_half_smallest_magnitudes() -> None:
+    values = torch.arange(1.0, 17.0) * torch.tensor([1.0, -1.0]).repeat(8)
+    row = values[torch.randperm(16)]
+    assert group_thresholds(row.view(1, 16), 16).tolist() == [4.5]  # mean of 1..8
+    assert group_thresholds(row.view(1, 16), 8).tolist() == pytest.approx(
+        [row[:8].abs().sort().values[:4].mean().item(), row[8:].abs().sort().values[:4].mean().item()]
+    )
+
+
+def test_vote_share_counts_groups_with_fewer_than_n_entries_above_threshold() -> None:
+    thresholds = torch.ones(4)
+    weight = torch.zeros(4, 8)
+    for group, above in enumerate([1, 2, 3, 4]):  # entries above the threshold, per group
+        weight[group, :above] = -2.0
+    assert vote_share(weight, thresholds, 2, 8) == 0.25
+    assert vote_share(weight, thresholds, 4, 8) == 0.75
+    assert vote_share(weight, thresholds, 5, 8) == 1.0
+    assert vote_share(weight + 1.0 * (weight == 0), thresholds, 2, 8) == 0.25  # equal to it is not above
+
+
+def test_a_vote_fires_at_75_percent_of_the_groups() -> None:
+    state = DominoState(linear_plan([64, 64], 4, 0.25), beta=0.5)
+    assert not apply_votes(state, [0.75, 0.7499], 0.75, step=10, epoch=0)
+    assert state.n.tolist() == [3, 4]
+    assert state.log()[["step", "layer", "n", "vote_share"]].values.tolist() == [[10, "a", 3, 0.75]]
+
+
+def test_n_is_committed_only_at_powers_of_two() -> None:
+    state = DominoState(linear_plan([160], 16, 1 / 16), beta=0.5)
+    committed = []
+    for step in range(15):
+        state.decrement(0, step=step, epoch=0, share=1.0)
+        committed.append(int(state.committed[0]))
+    assert committed == [16] * 7 + [8] * 4 + [4] * 2 + [2, 1]
+    log = state.log()
+    assert log.loc[log.committed, "n"].tolist() == [8, 4, 2, 1]
+    assert [c.tolist() for c in state.commits] == [[8], [4], [2], [1]]
+    # the objective follows the committed N only: 10 kept weights of 160 at N=1
+    assert log["total"].tolist()[:8] == [160.0] * 7 + [80.0]
+    assert log["total"].iloc[-1] == 10.0
+
+
+def test_alphas_mix_remaining_budget_and_cost_share() -> None:
+    cost, allotted = np.array([6.0, 2.0, 2.0]), np.array([1.0, 1.0, 3.0])
+    alphas = shrink_alphas(cost, allotted, np.array([True, True, True]), beta=0.5)
+    # cost share (0.6, 0.2, 0.2); share of the cost above the allotment (5/6, 1/6, 0)
+    assert alphas == pytest.approx(3 * (0.5 * np.array([5 / 6, 1 / 6, 0]) + 0.5 * np.array([0.6, 0.2, 0.2])))
+    assert alphas.mean() == pytest.approx(1.0)
+    assert shrink_alphas(cost, allotted, np.array([True, True, True]), beta=0.0) == pytest.approx([1.8, 0.6, 0.6])
+    finished = shrink_alphas(cost, allotted, np.array([True, False, True]), beta=1.0)
+    assert finished == pytest.approx([2.0, 0.0, 0.0])  # only layer 0 is above its allotment
+    nobody_above = shrink_alphas(cost, cost, np.array([True, True, True]), beta=1.0)
+    assert nobody_above == pytest.approx([1.8, 0.6, 0.6])  # falls back to the cost share
+
+
+def test_every_decision_rebalances_all_layers() -> None:
+    state = DominoState(linear_plan([80, 80], 8, 0.2), beta=0.5)
+    assert state.alphas == pytest.approx([1.0, 1.0])
+    for step in range(4):  # layer a: 8 -> 4, committed
+        state.decrement(0, step=step, epoch=0, share=1.0)
+    # a now holds 40 of 120 kept weights and 30 of the 100 above the N=1 allotment
+    expected = 2 * (0.5 * np.array([30, 70]) / 100 + 0.5 * np.array([40, 80]) / 120)
+    assert state.alphas == pytest.approx(expected)
+    assert state.alphas[0] < 1.0 < state.alphas[1]
+
+
+def test_erk_allotment_meets_the_budget_and_caps_densities() -> None:
+    scores, costs = np.array([1.0, 2.0, 4.0]), np.array([100.0, 100.0, 100.0])
+    densities = allot_densities(scores, costs, 150.0, 1 / 8)
+    assert densities @ costs == pytest.approx(150.0)
+    assert densities / scores == pytest.approx(np.full(3, densities[0]))  # proportional to the scores
+    assert allot_densities(scores, costs, 250.0, 1 / 8) == pytest.approx([0.5, 1.0, 1.0])
+    assert allot_densities(scores, costs, 37.5, 1 / 8) == pytest.approx([1 / 8] * 3)
+
+
+def test_search_stops_exactly_when_the_target_is_reached() -> None:
+    state = DominoState(hand_plan([[50, 100], [50, 100]], 0.75), beta=0.5)
+    assert apply_votes(state, [0.9, 1.0], 0.75, step=7, epoch=0)
+    assert state.n.tolist() == [2, 1]  # the strongest vote went first and reached the target
+    assert state.reached and len(state.decisions) == 1
+    with pytest.raises(DominoError, match="already reached"):
+        state.decrement(0, step=8, epoch=0, share=1.0)
+
+
+def test_forced_decisions_go_to_the_layer_closest_to_voting_under_the_most_pressure() -> None:
+    state = DominoState(hand_plan([[1, 2], [50, 100]], 0.6), beta=0.5)
+    force_to_target(state, lambda: [0.9, 0.5], step=99, epoch=3)  # "a" votes more but holds 2% of the cost
+    assert state.log()[["step", "layer", "n", "forced", "committed"]].values.tolist() == [[99, "b", 1, True, True]]
+    assert state.reached
+
+
+def test_shrink_gradient_is_alpha_times_the_kept_weights_only() -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
+    layers = _wrap(model, ["0", "2"], 4)
+    _set_masks(layers, np.array([2, 3]), 4, "ste")
+    model(torch.randn(3, 8))  # the forward computes the current top-N masks
+    first, second = layers
+    penalty = _shrink_penalty(layers, np.array([0.7, 0.0]))  # the second layer has finished
+    penalty.backward()
+    weight = first.weight.detach()
+    kept = weight_nm_mask(weight, 2, 4)
+    assert torch.allclose(first.weight.grad, 0.7 * weight * kept)
+    assert penalty.item() == pytest.approx(0.35 * float(weight[kept].pow(2).sum()))
+    assert second.weight.grad is None
+
+
+# -- planning and bad input --------------------------------------------------------------------
+def test_unreachable_target_is_one_line_before_training(tmp_path: Path) -> None:
+    evaluator = AccuracyEvaluator(Trainer(NarrowHeadTask(), cache_dir=tmp_path, progress=False))
+    strategy = DominoStrategy(m=8, target="params", target_value=0.9)
+    with pytest.raises(UnreachableTargetError) as error:
+        strategy.search(evaluator.space, evaluator)
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, NMSearchError)
+    weights = 16 * 12 * 9
+    best = weights * 7 / 8 / (weights + 48)  # the 12-feature head stays dense
+    assert f"at 1:8 on every eligible layer it is {best:.4f}" in message
+    assert "1 searchable layer(s) stay dense" in message
+    assert not list(tmp_path.rglob("*.pt"))  # nothing was trained
+
+
+def test_a_target_the_dense_model_already_meets_is_refused() -> None:
+    curves = CostCurves(np.array([[1.0, 2.0], [1.0, 1.5]]), 0.0, 4.0)  # at N=M: 3.5 of the dense 4
+    with pytest.raises(DominoError, match=r"latency_ms 0.9 is already met with every layer at 2:2 \(0.8750"):
+        _check_reachable(curves, 0.9, "latency_ms", 0.9, 2, {})
+    _check_reachable(curves, 0.8, "latency_ms", 0.8, 2, {})  # reachable: 2 of 4 at N=1
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"target": "flops"}, "unknown target 'flops'"),
+        ({"target_value": 1.2}, r"target_value for 'params' is a sparsity in \(0, 1\)"),
+        ({"target": "macs", "target_value": 0.0}, "a fraction of the dense total"),
+        ({"gradient": "srste"}, "gradient must be one of ste, masked"),
+        ({"vote_interval": 0}, "vote_interval must be >= 1"),
+        ({"m": 64}, "M must be at most 32"),
+        ({"target": "latency_ms", "target_value": 0.5}, "needs a hardware cost model: set hardware="),
+    ],
+)
+def test_bad_configuration(synthetic: AccuracyEvaluator, config: dict, message: str) -> None:
+    with pytest.raises(NMSearchError, match=message):
+        DominoStrategy(**config).plan(synthetic.space, synthetic)
+
+
+def test_latency_the_layers_cannot_shed_is_unreachable(synthetic: AccuracyEvaluator) -> None:
+    strategy = DominoStrategy(target="latency_ms", target_value=0.5, hardware="a100")
+    with pytest.raises(UnreachableTargetError, match=r"latency_ms at 0.5 of the dense total is unreachable"):
+        strategy.plan(synthetic.space)
+
+
+def test_cost_model_curves_come_from_the_hardware_model(synthetic: AccuracyEvaluator) -> None:
+    space = synthetic.space
+    plan = DominoStrategy(m=8, target="bytes_mb", target_value=0.9, hardware="a100", batch_size=4).plan(space)
+    cost_model = HardwareCostModel.from_profile("a100", batch_size=4)
+    wide = domino_space(space, 8)
+    for n in (1, 2, 5):
+        report = cost_model.evaluate(wide, Scheme.uniform(wide, "weights", n, 8))
+        per_layer = report.layers.set_index("layer")["bytes_mb"]
+        assert plan.curves.per_n[:, n - 1] == pytest.approx(per_layer[list(plan.layers)].to_numpy())
+        assert plan.curves.total(np.full(len(plan.layers), n)) == pytest.approx(report.totals["bytes_mb"])
+    assert plan.curves.dense_total == pytest.approx(report.dense_totals["bytes_mb"])
+    assert plan.allotted == pytest.approx(plan.curves.per_n[:, 0])  # remaining = what N=1 would still save
+    assert plan.hardware == "A100-SXM-80GB"
+
+
+# -- end to end --------------------------------------------------------------------------------
+def test_search_on_synthetic_writes_scheme_and_decision_log(synthetic: AccuracyEvaluator, tmp_path: Path) -> None:
+    space = synthetic.space
+    result = DominoStrategy(m=8, target="params", target_value=0.5, **FAST).search(space, synthetic, run_dir=tmp_path)
+    assert result.strategy == "domino" and result.trials["state"].tolist() == ["COMPLETE"]
+    assert 0 < result.trials["accuracy"].iloc[0] <= 1
+    scheme = result.schemes[result.metadata["final_trial"]]
+    assert scheme.fingerprint == space.fingerprint
+    assert scheme["features.0"].target == "dense"  # not searchable: stays dense
+    domino = scheme.to_domino()
+    assert domino == result.metadata["domino"] and set(domino) <= set(space.searchable)  # N=M is dense: unlisted
+    assert all(m == 8 and n & (n - 1) == 0 for n, m in domino.values())
+
+    weights = {name: np.prod(space.info(name).weight_shape) for name in space.searchable}
+    kept = sum(weights[name] * domino.get(name, [8, 8])[0] / 8 for name in weights)
+    sparsity = 1 - kept / sum(weights.values())
+    assert result.metadata["objective"] == pytest.approx(sparsity) and sparsity >= 0.5
+
+    log = result.tables["domino_log"]
+    assert list(log.columns[:4]) == ["step", "epoch", "layer", "n"]
+    assert log["committed"].iloc[-1] and log["objective"].iloc[-1] == pytest.approx(sparsity)
+    assert (log["objective"].iloc[:-1] < 0.5).all()  # no decision after the target was reached
+    assert log["step"].iloc[-1] == result.metadata["steps"] and not log["forced"].any()
+    for _, decisions in log.groupby("layer"):
+        assert (decisions["n"].diff().dropna() == -1).all()  # one step of N per decision
+
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "domino_log.csv"), log, check_dtype=False)
+    saved = Scheme.load(tmp_path / "domino_scheme.json")
+    assert saved == scheme and saved.metrics["domino_params"] == pytest.approx(sparsity)
+    assert json.loads((tmp_path / "domino.json").read_text()) == domino
+    assert Scheme.from_domino(domino) == Scheme.from_choices({n: o for n, o in scheme if o.weight})
+
+
+def test_layers_m_does_not_divide_stay_dense_and_are_reported(
+    narrow: AccuracyEvaluator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def counted(weight: torch.Tensor, m: int) -> torch.Tensor:
+        calls.append(weight.shape)
+        return group_thresholds(weight, m)
+
+    monkeypatch.setattr(domino_module, "group_thresholds", counted)
+    result = DominoStrategy(m=8, target="params", target_value=0.5, **FAST).search(narrow.space, narrow)
+    assert len(calls) == 1 and result.metadata["steps"] > 4  # set once, from the dense weights of layer "3"
+    assert "leaves layer '8' dense: 12 grouped input channels are not divisible by M=8" in caplog.text
+    assert result.metadata["ineligible_layers"] == {"8": "12 grouped input channels are not divisible by M=8"}
+    scheme = result.schemes[result.metadata["final_trial"]]
+    assert scheme["8"].target == "dense" and scheme["3"].weight.m == 8
+    assert "8" not in set(result.tables["domino_log"]["layer"])
+
+
+def test_out_of_epochs_forces_the_remaining_decisions(synthetic: AccuracyEvaluator) -> None:
+    strategy = DominoStrategy(m=8, target="params", target_value=0.8, shrink_lambda=0.0, max_epochs=1, **FAST)
+    result = strategy.search(synthetic.space, synthetic)
+    log = result.tables["domino_log"]
+    assert log["forced"].any() and result.metadata["forced_decisions"] == int(log["forced"].sum())
+    assert log.loc[log.forced, "committed"].all()  # forced decisions jump to the next power of two
+    assert result.metadata["objective"] >= 0.8 and result.metadata["epochs"] == 1
+
+
+def test_cost_model_target_through_a_composite_evaluator(cache_dir: Path) -> None:
+    evaluator = CompositeEvaluator.for_task(get_task("synthetic"), "a100", batch_size=4, cache_dir=cache_dir)
+    accuracy, cost = evaluator.parts
+    probe = DominoStrategy(m=8, target="bytes_mb", target_value=0.99).plan(accuracy.space, evaluator)
+    best = probe.curves.fraction(np.ones(len(probe.layers), dtype=np.int64))
+    target = (best + 1) / 2
+    strategy = DominoStrategy(m=8, target="bytes_mb", target_value=target, score_intermediate=True, **FAST)
+    result = strategy.search(accuracy.space, evaluator)
+    assert result.metadata["hardware"] == "A100-SXM-80GB" == result.schemes[0].hardware
+    trials = result.trials
+    assert len(trials) == len(result.tables["domino_log"].query("committed"))  # every commit is scored
+    assert (trials["state"] == "COMPLETE").all() and trials["accuracy"].notna().all()
+    dense_bytes = cost.evaluate(Scheme.dense(accuracy.space)).values["bytes_mb"]
+    fractions = trials["bytes_mb"] / dense_bytes
+    assert fractions.iloc[-1] <= target + 1e-9 and (fractions.iloc[:-1] > target).all()
+    assert result.metadata["fraction"] == pytest.approx(fractions.iloc[-1])

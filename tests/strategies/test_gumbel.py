@@ -1,0 +1,220 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import strategies.gumbel as gumbel_module
+from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer
+from experiments.tasks import get_task
+from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
+from strategies import SearchResult
+from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
+
+
+def test_temperature_schedules() -> None:
+    assert temperature(0, 10, 5.0, 0.956, "exponential", 0.5) == 5.0
+    assert temperature(3, 10, 5.0, 0.956, "exponential", 0.5) == pytest.approx(5.0 * 0.956**3)
+    assert temperature(0, 10, 5.0, 0.956, "linear", 0.5) == 5.0
+    assert temperature(9, 10, 5.0, 0.956, "linear", 0.5) == pytest.approx(0.5)
+    assert temperature(3, 10, 5.0, 0.956, "linear", 0.5) == pytest.approx(5.0 - 4.5 * 3 / 9)
+
+
+def test_architecture_loss_forms() -> None:
+    ce, ratio = torch.tensor(0.5), torch.tensor(0.6, requires_grad=True)
+    kwargs = {"alpha": 0.2, "beta": 0.6, "budget_weight": 10.0}
+
+    def value(form: str, setting: float) -> float:
+        return architecture_loss(ce, ratio, form, setting, **kwargs).item()
+
+    assert value("additive", 2.0) == pytest.approx(0.5 + 1.2)
+    assert value("fbnet", 0.0) == pytest.approx(0.5 * 0.2 * math.log(60) ** 0.6)
+    assert value("budget", 0.7) == pytest.approx(0.5)  # under budget
+    assert value("budget", 0.5) == pytest.approx(0.5 + 10 * 0.01)
+    architecture_loss(ce, ratio, "additive", 2.0, **kwargs).backward()
+    assert float(ratio.grad) == pytest.approx(2.0)
+
+
+def _layer(module: nn.Module, options: list[str]) -> GumbelLayer:
+    logits = torch.zeros(len(options), requires_grad=True)
+    return GumbelLayer(sparsify(module, name="l"), [Option.parse(o) for o in options], logits)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 5, 5)),
+                                        (lambda: nn.Linear(16, 8), (3, 16))])  # fmt: skip
+def test_a_sampled_option_computes_exactly_that_option(make, shape, monkeypatch) -> None:
+    options = ["dense", "w2:4", "w1:8", "a2:4", "w2:4+a2:4", "a1:8"]
+    module = make()
+    layer = _layer(module, options)
+    x = torch.randn(shape)
+    for index, name in enumerate(options):
+        gates = torch.nn.functional.one_hot(torch.tensor(index), len(options)).float()
+        monkeypatch.setattr(layer, "sample", lambda gates=gates: gates)
+        option = Option.parse(name)
+        expected = sparsify(module, option.weight, option.activation, name="l")
+        expected.mask_state = expected.mask_state.__class__(estimator="ste")
+        torch.testing.assert_close(layer(x), expected(x))
+
+
+def test_one_gemm_per_active_activation_group_and_logits_outside_parameters(monkeypatch) -> None:
+    options = ["dense", "w2:4", "w1:4", "w2:8", "a2:4", "w2:4+a2:4", "a1:4", "a2:8"]
+    layer = _layer(nn.Conv2d(16, 8, 3), options)
+    assert len(layer.groups) == 4  # dense, a2:4, a1:4, a2:8 activation choices
+    assert all(p is not layer.logits for p in layer.parameters())
+    calls = []
+    original = GumbelLayer._gemm
+    monkeypatch.setattr(GumbelLayer, "_gemm", lambda self, x, w: calls.append(1) or original(self, x, w))
+    x = torch.randn(2, 16, 6, 6)
+    layer.active_groups = None
+    layer(x)
+    assert len(calls) == 4  # all groups, never one per option (8)
+    calls.clear()
+    layer.active_groups = 2
+    layer(x)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("chosen", [1, 2])
+def test_gradients_reach_every_logit_and_only_the_sampled_path_trains_the_weights(chosen, monkeypatch) -> None:
+    options = ["dense", "w2:4", "a2:4", "w1:8+a1:8"]
+    conv = nn.Conv2d(16, 8, 3)
+    layer = _layer(conv, options)
+    layer.active_groups = None
+
+    def straight_through() -> torch.Tensor:  # hard one-hot forward, softmax gradient (as gumbel_softmax)
+        soft = layer.logits.softmax(-1)
+        hard = torch.nn.functional.one_hot(torch.tensor(chosen), len(options)).float()
+        return hard + soft - soft.detach()
+
+    monkeypatch.setattr(layer, "sample", straight_through)
+    x = torch.randn(2, 16, 6, 6)
+    layer(x).pow(2).sum().backward()
+    assert (layer.logits.grad != 0).all()  # every option's logit learns, not only the sampled one
+    reference = nn.Conv2d(16, 8, 3)
+    reference.load_state_dict(conv.state_dict())
+    option = Option.parse(options[chosen])
+    sparse = sparsify(reference, option.weight, option.activation, name="r")
+    sparse.mask_state = sparse.mask_state.__class__(estimator="ste")
+    sparse(x).pow(2).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad)  # STE through the sampled option only
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    # batch 8: 32 training batches per epoch, so 6 architecture steps per epoch
+    trainer = Trainer(get_task("synthetic", schedule={"batch_size": 8}), cache_dir=cache, progress=False)
+    accuracy = AccuracyEvaluator(trainer)
+    cost = CostEvaluator(accuracy.space, HardwareCostModel.from_profile("a100"), metrics=("bytes_mb",))
+    return accuracy.space, CompositeEvaluator(accuracy, cost)
+
+
+def test_search_sweeps_lambda_and_returns_scored_schemes(synthetic, tmp_path: Path) -> None:
+    space, evaluator = synthetic
+    strategy = GumbelStrategy(epochs=4, lambdas=(0.0, 5.0), arch_lr=0.1, cost_metric="bytes_mb", samples=2)
+    result = strategy.search(space, evaluator, run_dir=tmp_path)
+    assert set(result.trials["info.setting"]) == {0.0, 5.0}
+    assert set(result.trials["info.pick"]) >= {"argmax"}
+    assert {"accuracy", "bytes_mb"} <= set(result.trials.columns)
+    log = result.tables["gumbel_log"]
+    assert list(log.groupby("setting").size()) == [4, 4]
+    assert log.loc[log.epoch == 0, "arch_loss"].isna().all()  # warm-up epoch trains weights only
+    assert log["tau"].iloc[1] == pytest.approx(5.0 * 0.956)
+    final = log[log.epoch == 3].set_index("setting")["expected_cost_ratio"]
+    assert final[5.0] < final[0.0] - 0.05  # a cost weight pulls the architecture to cheaper options
+    probs = result.tables["gumbel_probs"]
+    assert probs.groupby(["setting", "epoch", "layer"])["probability"].sum().round(6).eq(1.0).all()
+    result.save(tmp_path / "out")
+    assert SearchResult.load(tmp_path / "out").tables["gumbel_log"].shape == log.shape
+
+
+def test_interrupted_search_resumes_from_its_last_epoch(synthetic, tmp_path: Path, monkeypatch) -> None:
+    space, evaluator = synthetic
+    strategy = GumbelStrategy(epochs=3, lambdas=(1.0,), arch_lr=0.1, cost_metric="bytes_mb", warmup_fraction=0.0)
+    clean = strategy.search(space, evaluator).tables["gumbel_probs"]
+
+    original, calls = gumbel_module.train_one_epoch, []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # epochs 0 and 1 (weights + logits) finished and checkpointed
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gumbel_module, "train_one_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.search(space, evaluator, run_dir=tmp_path)
+    monkeypatch.setattr(gumbel_module, "train_one_epoch", original)
+    calls.clear()
+    counting = []
+    monkeypatch.setattr(gumbel_module, "train_one_epoch", lambda *a, **k: counting.append(1) or original(*a, **k))
+    resumed = strategy.search(space, evaluator, run_dir=tmp_path).tables["gumbel_probs"]
+    assert len(counting) == 2  # only epoch 2 ran again
+    torch.testing.assert_close(
+        torch.tensor(resumed["probability"].to_numpy()), torch.tensor(clean["probability"].to_numpy())
+    )
+
+
+def test_bad_input_fails_before_training(synthetic) -> None:
+    space, evaluator = synthetic
+    with pytest.raises(NMSearchError, match="lambdas must be >= 0"):
+        GumbelStrategy(lambdas=(1.0, -0.5)).search(space, evaluator)
+    with pytest.raises(NMSearchError, match=r"budget 0\.05 of dense bytes_mb is below what the space can reach"):
+        GumbelStrategy(loss="budget", budgets=(0.05,), cost_metric="bytes_mb").search(space, evaluator)
+    with pytest.raises(NMSearchError, match="needs budgets"):
+        GumbelStrategy(loss="budget").search(space, evaluator)
+    with pytest.raises(NMSearchError, match="estimator ste or srste and no decay"):
+        GumbelStrategy(recipe=RecipeConfig(estimator="ste", decay="mask")).search(space, evaluator)
+    with pytest.raises(NMSearchError, match=r"gumbel\.loss"):
+        GumbelStrategy(loss="proxyless").search(space, evaluator)
+    dense_only = SearchSpace.from_model(get_task("synthetic").build_model(), get_task("synthetic").example_inputs(),
+                                        include=["nothing"])  # fmt: skip
+    with pytest.raises(NMSearchError, match="no layer with a choice"):
+        GumbelStrategy().search(dense_only, evaluator)
+    with pytest.raises(NMSearchError, match="must include an AccuracyEvaluator"):
+        GumbelStrategy().search(space, evaluator.parts[1])
+
+
+def test_supernet_replaces_only_searchable_layers(synthetic) -> None:
+    space, _ = synthetic
+    model = get_task("synthetic").build_model()
+    logits = {n: torch.zeros(len(space.options[n]), requires_grad=True) for n in space.searchable}
+    layers = build_supernet(model, space, logits)
+    assert set(layers) == set(space.searchable)
+    assert not any(any(p is logit for logit in logits.values()) for p in model.parameters())
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_row_options_mask_output_positions_like_the_row_masked_layer(monkeypatch) -> None:
+    options = ["dense", "r0.3", "w2:4+r0.3", "a2:4"]
+    module = nn.Conv2d(16, 8, 3, padding=1)
+    layer = _layer(module, options)
+    x = torch.randn(2, 16, 6, 6)
+    for index, name in enumerate(options):
+        gates = torch.nn.functional.one_hot(torch.tensor(index), len(options)).float()
+        monkeypatch.setattr(layer, "sample", lambda gates=gates: gates)
+        option = Option.parse(name)
+        expected = sparsify(module, option.weight, option.activation, name="l")
+        expected.row_scores = layer.layer.row_scores
+        expected.mask_state = expected.mask_state.__class__(estimator="ste")
+        out = layer(x)
+        torch.testing.assert_close(out, expected(x))
+        if option.rows:  # 30% of the 36 output positions are zero in every channel, bias included
+            assert int((out == 0).all(dim=(0, 1)).sum()) == round(0.3 * 36)
+
+
+def test_search_over_a_space_with_row_options(synthetic, tmp_path: Path) -> None:
+    _, evaluator = synthetic
+    trainer = evaluator.parts[0].trainer
+    rows_space = SearchSpace.from_model(
+        trainer.fresh_model(), trainer.task.example_inputs(), targets=("weights", "rows"), ratios=["2:4"]
+    )
+    accuracy = AccuracyEvaluator(trainer, rows_space)
+    cost = CostEvaluator(rows_space, HardwareCostModel.from_profile("orin", batch_size=1), metrics=("latency_ms",))
+    strategy = GumbelStrategy(epochs=2, lambdas=(1.0,), arch_lr=0.1, cost_metric="latency_ms")
+    result = strategy.search(rows_space, CompositeEvaluator(accuracy, cost), run_dir=tmp_path)
+    assert result.trials["state"].eq("COMPLETE").all()
+    probs = result.tables["gumbel_probs"]
+    assert probs["option"].str.contains("r0.").any()
