@@ -1,6 +1,6 @@
 """Row-skipping convolution (semi-structured activation sparsity) against torch's dense conv2d on this CPU.
 
-    python benchmarks/rows.py [--rounds 30] [--threads N] [--max-load 1.2] [--csv-dir docs]
+    python benchmarks/rows.py [--rounds 30] [--runs 1] [--threads N] [--max-load 1.2] [--csv-dir docs]
 
 1. Layers: the 3x3 and 1x1 convs of ResNet-18 at ImageNet (224²) and CIFAR (32²) resolution,
    batch 1. Dense ``F.conv2d`` in NCHW and in channels-last, and :class:`RowSkippingConv2d` with
@@ -13,9 +13,11 @@
    of that and the dense conv with the skipped rows zeroed, timed on its first call).
 
 Each round runs every variant of a layer (or network) back to back, a few calls each; times are
-medians over rounds, ratios are medians (and quartiles) of the per-round ratios. Before timing, every variant's
-output is checked against the row-masked dense convolution. The script waits (up to
-``--wait-s``) for the 1-minute load average to drop below ``--max-load`` and prints the load.
+medians over rounds, ratios are medians (and quartiles) of the per-round ratios. Before timing,
+every variant's output is checked against the row-masked dense convolution. Each of ``--runs``
+runs waits (up to ``--wait-s``) for the 1-minute load average to drop below ``--max-load`` and
+prints the load; with several runs, a summary gives the median over runs and their range, and
+the CSVs hold every run (column ``run``).
 """
 
 from __future__ import annotations
@@ -235,30 +237,53 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
+def summary(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys``: the median over runs of the speedup (and its fraction of the ideal) and its range."""
+    grouped = table.groupby(keys, sort=False)
+    result = grouped.agg(
+        speedup=("speedup", "median"),
+        speedup_min=("speedup", "min"),
+        speedup_max=("speedup", "max"),
+        ideal=("ideal", "first"),
+    )
+    result["of_ideal"] = result["speedup"] / result["ideal"]
+    return result.reset_index()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=1, help="repeat everything (each run waits for a low load)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-load", type=float, default=1.2)
     parser.add_argument("--wait-s", type=float, default=1800)
-    parser.add_argument("--csv-dir", type=Path, help="write rows_layers.csv and rows_network.csv here")
+    parser.add_argument("--csv-dir", type=Path, help="write rows_layers.csv and rows_network.csv here (every run)")
     parser.add_argument("--skip-layers", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    wait_for_load(args.max_load, args.wait_s)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     pd.set_option("display.width", 200)
-    tables = {}
-    if not args.skip_layers:
-        tables["rows_layers"] = layer_table(args.rounds)
-        print(tables["rows_layers"].to_markdown(index=False, floatfmt=".3f"))
-    tables["rows_network"] = network_table(args.rounds)
-    print(tables["rows_network"].to_markdown(index=False, floatfmt=".3f"))
-    print(f"load average at end: {os.getloadavg()}")
+    tables: dict[str, list[pd.DataFrame]] = {"rows_layers": [], "rows_network": []}
+    for run in range(1, args.runs + 1):
+        torch.manual_seed(0)
+        wait_for_load(args.max_load, args.wait_s)
+        print(f"run {run}: torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+        if not args.skip_layers:
+            tables["rows_layers"].append(layer_table(args.rounds).assign(run=run))
+            print(tables["rows_layers"][-1].to_markdown(index=False, floatfmt=".3f"))
+        tables["rows_network"].append(network_table(args.rounds).assign(run=run))
+        print(tables["rows_network"][-1].to_markdown(index=False, floatfmt=".3f"))
+        print(f"load average at end of run {run}: {os.getloadavg()}")
+    merged = {name: pd.concat(runs, ignore_index=True) for name, runs in tables.items() if runs}
+    if args.runs > 1:
+        print(f"medians over {args.runs} runs (min and max of the run medians):")
+        if "rows_layers" in merged:
+            print(
+                summary(merged["rows_layers"], ["layer", "shape", "sparsity"]).to_markdown(index=False, floatfmt=".3f")
+            )
+        print(summary(merged["rows_network"], ["network", "path", "sparsity"]).to_markdown(index=False, floatfmt=".3f"))
     if args.csv_dir:
-        for name, table in tables.items():
+        for name, table in merged.items():
             table.to_csv(args.csv_dir / f"{name}.csv", index=False)
 
 

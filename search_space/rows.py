@@ -269,10 +269,18 @@ class _RowPlan:
     padded: Tensor  # (B, Hp, Wp, C), zero border
     columns: Tensor  # (rows * taps, C): the kept im2col rows
     products: Tensor | None  # (groups, rows, Cout / groups), grouped convs only
-    results: Tensor  # (rows + 1, Cout): the GEMM's rows and a last row of zeros
+    results: Tensor  # grouped convs: (rows + 1, Cout), the GEMMs' rows and a last row of zeros
     keep: Tensor  # (Ho, Wo) in the input's dtype: 1 kept, 0 skipped (the masked dense path)
     dense: bool = False  # run the masked dense conv for this shape (path "dense", or "auto" found it faster)
     weight: Tensor | None = None  # (Cout, C/g, kh, kw) channels-last, for the masked dense conv
+    # Views made once, so a call runs few ops (their dispatch costs count on small layers):
+    interior: Tensor | None = None  # padded[:, top : top + H, left : left + W]
+    kept_results: Tensor | None = None  # results[:rows], grouped convs
+    # groups == 1: the im2col rows and one more row of zeros, as (rows + 1, kh kw C): the GEMM's
+    # last output row is zero (bias aside), the one skipped positions copy
+    gemm_columns: Tensor | None = None
+    gemm_matrix: Tensor | None = None  # matrix[0], groups == 1
+    gemm_bias: Tensor | None = None  # bias[0], groups == 1
 
 
 def row_gather_indices(
@@ -408,7 +416,7 @@ class RowSkippingConv2d(nn.Module):
         padded_size = (height + top + bottom, width + left + right)
         gather, scatter = row_gather_indices(keep, batch, padded_size, self.kernel_size, self.stride, self.dilation)
         groups, _, cout_per_group = self.matrix.shape
-        rows = scatter.numel()
+        rows, taps = scatter.numel(), self.kernel_size[0] * self.kernel_size[1]
         source = torch.full((batch * keep.numel(),), rows, dtype=torch.long)
         source[scatter] = torch.arange(rows)
         options = {"dtype": x.dtype, "device": x.device}
@@ -419,16 +427,24 @@ class RowSkippingConv2d(nn.Module):
             scatter=scatter.to(x.device),
             source=source.to(x.device),
             padded=torch.zeros(batch, *padded_size, self.in_channels, **options),
-            columns=torch.empty(gather.numel(), self.in_channels, **options),
+            columns=torch.zeros(gather.numel() + (taps if groups == 1 else 0), self.in_channels, **options),
             products=torch.empty(groups, rows, cout_per_group, **options) if groups > 1 else None,
-            results=torch.zeros(rows + 1, self.out_channels, **options),
+            results=torch.zeros(rows + 1 if groups > 1 else 0, self.out_channels, **options),
             keep=keep.to(**options),
             dense=self.path == "dense",
             weight=None if self.path == "rows" else self.dense_weight().contiguous(memory_format=torch.channels_last),
         )
+        plan = self._plan
+        plan.interior = plan.padded[:, top : top + height, left : left + width]
+        plan.kept_results = plan.results[:rows]
+        if groups == 1:
+            plan.gemm_columns = plan.columns.view(rows + 1, -1)
+            plan.columns = plan.columns[: gather.numel()]  # what the gather writes
+            plan.gemm_matrix = self.matrix[0]
+            plan.gemm_bias = None if self.bias is None else self.bias[0]
         if self.path == "auto":
-            self._plan.dense = self._dense_is_faster(x, self._plan)
-        return self._plan
+            plan.dense = self._dense_is_faster(x, plan)
+        return plan
 
     def _dense_is_faster(self, x: Tensor, plan: _RowPlan) -> bool:
         """Time both paths on ``x`` (interleaved, after a warm-up call each); medians decide."""
@@ -471,25 +487,25 @@ class RowSkippingConv2d(nn.Module):
         return out.mul_(plan.keep)
 
     def _skip_rows(self, x: Tensor, plan: _RowPlan) -> Tensor:
-        batch, channels, height, width = x.shape
-        left, _, top, _ = self.padding
+        batch, channels, _, _ = x.shape
         source = x.permute(0, 2, 3, 1)
         if not any(self.padding) and source.is_contiguous():  # channels-last input, no border: read it in place
             flat = source.reshape(-1, channels)
         else:
-            plan.padded[:, top : top + height, left : left + width].copy_(source)
+            plan.interior.copy_(source)
             flat = plan.padded.view(-1, channels)
         torch.index_select(flat, 0, plan.gather, out=plan.columns)
-        groups, k_per_group, _ = self.matrix.shape
-        rows = plan.scatter.numel()
-        results = plan.results[:rows]  # the last row stays zero: what skipped rows copy
-        if groups == 1:  # one plain GEMM (rows, kh kw C) x (kh kw C, Cout): no batched-GEMM overhead
-            columns = plan.columns.view(rows, k_per_group)
-            if self.bias is None:
-                torch.mm(columns, self.matrix[0], out=results)
+        if plan.gemm_matrix is not None:  # one plain GEMM (rows + 1, kh kw C) x (kh kw C, Cout)
+            # (no out=: for few rows torch's mm is measurably faster allocating its result)
+            if plan.gemm_bias is None:
+                results = torch.mm(plan.gemm_columns, plan.gemm_matrix)
             else:
-                torch.addmm(self.bias[0], columns, self.matrix[0], out=results)
+                results = torch.addmm(plan.gemm_bias, plan.gemm_columns, plan.gemm_matrix)
+                results[-1].zero_()
         else:
+            results = plan.results  # its last row stays zero
+            groups, k_per_group, _ = self.matrix.shape
+            rows = plan.scatter.numel()
             taps = self.kernel_size[0] * self.kernel_size[1]
             # (rows, taps, groups, Cg) -> (groups, rows, taps * Cg)
             columns = plan.columns.view(rows, taps, groups, channels // groups).permute(2, 0, 1, 3)
@@ -498,11 +514,12 @@ class RowSkippingConv2d(nn.Module):
                 torch.bmm(columns, self.matrix, out=plan.products)
             else:
                 torch.baddbmm(self.bias, columns, self.matrix, out=plan.products)
-            results.view(rows, groups, -1).copy_(plan.products.permute(1, 0, 2))
+            plan.kept_results.view(rows, groups, -1).copy_(plan.products.permute(1, 0, 2))
         out_h, out_w = plan.output_size
         # Scatter as one gather: every output row copies its GEMM row, or the zero row if skipped.
-        out = torch.index_select(plan.results, 0, plan.source)
-        return out.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        out = torch.index_select(results, 0, plan.source)
+        cout = self.out_channels
+        return out.as_strided((batch, cout, out_h, out_w), (out_h * out_w * cout, 1, out_w * cout, cout))
 
     def extra_repr(self) -> str:
         return (

@@ -284,6 +284,7 @@ def test_row_skipping_kernel_equals_the_masked_dense_conv(config: dict, sparsity
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)  # cached plan
         assert out.is_contiguous(memory_format=torch.channels_last)
+        assert (fast._plan.gemm_matrix is not None) == (conv.groups == 1)  # one plain mm unless grouped
         zero_rows = int((out.abs().sum((0, 1)) == 0).sum())
         assert zero_rows == (pruned_rows(math.prod(out.shape[-2:]), sparsity) if sparsity else 0)
 
