@@ -7,15 +7,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
 from evaluators import AccuracyEvaluator, Evaluation, Trainer
 from search_space import RecipeConfig, Scheme, SearchSpace
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -66,6 +71,13 @@ def write_csv(frame: pd.DataFrame, name: str, out: Path) -> Path:
     frame.to_csv(path, index=False)
     print(f"wrote {path}")
     return path
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:

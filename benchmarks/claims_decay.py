@@ -28,7 +28,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from claims_common import DOCS, header, markdown, train_sparse, write_csv
+from claims_common import DOCS, header, markdown, save_figure, train_sparse, write_csv
 
 from evaluators import Trainer
 from experiments.tasks import get_task
@@ -83,10 +83,7 @@ def plot(runs: pd.DataFrame, patterns: list[str], path: Path) -> None:
             ax.grid(axis="y", alpha=0.3)
             ax.legend()
     fig.suptitle("digits: STE vs decay recipes at high N:M sparsity (mean, std and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
-from claims_common import DOCS, describe, header, markdown, write_csv
+from claims_common import DOCS, describe, header, markdown, save_figure, write_csv
 
 from evaluators import (
     AccuracyConfig,
@@ -191,10 +191,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"equal {budget} (uniform 1:8)")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("digits: layer-wise vs uniform N:M at equal budget (mean, std and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

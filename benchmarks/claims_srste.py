@@ -23,7 +23,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from claims_common import DOCS, header, markdown, train_sparse, write_csv
+from claims_common import DOCS, header, markdown, save_figure, train_sparse, write_csv
 
 from evaluators import Trainer
 from experiments.tasks import get_task
@@ -65,10 +65,7 @@ def plot(runs: pd.DataFrame, sad: pd.DataFrame, patterns: list[str], path: Path)
         ax.set_title(f"weights {pattern}: trained from scratch")
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

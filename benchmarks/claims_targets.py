@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
-from claims_common import DOCS, CachedAccuracy, describe, header, markdown, write_csv
+from claims_common import DOCS, CachedAccuracy, describe, header, markdown, save_figure, write_csv
 
 from evaluators import (
     AccuracyConfig,
@@ -193,10 +193,7 @@ def plot(candidates: pd.DataFrame, full: pd.DataFrame, seed: int, batch_size: in
             ax.set_ylim(bottom=max(0.0, group.accuracy.quantile(0.25) - 0.05))
             ax.legend(fontsize=7)
     fig.suptitle(f"digits, seed {seed}: Pareto fronts of weights-only, activations-only and combined N:M search")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -15,26 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import median_s
 
 from evaluators.cost import CostEvaluator, HardwareCostModel
 from experiments.models import resnet18
 from search_space import Scheme, SearchSpace
-
-
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

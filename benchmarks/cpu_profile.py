@@ -23,11 +23,11 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_s
 
 from evaluators.hardware import load_profile
 
@@ -39,22 +39,11 @@ def wait_for_load(max_load: float, wait_s: float) -> None:
         time.sleep(15)
 
 
-def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def gemm_tflops(repeats: int) -> dict[int, float]:
     results = {}
     for size in (512, 1024, 2048):
         a, b, c = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
-        seconds = median_s(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats)
+        seconds = median_s(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats, warmup=3)
         results[size] = 2 * size**3 / seconds / 1e12
     return results
 
@@ -62,13 +51,13 @@ def gemm_tflops(repeats: int) -> dict[int, float]:
 def copy_bandwidth_gbs(repeats: int, mib: int = 256) -> float:
     source = torch.ones(mib * 2**20 // 4)
     target = torch.empty_like(source)
-    seconds = median_s(lambda: target.copy_(source), repeats)
+    seconds = median_s(lambda: target.copy_(source), repeats, warmup=3)
     return 2 * source.numel() * 4 / seconds / 1e9
 
 
 def call_overhead_us(repeats: int) -> float:
     x, w = torch.randn(1, 8, 4, 4), torch.randn(8, 8, 1, 1)
-    return median_s(lambda: F.conv2d(x, w), repeats * 20) * 1e6
+    return median_s(lambda: F.conv2d(x, w), repeats * 20, warmup=3) * 1e6
 
 
 # (channels, resolution, stride) of the CIFAR ResNet-18's 3x3 convs (input side), batch 1.
@@ -87,7 +76,8 @@ def conv_fraction_of_peak(peak_tflops: float, repeats: int) -> list[float]:
                 (x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)),
             ]
             seconds = min(
-                median_s(lambda x=x, w=w, stride=stride: F.conv2d(x, w, None, stride, 1), repeats) for x, w in layouts
+                median_s(lambda x=x, w=w, stride=stride: F.conv2d(x, w, None, stride, 1), repeats, warmup=3)
+                for x, w in layouts
             )
             out = size // stride
             flops = 2 * out * out * cout * channels * 9

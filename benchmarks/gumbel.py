@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-import torch.nn.functional as F
+from timing import interleaved_s, sgd_step
 from torch import nn
 
 from evaluators import (
@@ -63,26 +63,9 @@ def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: 
     for layer in build_supernet(supernet, space, logits).values():
         layer.active_groups = active_groups
         layer.train_logits = False
-    runs = {}
-    for label, model in (("dense", dense), ("supernet", supernet)):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        step()
-        runs[label] = step
-    ratios, dense_ms = [], []
-    for _ in range(repeats):
-        times = {}
-        for label, step in runs.items():
-            start = time.perf_counter()
-            step()
-            times[label] = time.perf_counter() - start
-        ratios.append(times["supernet"] / times["dense"])
-        dense_ms.append(times["dense"] * 1e3)
+    times = interleaved_s({"dense": sgd_step(dense, x, y), "supernet": sgd_step(supernet, x, y)}, repeats)
+    ratios = [s / d for s, d in zip(times["supernet"], times["dense"], strict=True)]
+    dense_ms = [d * 1e3 for d in times["dense"]]
     q1, median, q3 = statistics.quantiles(ratios, n=4)
     return {"dense_ms": statistics.median(dense_ms), "ratio": median, "ratio_iqr": f"{q1:.2f}-{q3:.2f}"}
 

@@ -19,14 +19,13 @@ import json
 import multiprocessing
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from timing import interleaved_s, median_s, sgd_step
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -44,16 +43,6 @@ def argsort_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.permute(0, 3, 1, 2) if w.dim() == 4 else mask
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def mask_table(repeats: int) -> pd.DataFrame:
     weights = {"conv 512x512x3x3": torch.randn(512, 512, 3, 3), "linear 4096x4096": torch.randn(4096, 4096)}
     rows = []
@@ -63,8 +52,8 @@ def mask_table(repeats: int) -> pd.DataFrame:
             kept = [(mask * weight.abs()).unflatten(1, (-1, m)).sum(2) for mask in
                     (argsort_mask(weight, n, m), weight_nm_mask(weight, n, m))]  # fmt: skip
             torch.testing.assert_close(kept[0], kept[1])
-            baseline = median_ms(lambda w=weight, n=n, m=m: argsort_mask(w, n, m), repeats)
-            ours = median_ms(lambda w=weight, n=n, m=m: weight_nm_mask(w, n, m), repeats)
+            baseline = 1e3 * median_s(lambda w=weight, n=n, m=m: argsort_mask(w, n, m), repeats)
+            ours = 1e3 * median_s(lambda w=weight, n=n, m=m: weight_nm_mask(w, n, m), repeats)
             rows.append(
                 {"weight": label, "pattern": f"{n}:{m}", "argsort_ms": baseline, "nmsearch_ms": ours,
                  "speedup": baseline / ours}
@@ -114,24 +103,8 @@ def peak_step_mib(variant: str, x: torch.Tensor, y: torch.Tensor) -> float:
 def step_table(repeats: int) -> pd.DataFrame:
     x = torch.randn(32, 3, 32, 32)
     y = torch.randint(0, 10, (32,))
-    steps = {}
-    for variant in VARIANTS:
-        model = build(variant)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        step()
-        steps[variant] = step
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for _ in range(repeats):  # interleaved, so drifts in machine speed hit every variant alike
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[variant].append(time.perf_counter() - start)
+    steps = {variant: sgd_step(build(variant), x, y) for variant in VARIANTS}
+    times = interleaved_s(steps, repeats)
     # One fresh process per variant: memory a previous variant left to the allocator or the
     # garbage collector must not count against the next one.
     peaks = {}
