@@ -59,8 +59,6 @@ from search_space.scheme import (
     Scheme,
     SchemeError,
     SchemeMismatchError,
-    model_fingerprint,
-    prunable_modules,
 )
 from search_space.space import (
     DEFAULT_RATIOS,
@@ -70,6 +68,15 @@ from search_space.space import (
     SearchSpace,
     SkippedLayer,
     output_positions,
+)
+from search_space.surgery import (
+    apply_scheme,
+    check_model,
+    finalize_model,
+    functional_use_reason,
+    model_fingerprint,
+    prunable_modules,
+    verify_model,
 )
 
 __all__ = [
@@ -105,9 +112,13 @@ __all__ = [
     "SparseLinear",
     "activation_nm_mask",
     "activation_weighted_scores",
+    "apply_scheme",
     "atomic_write",
     "atomic_write_text",
     "calibrate_input_norms",
+    "check_model",
+    "finalize_model",
+    "functional_use_reason",
     "input_column_sq_sums",
     "mask_decay_beta",
     "mask_flip_frame",
@@ -129,6 +140,7 @@ __all__ = [
     "structure_decay_stage",
     "structure_decay_stages",
     "valid_m_values",
+    "verify_model",
     "weight_column_norms",
     "weight_nm_mask",
 ]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-import difflib
 import functools
-import hashlib
 import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -20,16 +18,15 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
-import pandas as pd
-import torch
-from torch import nn
 
 from search_space.io import atomic_write_text
-from search_space.layers import SparseLayerMixin, set_submodule, sparsify
 from search_space.patterns import NMPattern, NMSearchError
-from search_space.rows import InvalidSparsityError, RowPattern, share_row_scores
+from search_space.rows import InvalidSparsityError, RowPattern
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
     from search_space.space import SearchSpace
 
 FORMAT = "nmsearch.scheme"
@@ -119,42 +116,6 @@ class Option:
 DENSE = Option()
 
 
-def _conv_or_linear(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    return None
-
-
-def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``Conv2d`` / ``Linear`` (subclasses and sparse wrappers included), by qualified name."""
-    return {name: m for name, m in model.named_modules() if name and _conv_or_linear(m)}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the names, kinds and weight shapes of a model's Conv2d/Linear layers."""
-    lines = [f"{name}|{_conv_or_linear(m)}|{tuple(m.weight.shape)}" for name, m in prunable_modules(model).items()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-
-
-def functional_use_reason(model: nn.Module, name: str) -> str | None:
-    """Why masking the layer's module would have no effect, if its owner bypasses ``forward``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
-        return (
-            "used functionally by nn.MultiheadAttention (F.multi_head_attention_forward reads "
-            "out_proj.weight and the packed in_proj_weight directly)"
-        )
-    return None
-
-
-def _close_matches(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
 @functools.cache
 def nmsearch_version() -> str:
     try:
@@ -195,42 +156,23 @@ class Scheme:
 
     @classmethod
     def dense(cls, space: SearchSpace) -> Scheme:
-        return space.scheme({name: DENSE for name in space.layer_names})
+        """Alias of :meth:`SearchSpace.dense <search_space.SearchSpace.dense>`."""
+        return space.dense()
 
     @classmethod
     def uniform(cls, space: SearchSpace, target: str, n: int, m: int) -> Scheme:
-        """The same N:M on every layer where it is eligible (other layers stay dense)."""
-        if target not in TARGETS[1:]:
-            raise SchemeError(f"uniform target must be one of {', '.join(TARGETS[1:])}, got {target!r}")
-        pattern = NMPattern(n, m)
-        option = Option(
-            pattern if target in ("weights", "both") else None,
-            pattern if target in ("activations", "both") else None,
-        )
-        return cls._uniform(space, option, {"target": target, "pattern": str(pattern)})
+        """Alias of :meth:`SearchSpace.uniform <search_space.SearchSpace.uniform>`."""
+        return space.uniform(target, n, m)
 
     @classmethod
     def uniform_rows(cls, space: SearchSpace, sparsity: float) -> Scheme:
-        """The same row mask on every layer where the space offers it (other layers stay dense)."""
-        rows = RowPattern.parse(sparsity)
-        return cls._uniform(space, Option(activation=rows), {"target": "rows", "sparsity": rows.sparsity})
-
-    @classmethod
-    def _uniform(cls, space: SearchSpace, option: Option, provenance: dict[str, Any]) -> Scheme:
-        return space.scheme(
-            {name: option if option in space.options[name] else DENSE for name in space.layer_names},
-            provenance={"strategy": "uniform", **provenance},
-        )
+        """Alias of :meth:`SearchSpace.uniform_rows <search_space.SearchSpace.uniform_rows>`."""
+        return space.uniform_rows(sparsity)
 
     @classmethod
     def random(cls, space: SearchSpace, seed: int | None = None) -> Scheme:
-        """Each layer's option drawn uniformly from its eligible options."""
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        choices = {}
-        for name in space.layer_names:
-            options = space.options[name]
-            choices[name] = options[int(torch.randint(len(options), (1,), generator=generator))]
-        return space.scheme(choices, provenance={"strategy": "random", "seed": seed})
+        """Alias of :meth:`SearchSpace.random <search_space.SearchSpace.random>`."""
+        return space.random(seed)
 
     # -- access ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Option:
@@ -252,6 +194,9 @@ class Scheme:
         return replace(self, **changes)
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per listed layer: ``layer``, ``target``, ``weights``, ``activations``."""
+        import pandas as pd
+
         rows = [
             {"layer": n, "target": o.target, "weights": str(o.weight or ""), "activations": str(o.activation or "")}
             for n, o in self.layers
@@ -259,7 +204,7 @@ class Scheme:
         return pd.DataFrame(rows, columns=["layer", "target", "weights", "activations"])
 
     def summary(self) -> str:
-        counts = pd.Series([o.target for _, o in self.layers]).value_counts()
+        counts = Counter(o.target for _, o in self.layers)
         return ", ".join(f"{target}: {counts.get(target, 0)}" for target in TARGETS)
 
     # -- JSON ------------------------------------------------------------------------------
@@ -357,7 +302,12 @@ class Scheme:
         provenance = {"strategy": "domino", **metadata_fields.pop("provenance", {})}
         return cls.from_choices(choices, provenance=provenance, **metadata_fields)
 
-    # -- models ----------------------------------------------------------------------------
+    @property
+    def has_rows(self) -> bool:
+        """Whether any layer uses a row mask."""
+        return any(option.rows for _, option in self.layers)
+
+    # -- models (thin methods over search_space.surgery) ------------------------------------
     def apply(
         self,
         model: nn.Module,
@@ -368,143 +318,36 @@ class Scheme:
         activation_score: str = "magnitude",
         row_seed: int = 0,
     ) -> nn.Module:
-        """A sparse copy of ``model`` (or ``model`` itself with ``inplace=True``).
+        """A sparse copy of ``model``; see :func:`search_space.surgery.apply_scheme`."""
+        from search_space.surgery import apply_scheme
 
-        Everything is validated before anything changes. ``strict`` also requires the model's
-        fingerprint to match the scheme's (when the scheme has one). Row masks are cut from one
-        random field drawn from ``row_seed`` (:func:`~search_space.rows.select_row_masks` picks a
-        better one on a batch).
-        """
-        self._check_layers(model, strict=strict)
-        target = model if inplace else copy.deepcopy(model)
-        # Every wrapper is built (and so validated) before the first one is set.
-        replacements = self._replacements(target, weight_score, activation_score)
-        for name, module in replacements.items():
-            set_submodule(target, name, module)
-        if self.has_rows:
-            share_row_scores(target, row_seed)
-        return target
-
-    @property
-    def has_rows(self) -> bool:
-        """Whether any layer uses a row mask."""
-        return any(option.rows for _, option in self.layers)
-
-    def _replacements(self, model: nn.Module, weight_score: str, activation_score: str) -> dict[str, nn.Module]:
-        replacements = {}
-        for name, module in prunable_modules(model).items():
-            option = self[name]
-            dense = module.to_dense() if isinstance(module, SparseLayerMixin) else module
-            if option != DENSE:
-                replacements[name] = sparsify(
-                    dense,
-                    option.weight,
-                    option.activation,
-                    name=name,
-                    weight_score=weight_score,
-                    activation_score=activation_score,
-                )
-            elif dense is not module:
-                replacements[name] = dense
-        return replacements
+        return apply_scheme(
+            self,
+            model,
+            inplace=inplace,
+            strict=strict,
+            weight_score=weight_score,
+            activation_score=activation_score,
+            row_seed=row_seed,
+        )
 
     def check_model(self, model: nn.Module, *, strict: bool = True) -> None:
-        """Raise unless every listed layer exists, has the recorded shape and is eligible for its option."""
-        self._check_layers(model, strict=strict)
-        self._replacements(model, "magnitude", "magnitude")
+        """See :func:`search_space.surgery.check_model`."""
+        from search_space.surgery import check_model
 
-    def _check_layers(self, model: nn.Module, *, strict: bool) -> None:
-        modules = prunable_modules(model)
-        names = list(modules)
-        for name, option in self.layers:
-            if name not in modules:
-                try:
-                    other = model.get_submodule(name)
-                except AttributeError:
-                    raise SchemeMismatchError(
-                        f"scheme layer {name!r} is not a Conv2d/Linear layer of the model{_close_matches(name, names)}"
-                    ) from None
-                raise SchemeMismatchError(
-                    f"scheme layer {name!r} is a {type(other).__name__}, not a Conv2d/Linear layer"
-                )
-            shape = tuple(modules[name].weight.shape)
-            if name in self.shapes and self.shapes[name] != shape:
-                raise SchemeMismatchError(
-                    f"scheme layer {name!r} was chosen for weight shape {self.shapes[name]}, "
-                    f"the model's is {shape}: the scheme belongs to another model"
-                )
-            if option != DENSE:
-                reason = functional_use_reason(model, name)
-                if reason:
-                    raise SchemeMismatchError(f"scheme layer {name!r} cannot be sparsified: {reason}")
-        if strict and self.fingerprint and self.fingerprint != model_fingerprint(model):
-            raise SchemeMismatchError(
-                f"scheme fingerprint {self.fingerprint} does not match the model's {model_fingerprint(model)} "
-                "(other layer names or shapes); pass strict=False to apply it by layer name"
-            )
+        check_model(self, model, strict=strict)
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        """Bake weight masks into the weights (in place) and drop weight-only wrappers.
+        """See :func:`search_space.surgery.finalize_model`."""
+        from search_space.surgery import finalize_model
 
-        Layers with activation sparsity keep a wrapper (activation masks are dynamic); others
-        become plain modules of their original type with pruned entries set to zero.
-        """
-        for name, module in list(prunable_modules(model).items()):
-            if not isinstance(module, SparseLayerMixin):
-                continue
-            mask = module.weight_mask()
-            if mask is not None:
-                with torch.no_grad():
-                    module.weight.mul_(mask)
-            if module.activation_pattern is None:
-                set_submodule(model, name, module.to_dense())
-            elif mask is not None:
-                set_submodule(model, name, module.with_patterns(None, module.activation_pattern))
-        return model
+        return finalize_model(model)
 
     def verify(self, model: nn.Module) -> pd.DataFrame:
-        """Check that every layer's weights hold at most N non-zeros per group of M and that
-        activation choices are in place; returns the per-layer report, raises on a violation."""
-        modules = prunable_modules(model)
-        rows, failures = [], []
-        for name, option in self.layers:
-            if name not in modules:
-                raise SchemeMismatchError(
-                    f"scheme layer {name!r} is not in the model{_close_matches(name, list(modules))}"
-                )
-            module = modules[name]
-            weight = module.sparse_weight() if isinstance(module, SparseLayerMixin) else module.weight
-            max_nonzeros = None
-            weights_ok = True
-            if option.weight:
-                groups = weight.detach().unflatten(1, (-1, option.weight.m))
-                max_nonzeros = int((groups != 0).sum(2).max())
-                weights_ok = max_nonzeros <= option.weight.n
-            actual_activation = module.activation_pattern if isinstance(module, SparseLayerMixin) else None
-            activations_ok = actual_activation == option.activation
-            rows.append(
-                {
-                    "layer": name,
-                    "target": option.target,
-                    "weights": str(option.weight or ""),
-                    "max_nonzeros_per_group": max_nonzeros,
-                    "weights_ok": weights_ok,
-                    "activations": str(option.activation or ""),
-                    "activations_ok": activations_ok,
-                }
-            )
-            if not weights_ok:
-                failures.append(f"{name!r} has {max_nonzeros} non-zeros in a group of {option.weight.m}")
-            if not activations_ok:
-                failures.append(
-                    f"{name!r} masks activations {actual_activation or 'dense'}, expected {option.activation}"
-                )
-        if failures:
-            raise SchemeMismatchError(
-                f"model does not satisfy the scheme: {failures[0]}"
-                + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
-            )
-        return pd.DataFrame(rows)
+        """See :func:`search_space.surgery.verify_model`."""
+        from search_space.surgery import verify_model
+
+        return verify_model(self, model)
 
 
 def _option_from_entry(entry: dict[str, Any], source: str) -> Option:

@@ -23,16 +23,8 @@ from torch import nn
 from search_space.layers import SparseLayerMixin
 from search_space.patterns import NMPattern, NMSearchError
 from search_space.rows import DEFAULT_ROW_SPARSITIES, RowPattern, pruned_rows
-from search_space.scheme import (
-    DENSE,
-    Option,
-    Scheme,
-    SchemeMismatchError,
-    _close_matches,
-    functional_use_reason,
-    model_fingerprint,
-    prunable_modules,
-)
+from search_space.scheme import DENSE, TARGETS, Option, Scheme, SchemeError, SchemeMismatchError
+from search_space.surgery import close_matches, functional_use_reason, model_fingerprint, prunable_modules
 
 DEFAULT_RATIOS = ("2:4", "1:4", "2:8", "1:8")
 DEFAULT_TARGETS = ("weights", "activations", "both")
@@ -307,7 +299,7 @@ class SearchSpace:
     def info(self, name: str) -> LayerInfo:
         if name not in self._info:
             raise SchemeMismatchError(
-                f"layer {name!r} is not in the search space{_close_matches(name, self.layer_names)}"
+                f"layer {name!r} is not in the search space{close_matches(name, self.layer_names)}"
             )
         return self._info[name]
 
@@ -391,17 +383,102 @@ class SearchSpace:
             **metadata_fields,
         )
 
+    def dense(self) -> Scheme:
+        """Every layer dense.
+
+        Returns:
+            The dense scheme of this space.
+        """
+        return self.scheme({name: DENSE for name in self.layer_names})
+
+    def uniform(self, target: str, n: int, m: int) -> Scheme:
+        """The same N:M on every layer the space offers it for.
+
+        Layers the space marks ineligible for the option (channel count not divisible by M,
+        excluded, kept dense) stay dense. Asking for an option the space offers on no layer is an
+        error, never an all-dense scheme.
+
+        Args:
+            target: ``"weights"``, ``"activations"`` or ``"both"``.
+            n: kept entries per group.
+            m: group size.
+
+        Returns:
+            The uniform scheme (provenance ``strategy: uniform``).
+
+        Raises:
+            SchemeError: an unknown target, or an option no layer of the space offers.
+        """
+        if target not in TARGETS[1:]:
+            raise SchemeError(f"uniform target must be one of {', '.join(TARGETS[1:])}, got {target!r}")
+        pattern = NMPattern(n, m)
+        option = Option(
+            pattern if target in ("weights", "both") else None,
+            pattern if target in ("activations", "both") else None,
+        )
+        return self._uniform(option, {"target": target, "pattern": str(pattern)})
+
+    def uniform_rows(self, sparsity: float) -> Scheme:
+        """The same row mask on every layer the space offers it for (other layers stay dense).
+
+        Args:
+            sparsity: fraction of output positions skipped, in (0, 1).
+
+        Returns:
+            The uniform row-mask scheme.
+
+        Raises:
+            SchemeError: the space offers that row mask on no layer.
+        """
+        rows = RowPattern.parse(sparsity)
+        return self._uniform(Option(activation=rows), {"target": "rows", "sparsity": rows.sparsity})
+
+    def _uniform(self, option: Option, provenance: dict[str, Any]) -> Scheme:
+        if option != DENSE and not any(option in self._index[name] for name in self.layer_names):
+            offered = sorted({o.name for options in self.options.values() for o in options if o != DENSE})
+            raise SchemeError(
+                f"uniform option {option.name!r} is offered on no layer of this search space "
+                f"(ratios {', '.join(map(str, self.ratios))}, targets {', '.join(self.targets)}); "
+                f"it offers: {', '.join(offered) or 'dense only'}"
+            )
+        return self.scheme(
+            {name: option if option in self._index[name] else DENSE for name in self.layer_names},
+            provenance={"strategy": "uniform", **provenance},
+        )
+
+    def random(self, seed: int | None = None) -> Scheme:
+        """Each layer's option drawn uniformly from its options.
+
+        Args:
+            seed: generator seed; ``None`` draws a fresh one (recorded as ``None``).
+
+        Returns:
+            The random scheme (provenance ``strategy: random``).
+        """
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        choices = {}
+        for name in self.layer_names:
+            options = self.options[name]
+            choices[name] = options[int(torch.randint(len(options), (1,), generator=generator))]
+        return self.scheme(choices, provenance={"strategy": "random", "seed": seed})
+
     def uniform_schemes(self) -> dict[str, Scheme]:
         """``dense`` and, per target and ratio of the space, the uniform scheme (ineligible
         layers dense), keyed like ``"weights 2:4"`` (with rows: ``"rows 0.2"`` per sparsity);
-        schemes equal to an earlier one are dropped."""
-        schemes = {"dense": Scheme.dense(self)}
-        candidates = {}
+        schemes equal to an earlier one, and options no layer offers, are dropped."""
+        schemes = {"dense": self.dense()}
+        candidates: dict[str, Scheme] = {}
         for target in self.targets:
-            if target == "rows":
-                candidates.update({f"rows {s}": Scheme.uniform_rows(self, s) for s in self.row_sparsities})
-            else:
-                candidates.update({f"{target} {r}": Scheme.uniform(self, target, r.n, r.m) for r in self.ratios})
+            makers = (
+                {f"rows {s}": lambda s=s: self.uniform_rows(s) for s in self.row_sparsities}
+                if target == "rows"
+                else {f"{target} {r}": lambda t=target, r=r: self.uniform(t, r.n, r.m) for r in self.ratios}
+            )
+            for label, make in makers.items():
+                try:
+                    candidates[label] = make()
+                except SchemeError:
+                    continue  # offered on no layer: it would be the dense scheme again
         for label, scheme in candidates.items():
             if scheme not in schemes.values():
                 schemes[label] = scheme

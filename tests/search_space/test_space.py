@@ -4,7 +4,16 @@ import torch
 from torch import nn
 
 from experiments.models import resnet18
-from search_space import DENSE, NMSearchError, Option, Scheme, SchemeMismatchError, SearchSpace, sparsify
+from search_space import (
+    DENSE,
+    NMSearchError,
+    Option,
+    Scheme,
+    SchemeError,
+    SchemeMismatchError,
+    SearchSpace,
+    sparsify,
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +199,31 @@ def test_wrapped_models_are_discovered_like_dense_ones() -> None:
     sparse = SearchSpace.from_model(model, x)
     assert sparse.fingerprint == dense.fingerprint
     assert sparse.info("0").module_type == "Linear" and sparse.to_frame().equals(dense.to_frame())
+
+
+def test_uniform_refuses_an_option_the_space_does_not_offer(resnet_space: SearchSpace) -> None:
+    with pytest.raises(SchemeError, match=r"'w4:8' is offered on no layer.*it offers: .*w2:4"):
+        resnet_space.uniform("weights", 4, 8)
+    weights_only = SearchSpace.from_model(resnet18(10, "cifar"), torch.randn(1, 3, 32, 32), targets=["weights"])
+    with pytest.raises(SchemeError, match="'a2:4' is offered on no layer"):
+        weights_only.uniform("activations", 2, 4)
+    with pytest.raises(SchemeError, match=r"'r0\.3' is offered on no layer"):
+        weights_only.uniform_rows(0.3)
+    assert "activations 2:4" not in weights_only.uniform_schemes()
+
+
+def test_constructors_live_on_the_space_and_scheme_aliases_match(resnet_space: SearchSpace) -> None:
+    assert resnet_space.dense() == Scheme.dense(resnet_space)
+    assert resnet_space.uniform("weights", 2, 4) == Scheme.uniform(resnet_space, "weights", 2, 4)
+    assert resnet_space.random(3) == Scheme.random(resnet_space, 3)
+    assert resnet_space.random(3).provenance["strategy"] == "random"
+
+
+def test_scheme_module_does_not_import_the_space_or_surgery_at_module_level() -> None:
+    import ast
+
+    import search_space.scheme
+
+    tree = ast.parse(open(search_space.scheme.__file__).read())
+    imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert imported.isdisjoint({"search_space.space", "search_space.surgery"})
