@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -224,6 +226,6 @@ def test_scheme_module_does_not_import_the_space_or_surgery_at_module_level() ->
 
     import search_space.scheme
 
-    tree = ast.parse(open(search_space.scheme.__file__).read())
+    tree = ast.parse(Path(search_space.scheme.__file__).read_text())
     imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert imported.isdisjoint({"search_space.space", "search_space.surgery"})
