@@ -36,6 +36,7 @@ from search_space.recipes import (
     structure_decay_stage,
     structure_decay_stages,
 )
+from search_space.row_kernel import RowsFastPathError, RowSkippingConv2d, skip_masked_rows
 from search_space.rows import (
     DEFAULT_ROW_CANDIDATES,
     DEFAULT_ROW_SPARSITIES,
@@ -43,15 +44,12 @@ from search_space.rows import (
     RowMaskSelection,
     RowPattern,
     RowScores,
-    RowsFastPathError,
-    RowSkippingConv2d,
     pruned_rows,
     row_keep_mask,
     row_kept_fraction,
     row_masked_layers,
     select_row_masks,
     share_row_scores,
-    skip_masked_rows,
 )
 from search_space.scheme import (
     DENSE,

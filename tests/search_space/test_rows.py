@@ -310,28 +310,42 @@ def test_auto_path_keeps_the_faster_path_per_shape(monkeypatch) -> None:
     layer = sparsify(nn.Conv2d(8, 8, 3, padding=1), activation="r0.2", name="c")
     fast = RowSkippingConv2d.from_layer(layer, path="auto")
     slow = {"dense": 0.0, "rows": 0.0}
-    clock = {"now": 0.0}
+    timed = []
+
+    def seconds(run):
+        timed.append(run())  # the timed call really runs the path
+        return slow[timed_path["now"]]
+
+    timed_path = {"now": ""}
 
     def dense(x, plan, original=fast._masked_dense):
-        clock["now"] += slow["dense"]
+        timed_path["now"] = "dense"
         return original(x, plan)
 
     def rows(x, plan, original=fast._skip_rows):
-        clock["now"] += slow["rows"]
+        timed_path["now"] = "rows"
         return original(x, plan)
 
     monkeypatch.setattr(fast, "_masked_dense", dense)
     monkeypatch.setattr(fast, "_skip_rows", rows)
-    monkeypatch.setattr("search_space.rows.time.perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("search_space.row_kernel._seconds", seconds)
     slow.update(dense=1.0, rows=2.0)
     with torch.no_grad():
         fast(torch.randn(1, 8, 6, 6))
-        assert fast.path_in_use == "dense"
+        assert fast.path_in_use == "dense" and len(timed) == 2
         slow.update(dense=2.0, rows=1.0)
         fast(torch.randn(1, 8, 6, 6))  # same shape: the choice is kept
-        assert fast.path_in_use == "dense"
+        assert fast.path_in_use == "dense" and len(timed) == 2
         fast(torch.randn(1, 8, 7, 7))  # a new shape is timed again
         assert fast.path_in_use == "rows"
+
+
+def test_auto_path_times_with_torch_benchmark() -> None:
+    from search_space import row_kernel
+
+    calls = []
+    assert row_kernel._seconds(lambda: calls.append(1) or torch.zeros(1)) >= 0
+    assert len(calls) >= 1 + row_kernel._AUTO_ROUNDS  # a warm-up call, then the timed rounds
 
 
 def test_unknown_path_is_refused() -> None:
