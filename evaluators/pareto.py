@@ -9,14 +9,16 @@ candidates) are never on a front.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
 
 from evaluators.base import MAXIMIZE, MINIMIZE, Objective
 from search_space import NMSearchError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _as_minimization(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -162,6 +164,8 @@ def plot_pareto(
     Each result's candidates are drawn faintly and its 2-D front as a staircase.
     """
     if ax is None:
+        import matplotlib.pyplot as plt  # here, so importing the package does not load matplotlib
+
         _, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, (label, frame) in enumerate(results.items()):
         color = f"C{i}"

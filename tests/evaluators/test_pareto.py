@@ -93,3 +93,12 @@ def test_plot_overlays_results() -> None:
     assert ax.get_xlabel() == "latency_ms [ms]" and ax.get_title() == "digits"
     np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), [1.0, 2.0])
     plt.close(ax.figure)
+
+
+def test_importing_the_packages_does_not_load_matplotlib() -> None:
+    import subprocess
+    import sys
+
+    code = "import evaluators, search_space, strategies, sys; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
