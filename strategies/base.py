@@ -8,7 +8,9 @@ one format, so fronts of different strategies overlay in one plot.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +18,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from evaluators import AccuracyEvaluator, Constraint, Evaluation, Evaluator, Objective
 from evaluators.pareto import hypervolume, knee_index, pareto_front
-from search_space import NMSearchError, Scheme, SearchSpace, atomic_write_text
+from search_space import NMSearchError, Scheme, SearchSpace, atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 COMPLETE, FAIL, RUNNING, WAITING = "COMPLETE", "FAIL", "RUNNING", "WAITING"
 RESULT_FILE = "result.json"
@@ -61,6 +66,45 @@ def accuracy_part(evaluator: Evaluator) -> AccuracyEvaluator:
         "this strategy trains the model, so its evaluator must include an AccuracyEvaluator; "
         f"got {type(evaluator).__name__}"
     )
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write a strategy checkpoint atomically (``torch.save`` to a temporary file renamed over ``path``).
+
+    Args:
+        path: the checkpoint file.
+        state: tensors and plain Python types only (what :func:`load_checkpoint` accepts).
+
+    Returns:
+        The path written.
+    """
+    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``: tensors and
+    plain types only, so a crafted file in a shared run directory cannot execute code.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The state, or ``None`` when there is no file or it cannot be read (truncated, corrupt, or
+        holding anything but tensors and plain types): the caller starts over, after one warning line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning("checkpoint '%s' cannot be read (%s); starting this run over", path, reason[:200])
+        return None
+    if not isinstance(state, dict):
+        logger.warning("checkpoint '%s' does not hold a state dict; starting this run over", path)
+        return None
+    return state
 
 
 def trials_frame(candidates: Iterable[Candidate], objectives: Sequence[Objective]) -> pd.DataFrame:

@@ -51,13 +51,12 @@ from search_space import (
     Scheme,
     SearchSpace,
     SparseLayerMixin,
-    atomic_write,
     nm_mask,
     set_submodule,
     share_row_scores,
     sparsify,
 )
-from strategies.base import COMPLETE, Candidate, SearchResult, accuracy_part
+from strategies.base import COMPLETE, Candidate, SearchResult, accuracy_part, load_checkpoint, save_checkpoint
 
 LOSS_FORMS = ("additive", "fbnet", "budget")
 TEMPERATURE_SCHEDULES = ("exponential", "linear")
@@ -407,8 +406,8 @@ class _SupernetRun:
         weights = make_optimizer(model.parameters(), schedule, strategy.weight_lr or schedule.finetune_lr)
         arch = torch.optim.Adam(list(logits.values()), lr=strategy.arch_lr)
         start, rows, prob_rows = 0, [], []
-        if self.checkpoint is not None and self.checkpoint.exists():
-            state = torch.load(self.checkpoint, weights_only=False)
+        state = load_checkpoint(self.checkpoint) if self.checkpoint is not None else None
+        if state is not None:
             model.load_state_dict(state["model"])
             with torch.no_grad():
                 for name, value in state["logits"].items():
@@ -469,7 +468,7 @@ class _SupernetRun:
                     "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": torch.get_rng_state(),
                     "rows": rows, "prob_rows": prob_rows,
                 }  # fmt: skip
-                atomic_write(self.checkpoint, lambda handle, state=state: torch.save(state, handle))
+                save_checkpoint(self.checkpoint, state)
         self.log = pd.DataFrame(rows)
         self.probabilities = pd.DataFrame(prob_rows)
         with torch.no_grad():
