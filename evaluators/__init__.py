@@ -11,7 +11,15 @@ from evaluators.base import (
     objective_names,
     select_objectives,
 )
-from evaluators.composite import CompositeEvaluator
+from evaluators.composite import (
+    DEFAULT_COST_METRICS,
+    DEFAULT_HARDWARE,
+    CompositeEvaluator,
+    CostModelConfig,
+    build_evaluator,
+    find_part,
+    find_part_or_none,
+)
 from evaluators.cost import COST_METRICS, CostEvaluator, CostModelError, CostReport, CostTable, HardwareCostModel
 from evaluators.hardware import HardwareProfile, HardwareProfileError, available_profiles, load_profile
 from evaluators.task import Task, TaskError, TensorTask, TrainingSchedule
@@ -25,6 +33,8 @@ from evaluators.training import (
 
 __all__ = [
     "COST_METRICS",
+    "DEFAULT_COST_METRICS",
+    "DEFAULT_HARDWARE",
     "FIDELITIES",
     "MAXIMIZE",
     "MINIMIZE",
@@ -33,6 +43,7 @@ __all__ = [
     "CompositeEvaluator",
     "Constraint",
     "CostEvaluator",
+    "CostModelConfig",
     "CostModelError",
     "CostReport",
     "CostTable",
@@ -50,7 +61,10 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingSchedule",
     "available_profiles",
+    "build_evaluator",
     "evaluate_model",
+    "find_part",
+    "find_part_or_none",
     "load_profile",
     "objective_names",
     "reestimate_batchnorm",

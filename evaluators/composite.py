@@ -8,7 +8,9 @@ fails when any part fails (reasons joined), and durations are summed. Only the
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +19,100 @@ from evaluators.base import Evaluation, Evaluator, Objective
 from evaluators.task import Task
 from evaluators.training import Trainer
 from search_space import NMSearchError, Scheme, SearchSpace
+
+E = TypeVar("E")
+
+# The one set of defaults for an assembled evaluator (the Hydra app's ``conf/config.yaml`` too).
+DEFAULT_HARDWARE = "orin"
+DEFAULT_COST_METRICS = ("latency_ms", "bytes_mb")
+
+
+def find_part(evaluator: Evaluator, kind: type[E], *, purpose: str = "") -> E:
+    """The part of type ``kind`` inside ``evaluator`` (itself, or a part of a composite).
+
+    Args:
+        evaluator: an evaluator, composite or not.
+        kind: the evaluator class wanted (e.g. :class:`AccuracyEvaluator`).
+        purpose: why the caller needs it, for the error message (e.g. ``"this strategy trains the model"``).
+
+    Returns:
+        The first matching part.
+
+    Raises:
+        NMSearchError: no part is a ``kind``.
+    """
+    if isinstance(evaluator, kind):
+        return evaluator
+    for part in getattr(evaluator, "parts", ()):
+        if isinstance(part, kind):
+            return part
+    why = f"{purpose}, so " if purpose else ""
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise NMSearchError(f"{why}its evaluator must include {article} {kind.__name__}; got {type(evaluator).__name__}")
+
+
+def find_part_or_none(evaluator: Evaluator, kind: type[E]) -> E | None:
+    """:func:`find_part`, or ``None`` when no part is a ``kind``."""
+    try:
+        return find_part(evaluator, kind)
+    except NMSearchError:
+        return None
+
+
+@dataclass(frozen=True)
+class CostModelConfig:
+    """How the hardware cost model runs; also the Hydra schema of the ``evaluator.dtype`` and
+    ``evaluator.batch_size`` keys.
+
+    Attributes:
+        dtype: operand type of the profile's kernels (``fp16``, ``int8``, ...).
+        batch_size: the deployment batch the cost model assumes.
+    """
+
+    dtype: str = "fp16"
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise NMSearchError(f"evaluator.batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+def build_evaluator(
+    trainer: Trainer,
+    space: SearchSpace | None = None,
+    *,
+    accuracy: AccuracyConfig | None = None,
+    cost: CostModelConfig | None = None,
+    hardware: str | Mapping[str, Any] = DEFAULT_HARDWARE,
+    metrics: Sequence[str] = DEFAULT_COST_METRICS,
+) -> CompositeEvaluator:
+    """The evaluator a search scores schemes with: accuracy plus the cost model's ``metrics``.
+
+    The one place an evaluator is assembled (the Hydra app and :meth:`CompositeEvaluator.for_task`
+    call it). The cost model is built first, so a bad profile fails before the model is touched.
+
+    Args:
+        trainer: the task's trainer (pre-trained model, data).
+        space: the search space; discovered from the task's model when ``None``.
+        accuracy: accuracy fidelity and recipe (default :class:`AccuracyConfig`).
+        cost: cost-model dtype and batch (default :class:`CostModelConfig`).
+        hardware: a profile name of ``conf/hardware`` or a profile mapping.
+        metrics: the cost metrics reported as objectives, after ``accuracy``.
+
+    Returns:
+        ``CompositeEvaluator(AccuracyEvaluator, CostEvaluator)`` over one search space.
+
+    Raises:
+        HardwareProfileError: an unknown or malformed profile.
+        CostModelError: an unknown metric or dtype.
+    """
+    # Imported here so that this module depends on the cost model only when asked to build one.
+    from evaluators.cost import CostEvaluator, HardwareCostModel
+
+    cost = cost or CostModelConfig()
+    cost_model = HardwareCostModel.from_profile(hardware, dtype=cost.dtype, batch_size=cost.batch_size)
+    accuracy_evaluator = AccuracyEvaluator(trainer, space, accuracy)
+    return CompositeEvaluator(accuracy_evaluator, CostEvaluator(accuracy_evaluator.space, cost_model, tuple(metrics)))
 
 
 class CompositeEvaluator:
@@ -62,7 +158,7 @@ class CompositeEvaluator:
     def for_task(
         cls,
         task: Task,
-        hardware: str = "a100",
+        hardware: str | Mapping[str, Any] = DEFAULT_HARDWARE,
         *,
         accuracy: AccuracyConfig | None = None,
         metrics: Sequence[str] | None = None,
@@ -74,13 +170,14 @@ class CompositeEvaluator:
         cache_dir: str | os.PathLike | None = None,
         progress: bool = False,
     ) -> CompositeEvaluator:
-        """Accuracy on ``task`` (``accuracy`` config, oneshot by default) plus the cost model's
-        ``metrics`` (default: all of them) on the ``hardware`` profile, over one search space."""
-        # Imported here so that this module depends on the cost model only when asked to build one.
-        from evaluators.cost import COST_METRICS, CostEvaluator, HardwareCostModel
-
+        """:func:`build_evaluator` for ``task`` (a trainer made here): accuracy plus the cost model's
+        ``metrics`` (default ``latency_ms``, ``bytes_mb``) on the ``hardware`` profile (default ``orin``)."""
         trainer = Trainer(task, seed=seed, device=device, cache_dir=cache_dir, progress=progress)
-        accuracy_evaluator = AccuracyEvaluator(trainer, space, accuracy)
-        cost_model = HardwareCostModel.from_profile(hardware, dtype=dtype, batch_size=batch_size)
-        cost = CostEvaluator(accuracy_evaluator.space, cost_model, tuple(metrics or COST_METRICS))
-        return cls(accuracy_evaluator, cost)
+        return build_evaluator(
+            trainer,
+            space,
+            accuracy=accuracy,
+            cost=CostModelConfig(dtype, batch_size),
+            hardware=hardware,
+            metrics=tuple(metrics or DEFAULT_COST_METRICS),
+        )

@@ -7,12 +7,14 @@ strategy dataclasses themselves are the schemas), ``evaluator``, ``hardware`` (a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from evaluators import AccuracyConfig, CostModelConfig
 from search_space import DEFAULT_RATIOS, DEFAULT_TARGETS, RecipeConfig
 from search_space.space import DEFAULT_ROW_SPARSITIES
 from strategies import DominoStrategy, GumbelStrategy, OptunaStrategy, RandomStrategy, UniformStrategy
@@ -39,16 +41,25 @@ class SpaceConfig:
     row_sparsities: list[float] = field(default_factory=lambda: list(DEFAULT_ROW_SPARSITIES))
 
 
-@dataclass
-class EvaluatorConfig:
-    """Accuracy fidelity (see :class:`evaluators.AccuracyConfig`) and how the cost model runs."""
+@dataclass(frozen=True)
+class EvaluatorConfig(AccuracyConfig, CostModelConfig):
+    """The ``evaluator`` group: the keys of :class:`evaluators.AccuracyConfig` and of
+    :class:`evaluators.CostModelConfig`, inherited (not copied), so the schema cannot drift from
+    them. ``evaluator.recipe`` is ``${recipe}`` (set in :func:`register_configs`): one recipe."""
 
-    fidelity: str = "oneshot"
-    finetune_epochs: int = 1
-    bn_batches: int = 8
-    split: str = "val"
-    dtype: str = "fp16"
-    batch_size: int = 1
+    def __post_init__(self) -> None:
+        AccuracyConfig.__post_init__(self)
+        CostModelConfig.__post_init__(self)
+
+    @property
+    def accuracy(self) -> AccuracyConfig:
+        """The accuracy part, as an :class:`evaluators.AccuracyConfig`."""
+        return AccuracyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AccuracyConfig)})
+
+    @property
+    def cost(self) -> CostModelConfig:
+        """The cost-model part, as an :class:`evaluators.CostModelConfig`."""
+        return CostModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CostModelConfig)})
 
 
 @dataclass
@@ -79,6 +90,11 @@ class SearchConfig:
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (``conf/config.yaml`` and the group files extend them)."""
     store = ConfigStore.instance()
-    store.store(name="search_schema", node=SearchConfig)
+    schema = OmegaConf.structured(SearchConfig)
+    # AccuracyConfig is frozen (a value for the evaluator), which OmegaConf turns into a read-only
+    # node; composing must still merge the group files and command-line overrides into it.
+    OmegaConf.set_readonly(schema.evaluator, False)
+    schema.evaluator.recipe = "${recipe}"  # one recipe per job: the evaluator trains with the recipe group
+    store.store(name="search_schema", node=schema)
     for name, schema in STRATEGIES.items():
         store.store(group="strategy", name=f"{name}_schema", node=schema)

@@ -27,18 +27,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evaluators import (
-    COST_METRICS,
-    AccuracyConfig,
-    AccuracyEvaluator,
-    CompositeEvaluator,
-    CostEvaluator,
-    Evaluator,
-    HardwareCostModel,
-    Trainer,
-)
+from evaluators import COST_METRICS, CostEvaluator, Evaluator, Trainer, build_evaluator, find_part
 from evaluators.pareto import plot_pareto
-from experiments.config import register_configs
+from experiments.config import EvaluatorConfig, register_configs
 from experiments.tasks import instantiate_task
 from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text
 from strategies import SearchResult, Strategy
@@ -70,11 +61,6 @@ def cost_objectives(cfg: DictConfig) -> list[str]:
     return cost_metrics
 
 
-def build_cost_model(cfg: DictConfig) -> HardwareCostModel:
-    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
-    return HardwareCostModel.from_profile(hardware, dtype=cfg.evaluator.dtype, batch_size=cfg.evaluator.batch_size)
-
-
 def build_space(cfg: DictConfig) -> tuple[Trainer, SearchSpace]:
     """The task's trainer (nothing is trained yet) and the search space of its model."""
     task = instantiate_task(cfg.task)
@@ -95,21 +81,18 @@ def build(cfg: DictConfig) -> Job:
         strategy = dataclasses.replace(strategy, recipe=recipe)
     if "objectives" in fields:
         strategy = dataclasses.replace(strategy, objectives=list(cfg.objectives))
-    cost_model = build_cost_model(cfg)
+    evaluator_cfg: EvaluatorConfig = OmegaConf.to_object(cfg.evaluator)
+    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
     trainer, space = build_space(cfg)
-    accuracy = AccuracyEvaluator(
+    evaluator = build_evaluator(
         trainer,
         space,
-        AccuracyConfig(
-            fidelity=cfg.evaluator.fidelity,
-            finetune_epochs=cfg.evaluator.finetune_epochs,
-            recipe=recipe,
-            bn_batches=cfg.evaluator.bn_batches,
-            split=cfg.evaluator.split,
-        ),
+        accuracy=evaluator_cfg.accuracy,
+        cost=evaluator_cfg.cost,
+        hardware=hardware,
+        metrics=cost_metrics,
     )
-    evaluator = CompositeEvaluator(accuracy, CostEvaluator(space, cost_model, cost_metrics))
-    return Job(space, evaluator, strategy, cost_model.profile.name)
+    return Job(space, evaluator, strategy, find_part(evaluator, CostEvaluator).cost_model.profile.name)
 
 
 def chosen_trial(result: SearchResult, cfg: DictConfig) -> int:

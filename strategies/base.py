@@ -7,12 +7,16 @@ one format, so fronts of different strategies overlay in one plot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evaluators import AccuracyEvaluator, Constraint, Evaluation, Evaluator, Objective
+from evaluators import AccuracyEvaluator, Constraint, Evaluation, Evaluator, Objective, find_part
 from evaluators.pareto import hypervolume, knee_index, pareto_front
 from search_space import NMSearchError, Scheme, SearchSpace, atomic_write, atomic_write_text
 
@@ -41,6 +45,82 @@ class Strategy(Protocol):
     ) -> SearchResult: ...
 
 
+class StrategyConfigError(NMSearchError):
+    """A strategy field of the wrong type or outside its choices."""
+
+
+class Choice(str, Enum):
+    """A strategy's choice field: a ``str`` Enum whose member names equal their values, so Hydra /
+    OmegaConf check a config value when composing and the old plain strings still work
+    (``Sampler.tpe == "tpe"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+@dataclass
+class StrategyBase:
+    """Shared base of the strategy dataclasses: every field is checked against its annotation when
+    the object is made (``int`` refuses ``2.5``, ``float`` takes ints, :class:`Choice` fields take
+    their values as strings), so bad configuration fails in one line before any work. Ranges and
+    cross-field rules stay in each strategy's own validation."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        label = getattr(self, "name", type(self).__name__)
+        for f in dataclasses.fields(self):
+            value = _checked(f"{label}.{f.name}", getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+
+
+def _checked(label: str, value: Any, annotation: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        error: StrategyConfigError | None = None
+        for option in options:
+            try:
+                return _checked(label, value, option)
+            except StrategyConfigError as failure:
+                error = error or failure
+        raise error if error else StrategyConfigError(f"{label} may not be null")
+    if origin in (list, tuple) and args:
+        if not isinstance(value, list | tuple):
+            raise StrategyConfigError(f"{label} must be a list, got {value!r}")
+        item = args[0]
+        return type(value)(_checked(f"{label}[{i}]", v, item) for i, v in enumerate(value))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        if isinstance(value, annotation):
+            return value
+        try:
+            return annotation(value)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in annotation)
+            raise StrategyConfigError(f"{label} = {value!r} is not one of {choices}") from None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise StrategyConfigError(f"{label} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise StrategyConfigError(f"{label} must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise StrategyConfigError(f"{label} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise StrategyConfigError(f"{label} must be a string, got {value!r}")
+        return value
+    return value  # nested configs (RecipeConfig) validate themselves
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One evaluated (or attempted) scheme, as strategies report it."""
@@ -55,17 +135,10 @@ class Candidate:
 
 
 def accuracy_part(evaluator: Evaluator) -> AccuracyEvaluator:
-    """The :class:`~evaluators.AccuracyEvaluator` inside ``evaluator`` (itself, or a part of a
-    composite): training strategies take the task, pre-trained model and data from its trainer."""
-    if isinstance(evaluator, AccuracyEvaluator):
-        return evaluator
-    for part in getattr(evaluator, "parts", ()):
-        if isinstance(part, AccuracyEvaluator):
-            return part
-    raise NMSearchError(
-        "this strategy trains the model, so its evaluator must include an AccuracyEvaluator; "
-        f"got {type(evaluator).__name__}"
-    )
+    """The :class:`~evaluators.AccuracyEvaluator` inside ``evaluator``: training strategies take the
+    task, pre-trained model and data from its trainer. Kept for compatibility; it is
+    :func:`evaluators.find_part` with ``AccuracyEvaluator``."""
+    return find_part(evaluator, AccuracyEvaluator, purpose="this strategy trains the model")
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:

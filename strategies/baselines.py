@@ -13,14 +13,14 @@ from dataclasses import dataclass, replace
 from evaluators import Evaluator
 from search_space import SearchSpace
 from strategies.base import SearchResult
-from strategies.optuna_strategy import OptunaStrategy
+from strategies.optuna_strategy import OptunaStrategy, Sampler
 
 
 @dataclass
 class UniformStrategy(OptunaStrategy):
     """Evaluates ``space.uniform_schemes()``: dense and each (target, ratio) on every eligible layer."""
 
-    sampler: str = "random"
+    sampler: Sampler = Sampler.random
     warm_start: bool = True
     study_name: str = "uniform"
     name: str = "uniform"
@@ -37,7 +37,7 @@ class UniformStrategy(OptunaStrategy):
 class RandomStrategy(OptunaStrategy):
     """Random schemes (Optuna's RandomSampler), no warm start: the reference a search must beat."""
 
-    sampler: str = "random"
+    sampler: Sampler = Sampler.random
     warm_start: bool = False
     study_name: str = "random"
     name: str = "random"

@@ -53,6 +53,7 @@ from evaluators import (
     TrainingDivergedError,
     train_one_epoch,
 )
+from evaluators.composite import find_part_or_none
 from evaluators.cost import metric_columns
 from evaluators.training import epoch_seed, make_optimizer, seed_everything
 from search_space import (
@@ -69,7 +70,7 @@ from search_space import (
     sparsify,
 )
 from search_space.layers import SparseLayerMixin
-from strategies.base import COMPLETE, FAIL, Candidate, SearchResult, accuracy_part
+from strategies.base import COMPLETE, FAIL, Candidate, Choice, SearchResult, StrategyBase, accuracy_part
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,23 @@ SPACE_TARGETS = ("params", "macs")
 COST_MODEL_TARGETS = ("latency_ms", "bytes_mb", "energy_mj")
 TARGETS = SPACE_TARGETS + COST_MODEL_TARGETS
 GRADIENTS = ("ste", "masked")
+
+
+class BudgetMetric(Choice):
+    """What DominoSearch's budget (its ``target`` field) measures."""
+
+    params = "params"
+    macs = "macs"
+    latency_ms = "latency_ms"
+    bytes_mb = "bytes_mb"
+    energy_mj = "energy_mj"
+
+
+class Gradient(Choice):
+    """Which weights the straight-through gradient reaches."""
+
+    ste = "ste"
+    masked = "masked"
 LOG_TABLE = "domino_log"  # SearchResult.tables key, saved as domino_log.csv
 LOG_COLUMNS = (
     "step",
@@ -313,15 +331,9 @@ def scoring_evaluator(evaluator: Evaluator, space: SearchSpace) -> Evaluator:
     return evaluator
 
 
-def _cost_part(evaluator: Evaluator) -> CostEvaluator | None:
-    if isinstance(evaluator, CostEvaluator):
-        return evaluator
-    return next((part for part in getattr(evaluator, "parts", ()) if isinstance(part, CostEvaluator)), None)
-
-
 # -- the strategy ------------------------------------------------------------------------------
 @dataclass
-class DominoStrategy:
+class DominoStrategy(StrategyBase):
     """DominoSearch over the weight N:M of the searchable layers, with fixed ``m`` and per-layer N.
 
     ``target`` / ``target_value``: ``"params"`` with the global weight sparsity of the searchable
@@ -341,14 +353,14 @@ class DominoStrategy:
     """
 
     m: int = 16
-    target: str = "params"
+    target: BudgetMetric = BudgetMetric.params
     target_value: float = 0.875
     vote_interval: int = 50
     vote_fraction: float = 0.75
     shrink_lambda: float = 1.0
     shrink_interval: int = 1
     beta: float = 0.5
-    gradient: str = "ste"
+    gradient: Gradient = Gradient.ste
     lr: float | None = None
     max_epochs: int = 100
     seed: int = 0
@@ -383,7 +395,7 @@ class DominoStrategy:
     def _cost_model(self, evaluator: Evaluator | None) -> HardwareCostModel:
         if self.hardware is not None:
             return HardwareCostModel.from_profile(self.hardware, dtype=self.dtype, batch_size=self.batch_size)
-        part = _cost_part(evaluator) if evaluator is not None else None
+        part = find_part_or_none(evaluator, CostEvaluator) if evaluator is not None else None
         if part is None:
             raise DominoError(
                 f"target {self.target!r} needs a hardware cost model: set hardware='a100' (or another profile) "
@@ -493,7 +505,7 @@ class DominoStrategy:
             self.name, evaluator.objectives, candidates, metadata, tables={LOG_TABLE: state.log()}
         )
         if run_dir is not None:
-            self._write(result, final, Path(run_dir))
+            self._write(final, Path(run_dir))
         return result
 
     def _candidate(
@@ -517,10 +529,10 @@ class DominoStrategy:
         )
 
     @staticmethod
-    def _write(result: SearchResult, scheme: Scheme, run_dir: Path) -> None:
-        """The result's files (the decision log is ``domino_log.csv``), the scheme in our JSON format
-        and in DominoSearch's ``{layer: [N, M]}``."""
-        result.save(run_dir)
+    def _write(scheme: Scheme, run_dir: Path) -> None:
+        """Domino's own files: the scheme in our JSON format and in DominoSearch's ``{layer: [N, M]}``.
+        The result files (``trials.csv``, ``domino_log.csv``, ...) are the entry point's to write
+        (:meth:`SearchResult.save`)."""
         scheme.save(run_dir / "domino_scheme.json")
         atomic_write_text(run_dir / "domino.json", json.dumps(scheme.to_domino(), indent=2) + "\n")
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluators import CostEvaluator, CostTable, Evaluator, HardwareCostModel, Objective
+from evaluators import CostEvaluator, CostTable, Evaluator, HardwareCostModel, Objective, find_part_or_none
 from evaluators.task import Batch
 from evaluators.training import make_optimizer, seed_everything, train_one_epoch
 from search_space import (
@@ -56,10 +56,34 @@ from search_space import (
     share_row_scores,
     sparsify,
 )
-from strategies.base import COMPLETE, Candidate, SearchResult, accuracy_part, load_checkpoint, save_checkpoint
+from strategies.base import (
+    COMPLETE,
+    Candidate,
+    Choice,
+    SearchResult,
+    StrategyBase,
+    accuracy_part,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LOSS_FORMS = ("additive", "fbnet", "budget")
 TEMPERATURE_SCHEDULES = ("exponential", "linear")
+
+
+class LossForm(Choice):
+    """How the architecture loss combines accuracy and cost (:func:`architecture_loss`)."""
+
+    additive = "additive"
+    fbnet = "fbnet"
+    budget = "budget"
+
+
+class TemperatureSchedule(Choice):
+    """How the Gumbel temperature falls over the epochs (:func:`temperature`)."""
+
+    exponential = "exponential"
+    linear = "linear"
 ARCH_SHARE = 5  # every 5th training batch trains the logits (80/20 split, as FBNet)
 
 
@@ -216,7 +240,7 @@ class _EveryNth:
 
 
 @dataclass
-class GumbelStrategy:
+class GumbelStrategy(StrategyBase):
     """Gumbel-softmax supernet search. ``lambdas`` (additive / fbnet) or ``budgets`` (budget
     form) run one search each; every run's argmax scheme (and ``samples`` sampled schemes) is
     scored by the evaluator."""
@@ -225,14 +249,14 @@ class GumbelStrategy:
     warmup_fraction: float = 0.1
     lambdas: list[float] = field(default_factory=lambda: [1.0])
     budgets: list[float] = field(default_factory=list)
-    loss: str = "additive"
+    loss: LossForm = LossForm.additive
     cost_metric: str = "latency_ms"
     fbnet_alpha: float = 0.2
     fbnet_beta: float = 0.6
     budget_weight: float = 10.0
     tau_start: float = 5.0
     tau_decay: float = 0.956
-    tau_schedule: str = "exponential"
+    tau_schedule: TemperatureSchedule = TemperatureSchedule.exponential
     tau_end: float = 0.5
     arch_lr: float = 3e-3
     weight_lr: float | None = None
@@ -271,10 +295,10 @@ class GumbelStrategy:
         return list(self.lambdas)
 
     def _cost_table(self, space: SearchSpace, evaluator: Evaluator) -> tuple[CostTable, str]:
-        for part in [evaluator, *getattr(evaluator, "parts", ())]:
-            if isinstance(part, CostEvaluator):
-                table = part.table if part.space is space else part.cost_model.table(space)
-                return table, part.cost_model.profile.name
+        part = find_part_or_none(evaluator, CostEvaluator)
+        if part is not None:
+            table = part.table if part.space is space else part.cost_model.table(space)
+            return table, part.cost_model.profile.name
         if self.hardware is None:
             raise NMSearchError(
                 "the Gumbel loss needs a cost model: include a CostEvaluator in the evaluator or set gumbel.hardware"

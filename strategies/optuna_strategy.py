@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluators import Constraint, Evaluation, Evaluator, Objective, select_objectives
 from search_space import NMSearchError, SearchSpace
-from strategies.base import COMPLETE, FAIL, Candidate, SearchResult
+from strategies.base import COMPLETE, FAIL, Candidate, Choice, SearchResult, StrategyBase
 from strategies.storage import (
     StorageError,
     TrialLease,
@@ -34,6 +34,16 @@ from strategies.storage import (
 )
 
 SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
+
+
+class Sampler(Choice):
+    """Optuna samplers by name (see :func:`make_sampler`)."""
+
+    tpe = "tpe"
+    nsga2 = "nsga2"
+    nsga3 = "nsga3"
+    gp = "gp"
+    random = "random"
 DEFAULT_OBJECTIVES = ("accuracy", "latency_ms")
 _FAIL_REASON = "fail_reason"
 
@@ -65,7 +75,7 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class OptunaStrategy:
+class OptunaStrategy(StrategyBase):
     """Search with an Optuna sampler. Budget: ``n_trials`` finished evaluations and/or
     ``timeout_s`` of wall time (per call). ``constraints`` (``"latency_ms<=0.5"``) become
     ``trial.set_constraint`` values the samplers respect; ``warm_start`` enqueues the dense and
@@ -76,7 +86,7 @@ class OptunaStrategy:
 
     n_trials: int | None = 100
     timeout_s: float | None = None
-    sampler: str = "tpe"
+    sampler: Sampler = Sampler.tpe
     seed: int | None = 0
     objectives: list[str] | None = None
     constraints: list[str] = field(default_factory=list)

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +7,14 @@ from torch import nn
 
 from evaluators.accuracy import AccuracyConfig, AccuracyEvaluator
 from evaluators.base import MAXIMIZE, MINIMIZE, Evaluation, Evaluator, Objective
-from evaluators.composite import CompositeEvaluator
+from evaluators.composite import (
+    DEFAULT_COST_METRICS,
+    DEFAULT_HARDWARE,
+    CompositeEvaluator,
+    CostModelConfig,
+    find_part,
+    find_part_or_none,
+)
 from evaluators.cost import COST_METRICS, CostEvaluator, HardwareCostModel
 from experiments.tasks import get_task
 from search_space import NMSearchError, Scheme, SearchSpace
@@ -74,7 +82,7 @@ def test_bad_combinations_are_refused(scheme) -> None:
 
 
 def test_for_task_scores_accuracy_and_hardware_cost_over_one_space(tmp_path) -> None:
-    composite = CompositeEvaluator.for_task(get_task("synthetic"), "a100", cache_dir=tmp_path)
+    composite = CompositeEvaluator.for_task(get_task("synthetic"), "a100", metrics=COST_METRICS, cache_dir=tmp_path)
     accuracy, cost = composite.parts
     assert isinstance(accuracy, AccuracyEvaluator) and isinstance(cost, CostEvaluator)
     assert cost.space is accuracy.space
@@ -102,3 +110,22 @@ def test_for_task_options_reach_the_parts(tmp_path) -> None:
     one = CostEvaluator(accuracy.space, HardwareCostModel.from_profile("a100", batch_size=1), ["latency_ms"])
     scheme = Scheme.dense(accuracy.space)
     assert cost.evaluate(scheme).values["latency_ms"] > one.evaluate(scheme).values["latency_ms"]
+
+
+def test_one_assembly_with_the_entry_points_defaults(tmp_path) -> None:
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "conf" / "config.yaml").read_text())
+    defaults = {k: v for d in config["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    assert defaults["hardware"] == DEFAULT_HARDWARE
+    assert ["accuracy", *DEFAULT_COST_METRICS] == config["objectives"]
+    composite = CompositeEvaluator.for_task(get_task("synthetic"), cache_dir=tmp_path)
+    cost = find_part(composite, CostEvaluator)
+    assert cost.cost_model.profile == HardwareCostModel.from_profile(DEFAULT_HARDWARE).profile
+    assert [o.name for o in composite.objectives] == ["accuracy", *DEFAULT_COST_METRICS]
+    assert find_part(composite, AccuracyEvaluator) is composite.parts[0]
+    with pytest.raises(NMSearchError, match="its evaluator must include an AccuracyEvaluator; got CostEvaluator"):
+        find_part(cost, AccuracyEvaluator, purpose="this strategy trains the model")
+    assert find_part_or_none(cost, AccuracyEvaluator) is None
+    with pytest.raises(NMSearchError, match="batch_size must be a positive integer"):
+        CostModelConfig(batch_size=0)

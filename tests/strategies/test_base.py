@@ -1,10 +1,17 @@
+import json
 import logging
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
-from strategies.base import load_checkpoint, save_checkpoint
+from strategies import DominoStrategy, GumbelStrategy, OptunaStrategy
+from strategies.base import StrategyConfigError, load_checkpoint, save_checkpoint
+from strategies.domino import BudgetMetric
+from strategies.gumbel import LossForm
+from strategies.optuna_strategy import Sampler
 
 _EXECUTED: list[str] = []
 
@@ -51,3 +58,35 @@ def test_crafted_pickle_payload_is_not_executed(tmp_path: Path, caplog) -> None:
         assert load_checkpoint(tmp_path / "zip.pt") is None
     assert _EXECUTED == []
     assert len(caplog.records) == 2
+
+
+def test_strategy_fields_are_checked_when_made() -> None:
+    with pytest.raises(StrategyConfigError, match=r"^optuna\.n_trials must be an integer, got 2\.5$"):
+        OptunaStrategy(n_trials=2.5)
+    with pytest.raises(StrategyConfigError, match=r"optuna\.sampler = 'bogus' is not one of tpe, nsga2"):
+        OptunaStrategy(sampler="bogus")
+    with pytest.raises(StrategyConfigError, match=r"gumbel\.loss = 'l2' is not one of additive, fbnet, budget"):
+        GumbelStrategy(loss="l2")
+    with pytest.raises(StrategyConfigError, match=r"domino\.target_value must be a number"):
+        DominoStrategy(target_value="half")
+    with pytest.raises(StrategyConfigError, match=r"gumbel\.lambdas\[1\] must be a number"):
+        GumbelStrategy(lambdas=[1.0, "x"])
+    strategy = DominoStrategy(target="macs", target_value=1)
+    assert strategy.target == "macs" and strategy.target is BudgetMetric.macs and f"{strategy.target}" == "macs"
+    assert isinstance(strategy.target_value, float) and OptunaStrategy(sampler="random").sampler == "random"
+    assert json.loads(json.dumps({"s": Sampler.tpe})) == {"s": "tpe"}
+
+
+def test_hydra_checks_choice_fields_when_composing() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from experiments.config import register_configs
+
+    register_configs()
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(conf, version_base="1.3"):
+        cfg = compose("config", overrides=["strategy=gumbel", "strategy.loss=fbnet"])
+        with pytest.raises(ConfigCompositionException, match="l2"):
+            compose("config", overrides=["strategy=gumbel", "strategy.loss=l2"])
+    assert OmegaConf.to_object(cfg.strategy).loss is LossForm.fbnet

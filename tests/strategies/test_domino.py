@@ -309,6 +309,8 @@ def test_search_on_synthetic_writes_scheme_and_decision_log(synthetic: AccuracyE
     for _, decisions in log.groupby("layer"):
         assert (decisions["n"].diff().dropna() == -1).all()  # one step of N per decision
 
+    assert not (tmp_path / "trials.csv").exists()  # result files are the entry point's to write
+    result.save(tmp_path)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "domino_log.csv"), log, check_dtype=False)
     saved = Scheme.load(tmp_path / "domino_scheme.json")
     assert saved == scheme and saved.metrics["domino_params"] == pytest.approx(sparsity)
