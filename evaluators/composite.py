@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -18,6 +18,9 @@ from evaluators.accuracy import AccuracyConfig, AccuracyEvaluator
 from evaluators.base import Evaluation, Evaluator, Objective
 from evaluators.task import Task
 from evaluators.training import Trainer
+
+if TYPE_CHECKING:
+    from evaluators.cost import HardwareCostModel
 from search_space import NMSearchError, Scheme, SearchSpace
 
 E = TypeVar("E")
@@ -77,6 +80,27 @@ class CostModelConfig:
             raise NMSearchError(f"evaluator.batch_size must be a positive integer, got {self.batch_size!r}")
 
 
+def build_cost_model(
+    hardware: str | Mapping[str, Any] = DEFAULT_HARDWARE, cost: CostModelConfig | None = None
+) -> HardwareCostModel:
+    """The hardware cost model of a profile, as :func:`build_evaluator` builds it.
+
+    Args:
+        hardware: a profile name of ``conf/hardware`` or a profile mapping.
+        cost: dtype and deployment batch (default :class:`CostModelConfig`).
+
+    Returns:
+        The cost model.
+
+    Raises:
+        HardwareProfileError: an unknown or malformed profile.
+    """
+    from evaluators.cost import HardwareCostModel
+
+    cost = cost or CostModelConfig()
+    return HardwareCostModel.from_profile(hardware, dtype=cost.dtype, batch_size=cost.batch_size)
+
+
 def build_evaluator(
     trainer: Trainer,
     space: SearchSpace | None = None,
@@ -107,10 +131,9 @@ def build_evaluator(
         CostModelError: an unknown metric or dtype.
     """
     # Imported here so that this module depends on the cost model only when asked to build one.
-    from evaluators.cost import CostEvaluator, HardwareCostModel
+    from evaluators.cost import CostEvaluator
 
-    cost = cost or CostModelConfig()
-    cost_model = HardwareCostModel.from_profile(hardware, dtype=cost.dtype, batch_size=cost.batch_size)
+    cost_model = build_cost_model(hardware, cost)
     accuracy_evaluator = AccuracyEvaluator(trainer, space, accuracy)
     return CompositeEvaluator(accuracy_evaluator, CostEvaluator(accuracy_evaluator.space, cost_model, tuple(metrics)))
 

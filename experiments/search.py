@@ -27,7 +27,17 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evaluators import COST_METRICS, CostEvaluator, Evaluator, Trainer, build_evaluator, find_part
+import evaluators
+from evaluators import (
+    COST_METRICS,
+    CostEvaluator,
+    CostModelConfig,
+    Evaluator,
+    HardwareCostModel,
+    Trainer,
+    build_evaluator,
+    find_part,
+)
 from evaluators.pareto import plot_pareto
 from experiments.config import EvaluatorConfig, register_configs
 from experiments.tasks import instantiate_task
@@ -59,6 +69,12 @@ def cost_objectives(cfg: DictConfig) -> list[str]:
             f"objectives: {unknown[0] if unknown else 'no cost metric'!r} — choose from {', '.join(COST_METRICS)}"
         )
     return cost_metrics
+
+
+def build_cost_model(cfg: DictConfig) -> HardwareCostModel:
+    """The run's cost model (``cfg.hardware``, ``cfg.evaluator.dtype`` / ``batch_size``)."""
+    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
+    return evaluators.build_cost_model(hardware, CostModelConfig(cfg.evaluator.dtype, cfg.evaluator.batch_size))
 
 
 def build_space(cfg: DictConfig) -> tuple[Trainer, SearchSpace]:

@@ -46,7 +46,7 @@ def _seconds(run: Callable[[], Tensor]) -> float:
 
 # -- inference: skip the masked rows -----------------------------------------------------------
 @dataclass
-class _RowPlan:
+class _ShapeState:
     """Indices and work buffers for one input shape."""
 
     key: tuple
@@ -146,7 +146,7 @@ class RowSkippingConv2d(nn.Module):
         self.register_buffer("matrix", matrix.contiguous())
         grouped_bias = None if bias is None else bias.detach().reshape(groups, 1, cout // groups).clone()
         self.register_buffer("bias", grouped_bias)
-        self._plan: _RowPlan | None = None
+        self._plan: _ShapeState | None = None
 
     @property
     def path_in_use(self) -> str | None:
@@ -191,7 +191,7 @@ class RowSkippingConv2d(nn.Module):
         output_size = conv_output_size(input_size, self.kernel_size, self.stride, self.dilation, self.padding)
         return row_keep_mask(self.row_scores.pooled(output_size, input_size), self.sparsity)
 
-    def _plan_for(self, x: Tensor) -> _RowPlan:
+    def _plan_for(self, x: Tensor) -> _ShapeState:
         batch, _, height, width = x.shape
 
         def key() -> tuple:
@@ -208,7 +208,7 @@ class RowSkippingConv2d(nn.Module):
         source = torch.full((batch * keep.numel(),), rows, dtype=torch.long)
         source[scatter] = torch.arange(rows)
         options = {"dtype": x.dtype, "device": x.device}
-        self._plan = _RowPlan(
+        self._plan = _ShapeState(
             key=key(),  # after keep_mask(): it may have set the field's input size
             output_size=tuple(keep.shape),
             gather=gather.to(x.device),
@@ -234,7 +234,7 @@ class RowSkippingConv2d(nn.Module):
             plan.dense = self._dense_is_faster(x, plan)
         return plan
 
-    def _dense_is_faster(self, x: Tensor, plan: _RowPlan) -> bool:
+    def _dense_is_faster(self, x: Tensor, plan: _ShapeState) -> bool:
         """Time both paths on ``x`` (after a warm-up call each); medians decide."""
         rows = _seconds(lambda: self._skip_rows(x, plan))
         return _seconds(lambda: self._masked_dense(x, plan)) < rows
@@ -257,7 +257,7 @@ class RowSkippingConv2d(nn.Module):
         plan = self._plan_for(x)
         return self._masked_dense(x, plan) if plan.dense else self._skip_rows(x, plan)
 
-    def _masked_dense(self, x: Tensor, plan: _RowPlan) -> Tensor:
+    def _masked_dense(self, x: Tensor, plan: _ShapeState) -> Tensor:
         """The dense conv with the skipped rows zeroed: no work saved, the reference the kernel matches."""
         left, right, top, bottom = self.padding
         weight = plan.weight if plan.weight is not None else self.dense_weight()
@@ -268,7 +268,7 @@ class RowSkippingConv2d(nn.Module):
             out = F.conv2d(F.pad(x, self.padding), weight, bias, self.stride, 0, self.dilation, self.groups)
         return out.mul_(plan.keep)
 
-    def _skip_rows(self, x: Tensor, plan: _RowPlan) -> Tensor:
+    def _skip_rows(self, x: Tensor, plan: _ShapeState) -> Tensor:
         batch, channels, _, _ = x.shape
         source = x.permute(0, 2, 3, 1)
         if not any(self.padding) and source.is_contiguous():  # channels-last input, no border: read it in place
