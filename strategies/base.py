@@ -60,6 +60,19 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+    def __repr__(self) -> str:
+        return repr(self.value)  # messages quote choices as the strings users write
+
+    @classmethod
+    def invalid(cls, label: str, value: Any) -> str:
+        """The one-line message for a ``value`` that is not a choice (subclasses may word it)."""
+        return f"{label} = {value!r} is not one of {cls.values()}"
+
+    @classmethod
+    def values(cls) -> str:
+        """The choices, comma-separated."""
+        return ", ".join(str(member.value) for member in cls)
+
 
 @dataclass
 class StrategyBase:
@@ -100,8 +113,8 @@ def _checked(label: str, value: Any, annotation: Any) -> Any:
         try:
             return annotation(value)
         except ValueError:
-            choices = ", ".join(str(m.value) for m in annotation)
-            raise StrategyConfigError(f"{label} = {value!r} is not one of {choices}") from None
+            message = annotation.invalid(label, value) if issubclass(annotation, Choice) else f"{label} = {value!r}"
+            raise StrategyConfigError(message) from None
     if annotation is bool:
         if not isinstance(value, bool):
             raise StrategyConfigError(f"{label} must be true or false, got {value!r}")

@@ -89,12 +89,20 @@ class BudgetMetric(Choice):
     bytes_mb = "bytes_mb"
     energy_mj = "energy_mj"
 
+    @classmethod
+    def invalid(cls, label: str, value: object) -> str:
+        return f"unknown target {value!r}; choose one of {cls.values()}"
+
 
 class Gradient(Choice):
     """Which weights the straight-through gradient reaches."""
 
     ste = "ste"
     masked = "masked"
+
+    @classmethod
+    def invalid(cls, label: str, value: object) -> str:
+        return f"gradient must be one of {cls.values()}, got {value!r}"
 LOG_TABLE = "domino_log"  # SearchResult.tables key, saved as domino_log.csv
 LOG_COLUMNS = (
     "step",

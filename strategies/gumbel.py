@@ -84,6 +84,10 @@ class TemperatureSchedule(Choice):
 
     exponential = "exponential"
     linear = "linear"
+
+    @classmethod
+    def invalid(cls, label: str, value: object) -> str:
+        return f"gumbel.tau_schedule must be one of {cls.values()}, got {value!r}"
 ARCH_SHARE = 5  # every 5th training batch trains the logits (80/20 split, as FBNet)
 
 

@@ -44,6 +44,10 @@ class Sampler(Choice):
     nsga3 = "nsga3"
     gp = "gp"
     random = "random"
+
+    @classmethod
+    def invalid(cls, label: str, value: object) -> str:
+        return f"unknown sampler {value!r}; choose one of {cls.values()}"
 DEFAULT_OBJECTIVES = ("accuracy", "latency_ms")
 _FAIL_REASON = "fail_reason"
 
