@@ -1,22 +1,33 @@
 """Hardware cost model: what a scheme costs at inference on a :class:`~evaluators.hardware.HardwareProfile`.
 
-Every layer is a GEMM ``Y[T x N] = X[T x K] W^T`` (per conv group). For a layer and an option:
+Every layer is ``G`` GEMMs ``Y[M x N] = X[M x K] W^T`` (conv groups times calls). Each layer
+option is costed on every **plan** it can run -- dense, the weights on the sparse tensor cores,
+or the activations on them (at most one operand is accelerated) -- and the fastest plan is taken,
+as a runtime picking kernels would. Everything a plan reads follows the plan:
 
-* **bytes**: weights (and bias) read once per call, the input activation read once, the output
-  written dense. A sparse N:M tensor is stored compressed: ``N/M (1 + ceil(log2 M) / (8 b))`` of
-  its dense bytes (``b`` bytes per element; FP16 2:4 = 0.5625, INT8 2:4 = 0.625).
-* **plans**: the GEMM runs dense, with the sparse weights on the sparse tensor cores, or with the
-  sparse activations on them: at most one operand is accelerated, and only when its pattern runs
-  on a hardware pattern of the dtype (1:8 runs as 2:4 at 2x, 3:8 runs dense). The fastest plan is
-  taken, as a runtime picking kernels would. Accelerating dynamic activations needs them
-  compressed on the fly: unless the profile fuses that into the producer, an extra pass reads the
-  dense activation, writes the compressed one and costs a launch. Without the tensor cores or a
-  fused producer, sparse activations are read dense (compressing them would only add traffic).
-* **row masks** (``r0.2``): the skipped GEMM rows (output positions) are never computed, read or
-  written, on any hardware: MACs, input and output bytes shrink to the kept fraction of rows
-  (``1 - s`` up to rounding to whole rows); the smaller GEMM then runs any plan above.
-* **roofline**: ``t = max(2 MACs / (eta_c P), bytes / (eta_m BW)) + calls t0 (+ compression)``
-  with ``P`` the dense peak times the plan's speedup and ``eta_c`` the dense or sparse efficiency.
+* **bytes** (plan-consistent): the dense plan reads the finalized dense weights (zeros included)
+  unless the profile lists the pattern in ``compressed_dense_kernels`` (a kernel that decompresses
+  on load); a sparse plan reads the *hardware format* the pattern runs as, whatever the
+  pattern: 1:8, 2:8 and 2:16 run as 2:4 and are stored as 2:4, values plus a 2-bit index per kept
+  value (:func:`format_fraction`: FP16/BF16 0.5625, INT8/FP8 0.625, TF32 1:2 0.53125 of dense).
+  Only a hypothetical ``any``-pattern accelerator stores N:M itself (``ceil(log2 M)`` index bits).
+  Input activations are read once, outputs written dense. Dynamic activation masks cost a pass
+  (read the dense activation, write the masked or compressed one, one launch) unless the profile
+  fuses it into the producer.
+* **row masks** (``r0.2``): skipped GEMM rows are never computed, read or written: M, input and
+  output bytes shrink to the kept fraction of rows; the smaller GEMM then runs any plan above.
+* **shape-aware compute**: a GEMM's output tiles (``tile_m x tile_n``) run in whole waves over
+  the profile's ``sms``; a sparse kernel pads the dense operand's rows to ``sparse_row_multiple``;
+  the compressed operand halves the K loop (``K / s``, ``s`` the plan's peak ratio) while every
+  tile keeps ``k_overhead`` fixed steps::
+
+      waves   = ceil(G / calls * ceil(M' / tile_m) * ceil(N' / tile_n) / sms)  (per call)
+      work    = calls * waves * sms * tile_m * tile_n * (K / s + k_overhead)
+      compute = 2 work / (eta_c P_dense)
+      t       = max(compute, bytes / (eta_m BW)) + calls (t0 + t_sparse [sparse plans]) + mask pass
+
+  ``eta_c`` is the dense or sparse efficiency. With the default shape model (1 SM, 1x1 tiles, no
+  overheads) this is the plain roofline.
 * **energy**: executed MACs (dense MACs / plan speedup) x pJ per MAC + DRAM bytes x pJ per byte.
 
 A scheme's totals are sums over layers, so :meth:`HardwareCostModel.table` precomputes every
@@ -39,7 +50,7 @@ import pandas as pd
 import torch
 
 from evaluators.base import MINIMIZE, Evaluation, Objective
-from evaluators.hardware import DTYPE_BYTES, DtypeSpec, HardwareProfile, load_profile
+from evaluators.hardware import DTYPE_BYTES, DtypeSpec, HardwareProfile, load_profile, runs_on
 from search_space import (
     DEFAULT_TARGETS,
     DENSE,
@@ -53,11 +64,37 @@ from search_space import (
     row_kept_fraction,
 )
 
+__all__ = [
+    "COST_METRICS",
+    "METRIC_UNITS",
+    "PLANS",
+    "SPARSE_FORMAT_INDEX_BITS",
+    "CostEvaluator",
+    "CostModelError",
+    "CostReport",
+    "CostTable",
+    "GemmTerms",
+    "HardwareCostModel",
+    "Roofline",
+    "Workload",
+    "compressed_fraction",
+    "executed_macs",
+    "format_fraction",
+    "gemm_terms",
+    "metric_columns",
+    "plan_costs",
+    "roofline",
+]
+
 COST_METRICS = ("latency_ms", "bytes_mb", "energy_mj", "params", "macs")
 METRIC_UNITS: Mapping[str, str] = MappingProxyType(
     {"latency_ms": "ms", "bytes_mb": "MB", "energy_mj": "mJ", "params": "", "macs": ""}
 )
 PLANS = ("dense", "sparse weights", "sparse activations")
+# Index bits per kept value in the sparse tensor-core format (2:4 for FP16/BF16/INT8/FP8, 1:2 for
+# TF32): PTX ISA, "Sparse matrix storage" of mma.sp (a 2-bit index per non-zero; TF32 1:2 keeps
+# the 2:4 metadata layout, 4 bits per group of four); cuSPARSELt / CUTLASS store it the same way.
+SPARSE_FORMAT_INDEX_BITS = 2
 
 
 class CostModelError(NMSearchError):
@@ -65,7 +102,8 @@ class CostModelError(NMSearchError):
 
 
 def compressed_fraction(pattern: NMPattern | None, bytes_per_element: int) -> float:
-    """Bytes of an N:M-compressed tensor relative to dense: values plus ceil(log2 M) index bits per kept value.
+    """Bytes of a tensor stored in generic N:M form relative to dense: values plus ceil(log2 M) index
+    bits per kept value (the format of a hypothetical any-pattern accelerator).
 
     Never above 1: a pattern whose metadata outweighs the zeros (7:8) is stored dense.
     """
@@ -75,9 +113,34 @@ def compressed_fraction(pattern: NMPattern | None, bytes_per_element: int) -> fl
     return min(1.0, pattern.density * (1 + index_bits / (8 * bytes_per_element)))
 
 
+def format_fraction(hardware: NMPattern, bytes_per_element: int) -> float:
+    """Bytes of a tensor in the sparse tensor-core format ``hardware`` (2:4, 1:2) relative to dense:
+    the kept values plus :data:`SPARSE_FORMAT_INDEX_BITS` per kept value (FP16 2:4: 0.5625,
+    INT8 / FP8 2:4: 0.625, TF32 1:2: 0.53125)."""
+    return hardware.density * (1 + SPARSE_FORMAT_INDEX_BITS / (8 * bytes_per_element))
+
+
+def _run_format(spec: DtypeSpec, pattern: NMPattern | None, bytes_per_element: int) -> tuple[float, float]:
+    """(peak ratio, stored fraction) of the fastest sparse format ``pattern`` runs as; (1, 1) if none."""
+    if pattern is None or pattern.is_dense:
+        return 1.0, 1.0
+    if spec.accelerates_any_pattern:
+        return pattern.m / pattern.n, compressed_fraction(pattern, bytes_per_element)
+    best = (1.0, 1.0)
+    for hardware in spec.sparse_patterns:
+        if runs_on(pattern, hardware):
+            ratio = min(spec.sparse_tflops / spec.dense_tflops, hardware.m / hardware.n)
+            best = max(best, (ratio, -format_fraction(hardware, bytes_per_element)))
+    return best[0], abs(best[1])
+
+
 @dataclass(frozen=True)
 class Workload:
-    """A layer's GEMM work in one forward pass (all calls), already scaled to the batch size."""
+    """A layer's GEMM work in one forward pass (all calls), already scaled to the batch size.
+
+    ``rows``, ``outputs`` and ``reduction`` are one GEMM's M, N and K; ``gemms`` is how many run
+    (conv groups times calls). Left at 0 they are derived from the totals (one GEMM per call).
+    """
 
     macs: float
     weight_numel: int
@@ -86,6 +149,19 @@ class Workload:
     output_numel: float
     calls: int = 1
     positions: int | None = None  # a conv's output positions per image: the GEMM rows a row mask picks from
+    rows: float = 0.0
+    outputs: int = 0
+    reduction: int = 0
+    gemms: int = 0
+
+    def gemm_shape(self) -> tuple[float, float, float, int]:
+        """(M, N, K, G) of this workload's GEMMs."""
+        if self.rows and self.outputs and self.reduction:
+            return self.rows, self.outputs, self.reduction, self.gemms or self.calls
+        gemms = self.calls
+        rows = self.macs / self.weight_numel
+        outputs = self.output_numel / (rows * gemms) if rows else 0.0
+        return rows / gemms, outputs, self.weight_numel / outputs if outputs else 0.0, gemms
 
     @classmethod
     def of_layer(cls, info: LayerInfo, scale: float = 1.0) -> Workload:
@@ -99,26 +175,42 @@ class Workload:
             output_numel=info.output_numel * scale,
             calls=info.calls,
             positions=output_positions(info),
+            rows=info.tokens * scale / info.calls,
+            outputs=info.outputs,
+            reduction=info.reduction,
+            gemms=info.calls * info.groups,
         )
 
     @classmethod
     def linear(cls, tokens: int, in_features: int, out_features: int, bias: bool = False) -> Workload:
+        """One ``Y[tokens x out] = X[tokens x in] W^T`` GEMM."""
         return cls(
             macs=tokens * in_features * out_features,
             weight_numel=in_features * out_features,
             bias_numel=out_features if bias else 0,
             input_numel=tokens * in_features,
             output_numel=tokens * out_features,
+            rows=tokens,
+            outputs=out_features,
+            reduction=in_features,
+            gemms=1,
         )
 
 
 @dataclass(frozen=True)
 class GemmTerms:
-    """What does not depend on the efficiency factors, one entry per (workload, option)."""
+    """What does not depend on the efficiency factors, one entry per (workload, option).
+
+    Arrays shaped ``(entries, plans)`` hold one column per :data:`PLANS` entry.
+    """
 
     macs: np.ndarray
     calls: np.ndarray
-    weight_bytes: np.ndarray
+    rows: np.ndarray  # M per GEMM, after row skipping
+    outputs: np.ndarray  # N
+    reduction: np.ndarray  # K
+    gemms: np.ndarray  # G
+    weight_bytes: np.ndarray  # (entries, plans): what each plan reads
     input_bytes: np.ndarray
     input_sparse_bytes: np.ndarray
     output_bytes: np.ndarray
@@ -129,8 +221,15 @@ class GemmTerms:
 
 
 def gemm_terms(
-    workloads: Sequence[Workload], options: Sequence[Option], spec: DtypeSpec, bytes_per_element: int
+    workloads: Sequence[Workload],
+    options: Sequence[Option],
+    spec: DtypeSpec,
+    bytes_per_element: int,
+    profile: HardwareProfile | None = None,
 ) -> GemmTerms:
+    """The efficiency-free terms of every (workload, option) pair; ``profile`` says which patterns a
+    dense-compute kernel reads compressed (none without it)."""
+
     def column(values: Any, dtype: type = np.float64) -> np.ndarray:
         return np.fromiter(values, dtype=dtype, count=len(workloads))
 
@@ -138,8 +237,9 @@ def gemm_terms(
     nm_activations = [None if o.rows else o.activation for o in options]
     # Skipped rows are neither computed nor read nor written: the GEMM is that much shorter.
     kept_rows = column(row_kept_fraction(w.positions, o.rows.sparsity) if o.rows else 1.0 for w, o in pairs)
-    w_frac = column(compressed_fraction(o.weight, bytes_per_element) for _, o in pairs)
-    a_frac = column(compressed_fraction(a, bytes_per_element) for a in nm_activations)
+    weight_formats = [_run_format(spec, o.weight, bytes_per_element) for o in options]
+    activation_formats = [_run_format(spec, a, bytes_per_element) for a in nm_activations]
+    shapes = np.array([w.gemm_shape() for w in workloads], dtype=np.float64).reshape(len(workloads), 4)
     w_density = column(o.weight.density if o.weight else 1.0 for _, o in pairs)
     a_density = column(a.density if a else 1.0 for a in nm_activations)
     macs = column(w.macs for w, _ in pairs) * kept_rows
@@ -147,13 +247,27 @@ def gemm_terms(
     weight_numel = column(w.weight_numel for w, _ in pairs)
     bias_numel = column(w.bias_numel for w, _ in pairs)
     input_bytes = column(w.input_numel for w, _ in pairs) * bytes_per_element * kept_rows
+    # Plan-consistent weight bytes: dense plan -> finalized dense weights (compressed only where a
+    # dense kernel reads the pattern compressed), sparse-weights plan -> the hardware format it runs as.
+    dense_read = column(
+        compressed_fraction(o.weight, bytes_per_element)
+        if profile is not None and profile.reads_compressed_when_dense(o.weight)
+        else 1.0
+        for o in options
+    )
+    w_frac = np.stack([dense_read, column(f for _, f in weight_formats), dense_read], axis=1)
     speedup = np.ones((len(pairs), len(PLANS)))
-    speedup[:, 1] = column(spec.sparse_speedup(o.weight) for _, o in pairs)
-    speedup[:, 2] = column(spec.sparse_speedup(a) for a in nm_activations)
+    speedup[:, 1] = column(r for r, _ in weight_formats)
+    speedup[:, 2] = column(r for r, _ in activation_formats)
+    a_frac = column(f for _, f in activation_formats)
     return GemmTerms(
         macs=macs,
         calls=calls,
-        weight_bytes=(weight_numel * w_frac + bias_numel) * bytes_per_element * calls,
+        rows=shapes[:, 0] * kept_rows,
+        outputs=shapes[:, 1],
+        reduction=shapes[:, 2],
+        gemms=shapes[:, 3],
+        weight_bytes=(weight_numel[:, None] * w_frac + bias_numel[:, None]) * bytes_per_element * calls[:, None],
         input_bytes=input_bytes,
         input_sparse_bytes=input_bytes * a_frac,
         output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element * kept_rows,
@@ -162,6 +276,32 @@ def gemm_terms(
         params=weight_numel * w_density + bias_numel,
         effective_macs=macs * w_density * a_density,
     )
+
+
+def _ceil_to(values: np.ndarray, multiple: int | np.ndarray) -> np.ndarray:
+    return np.ceil(values / multiple) * multiple
+
+
+def executed_macs(terms: GemmTerms, profile: HardwareProfile) -> np.ndarray:
+    """MAC slots the tensor cores spend per plan, ``(entries, plans)``: whole waves of tiles over the
+    SMs, the sparse kernels' padded rows, the K loop shortened by the plan's peak ratio plus the
+    fixed per-tile steps (in dense-MAC units: a sparse slot does ``s`` dense MACs' work)."""
+    gemm = profile.gemm
+    rows, outputs = terms.rows[:, None], terms.outputs[:, None]
+    pad = np.array([1, gemm.sparse_row_multiple, 1])
+    out_pad = np.array([1, 1, gemm.sparse_row_multiple])
+    # The sparse-weights kernel pads the dense operand (X, M rows); the sparse-activations one pads W (N rows).
+    padded_rows = np.where(terms.speedup > 1, _ceil_to(rows, pad), rows)
+    padded_outputs = np.where(terms.speedup > 1, _ceil_to(outputs, out_pad), outputs)
+    k_loop = terms.reduction[:, None] / terms.speedup + gemm.k_overhead
+    if gemm.sms == gemm.tile_m == gemm.tile_n == 1:
+        # Plain roofline: no quantisation, so fractional rows (batch scaling) stay exact.
+        return terms.gemms[:, None] * padded_rows * padded_outputs * k_loop
+    # One kernel per call runs all its GEMMs' (conv groups') tiles in whole waves over the SMs.
+    per_call = (terms.gemms / terms.calls)[:, None]
+    tiles = per_call * np.ceil(padded_rows / gemm.tile_m) * np.ceil(padded_outputs / gemm.tile_n)
+    slots = np.ceil(tiles / gemm.sms) * gemm.sms * gemm.tile_m * gemm.tile_n
+    return terms.calls[:, None] * slots * k_loop
 
 
 @dataclass(frozen=True)
@@ -196,27 +336,34 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
     fused = profile.fused_activation_compression
     bandwidth = profile.memory_bandwidth_gbs * 1e9 * eff.memory
     launch = terms.calls * profile.launch_overhead_us * 1e-6
+    sparse_launch = terms.calls * profile.gemm.sparse_overhead_us * 1e-6
     efficiency = np.array([eff.compute_dense, eff.compute_sparse, eff.compute_sparse])
-    compute = 2 * terms.macs[:, None] / (spec.dense_tflops * 1e12 * efficiency * terms.speedup)
+    compute = 2 * executed_macs(terms, profile) / (spec.dense_tflops * 1e12 * efficiency)
     stored = np.where(terms.activation_sparse & fused, terms.input_sparse_bytes, terms.input_bytes)
     activation = np.stack([stored, stored, terms.input_sparse_bytes], axis=1)
     compress = np.zeros_like(activation)
     if not fused:
+        # A dynamic activation mask is a pass of its own: read the dense activation, write it
+        # masked (dense plans) or compressed (sparse-activations plan).
+        masked = np.where(terms.activation_sparse, 2 * terms.input_bytes, 0.0)
+        compress[:, 0] = compress[:, 1] = masked
         compress[:, 2] = terms.input_bytes + terms.input_sparse_bytes
-    gemm_bytes = terms.weight_bytes[:, None] + activation + terms.output_bytes[:, None]
+    gemm_bytes = terms.weight_bytes + activation + terms.output_bytes[:, None]
     memory = gemm_bytes / bandwidth
     compress_s = compress / bandwidth + (compress > 0) * launch[:, None]
     available = terms.speedup > 1
     available[:, 0] = True
-    latency = np.where(available, np.maximum(compute, memory) + launch[:, None] + compress_s, np.inf)
-    executed_macs = terms.macs[:, None] / terms.speedup
-    energy = (executed_macs * spec.pj_per_mac + (gemm_bytes + compress) * profile.pj_per_dram_byte) * 1e-12
+    launches = launch[:, None] + np.where(available & (terms.speedup > 1), sparse_launch[:, None], 0.0)
+    latency = np.where(available, np.maximum(compute, memory) + launches + compress_s, np.inf)
+    executed = terms.macs[:, None] / terms.speedup
+    energy = (executed * spec.pj_per_mac + (gemm_bytes + compress) * profile.pj_per_dram_byte) * 1e-12
     return {
         "compute_s": compute,
         "memory_s": memory,
-        "launch_s": np.broadcast_to(launch[:, None], latency.shape),
+        "launch_s": launches,
         "compress_s": compress_s,
         "latency_s": latency,
+        "weight_bytes": terms.weight_bytes,
         "activation_bytes": activation,
         "compress_bytes": compress,
         "energy_j": energy,
@@ -247,7 +394,7 @@ def roofline(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec, plan: 
         launch_s=take(plans["launch_s"]),
         compress_s=take(plans["compress_s"]),
         latency_s=take(plans["latency_s"]),
-        weight_bytes=terms.weight_bytes,
+        weight_bytes=take(plans["weight_bytes"]),
         activation_bytes=take(plans["activation_bytes"]),
         output_bytes=terms.output_bytes,
         compress_bytes=take(plans["compress_bytes"]),
@@ -375,7 +522,9 @@ class HardwareCostModel:
         """Terms and roofline of the given (layer name, option) pairs of ``space``."""
         scale = self.batch_size / space.example_batch_size
         workloads = [Workload.of_layer(space.info(name), scale) for name, _ in pairs]
-        terms = gemm_terms(workloads, [option for _, option in pairs], self.spec, DTYPE_BYTES[self.dtype])
+        terms = gemm_terms(
+            workloads, [option for _, option in pairs], self.spec, DTYPE_BYTES[self.dtype], self.profile
+        )
         return terms, roofline(terms, self.profile, self.spec)
 
     def table(self, space: SearchSpace) -> CostTable:

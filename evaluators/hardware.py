@@ -1,5 +1,6 @@
 """Hardware profiles: peak dense / sparse throughput per dtype, memory bandwidth, the N:M patterns
-the sparse tensor cores accept, efficiency factors and energy per MAC and per DRAM byte.
+the sparse tensor cores accept, efficiency factors, the GEMM shape model (SMs, tile, padding of
+sparse kernels, per-tile and per-call overheads) and energy per MAC and per DRAM byte.
 
 Profiles live in ``conf/hardware/<name>.yaml``; :func:`load_profile` takes such a name, a path to
 a YAML file or a mapping (e.g. a Hydra config node) and validates every field.
@@ -95,6 +96,26 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class GemmShape:
+    """How a GEMM's shape turns into executed work (see :mod:`evaluators.cost`).
+
+    ``sms`` parallel units each run one ``tile_m x tile_n`` output tile at a time: the tiles of a
+    GEMM run in whole waves over the units. A sparse kernel pads the dense operand's rows to a
+    multiple of ``sparse_row_multiple``. Every tile pays ``k_overhead`` reduction steps (pipeline
+    fill and epilogue) on top of its K loop, so a sparse kernel whose K loop is halved gains less
+    than 2x at small K. ``sparse_overhead_us`` is a sparse kernel's extra fixed cost per call.
+    The defaults make the model a plain roofline.
+    """
+
+    sms: int = 1
+    tile_m: int = 1
+    tile_n: int = 1
+    sparse_row_multiple: int = 1
+    k_overhead: float = 0.0
+    sparse_overhead_us: float = 0.0
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """One accelerator as the cost model sees it (see ``conf/hardware/*.yaml`` for the fields' sources)."""
 
@@ -106,6 +127,10 @@ class HardwareProfile:
     pj_per_dram_byte: float
     efficiency: Efficiency
     dtypes: Mapping[str, DtypeSpec]
+    gemm: GemmShape = GemmShape()
+    # N:M weight patterns a dense-compute kernel reads compressed (weight-only decompression);
+    # every other pattern that runs dense is stored and read as finalized dense weights.
+    compressed_dense_kernels: tuple[NMPattern, ...] = ()
     origin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -119,9 +144,15 @@ class HardwareProfile:
             )
         return self.dtypes[name]
 
-    def with_efficiency(self, efficiency: Efficiency, launch_overhead_us: float) -> HardwareProfile:
-        """A copy with other efficiency factors (what calibration fits)."""
-        return replace(self, efficiency=efficiency, launch_overhead_us=launch_overhead_us)
+    def with_efficiency(
+        self, efficiency: Efficiency, launch_overhead_us: float, gemm: GemmShape | None = None
+    ) -> HardwareProfile:
+        """A copy with other efficiency factors, launch overhead and GEMM shape model (what calibration fits)."""
+        return replace(self, efficiency=efficiency, launch_overhead_us=launch_overhead_us, gemm=gemm or self.gemm)
+
+    def reads_compressed_when_dense(self, pattern: NMPattern | None) -> bool:
+        """Whether a dense-compute kernel of this profile reads ``pattern``'s weights compressed."""
+        return pattern is not None and pattern in self.compressed_dense_kernels
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML fields, in the order the shipped files use."""
@@ -133,6 +164,8 @@ class HardwareProfile:
             "fused_activation_compression": self.fused_activation_compression,
             "pj_per_dram_byte": self.pj_per_dram_byte,
             "efficiency": asdict(self.efficiency),
+            "gemm": asdict(self.gemm),
+            "compressed_dense_kernels": [str(p) for p in self.compressed_dense_kernels],
             "dtypes": {name: spec.to_dict() for name, spec in self.dtypes.items()},
         }
 
@@ -232,9 +265,12 @@ _PROFILE_FIELDS = (
     "fused_activation_compression",
     "pj_per_dram_byte",
     "efficiency",
+    "gemm",
+    "compressed_dense_kernels",
     "dtypes",
 )
 _EFFICIENCY_FIELDS = ("compute_dense", "compute_sparse", "memory")
+_GEMM_FIELDS = ("sms", "tile_m", "tile_n", "sparse_row_multiple", "k_overhead", "sparse_overhead_us")
 _DTYPE_FIELDS = ("dense_tflops", "sparse_tflops", "sparse_patterns", "pj_per_mac")
 
 
@@ -253,6 +289,7 @@ def _parse(data: Any, origin: str) -> HardwareProfile:
     if not dtypes_fields.data:
         raise fields.error("field 'dtypes' must list at least one dtype")
     dtypes = {name: _parse_dtype(dtypes_fields, name) for name in dtypes_fields.data}
+    gemm = _parse_gemm(fields.child("gemm")) if "gemm" in fields.data else GemmShape()
     return HardwareProfile(
         name=fields.text("name"),
         source=fields.text("source"),
@@ -262,8 +299,38 @@ def _parse(data: Any, origin: str) -> HardwareProfile:
         pj_per_dram_byte=fields.number("pj_per_dram_byte"),
         efficiency=efficiency,
         dtypes=dtypes,
+        gemm=gemm,
+        compressed_dense_kernels=_parse_patterns(fields, "compressed_dense_kernels"),
         origin=origin,
     )
+
+
+def _parse_gemm(gemm: _Fields) -> GemmShape:
+    gemm.check_known(_GEMM_FIELDS)
+    counts = {}
+    for key in ("sms", "tile_m", "tile_n", "sparse_row_multiple"):
+        value = gemm.raw(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise gemm.error(f"field 'gemm.{key}' must be a positive integer, got {value!r}")
+        counts[key] = value
+    return GemmShape(
+        **counts,
+        k_overhead=gemm.number("k_overhead", allow_low=True),
+        sparse_overhead_us=gemm.number("sparse_overhead_us", allow_low=True),
+    )
+
+
+def _parse_patterns(fields: _Fields, key: str) -> tuple[NMPattern, ...]:
+    raw = fields.data.get(key, [])
+    if not isinstance(raw, list):
+        raise fields.error(f"field {key!r} must be a list of N:M strings, got {raw!r}")
+    try:
+        patterns = tuple(NMPattern.parse(p) for p in raw)
+    except NMSearchError as error:
+        raise fields.error(f"field {key!r}: {error}") from None
+    if any(p.is_dense for p in patterns):
+        raise fields.error(f"field {key!r} must list sparse N:M patterns (N < M)")
+    return patterns
 
 
 def _parse_dtype(dtypes: _Fields, name: str) -> DtypeSpec:
