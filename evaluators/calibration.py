@@ -1,21 +1,34 @@
-"""Fit a profile's efficiency factors to measured layer latencies, and check the model on held-out shapes.
+"""Fit a profile's kernel parameters to measured dense-vs-2:4 GEMM timings and check how well the
+cost model ranks held-out measurements.
 
-The measurements come from ``benchmarks/gpu_latency.py`` (or any CSV with :data:`LATENCY_COLUMNS`):
-one row per linear layer ``Y = X W^T`` (no bias) and option, with its measured latency. The fit
-is least squares on log latency over the efficiency factors (dense compute, sparse compute as a
-fraction of dense, memory) and the launch overhead; each row is predicted with the plan its kernel
-ran (``w2:4`` = the weights on the sparse tensor cores), not the fastest plan. Whole shapes are
-held out, and the fitted model is scored there by Kendall tau (predicted vs measured latency) and
-decision accuracy (does it call "sparse is faster than dense" right for each shape).
+The measurements are a CSV with :data:`MEASUREMENT_COLUMNS`: one row per GEMM
+``Y[m x n] = X[m x k] W^T`` with the dense time and the time with 2:4 (TF32: 1:2) weights on the
+sparse tensor cores, the hardware profile it ran on, the kernel library and the source (a URL, or
+"measured here" for ``benchmarks/gpu_latency.py``). The shipped :data:`PUBLISHED_CSV` collects
+published points. The fitted parameters (:data:`FACTORS`: dense and sparse compute efficiency,
+memory efficiency, per-call overhead, per-tile K overhead and the sparse kernels' extra per-call
+overhead) are **shared** by every GPU in the file; each GPU keeps its own peaks, bandwidth, SMs,
+tile and padding. The fit is least squares on log latency (dense and sparse times alike).
 
-    python -m evaluators.calibration latency.csv --profile h100_sxm --out h100_sxm_calibrated.yaml
+An optional ``kernel`` column marks rows ``untuned`` when their own source says the kernel was not
+the tuned, shipped one (a work-in-progress integration, a too-old compiler, another architecture's
+kernels, per-call setup a later release removed); by default those rows are kept in the file and
+in the report but left out of the fit and the scores (``--all`` uses every row).
+
+Quality is cross-validated by **leaving one source out**: the parameters are fitted without that
+source's rows, which are then predicted; over all held-out predictions the command reports the
+Kendall tau and the median relative error of the sparse speedup (dense time / sparse time).
+
+    python -m evaluators.calibration                                  # the shipped published points
+    python -m evaluators.calibration my_points.csv --profile a100 --out a100_fitted.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,231 +38,392 @@ from scipy.optimize import least_squares
 from scipy.stats import kendalltau
 
 from evaluators.cost import PLANS, Workload, gemm_terms, roofline
-from evaluators.hardware import DTYPE_BYTES, Efficiency, HardwareProfile, load_profile
+from evaluators.hardware import (
+    DTYPE_BYTES,
+    Efficiency,
+    HardwareProfile,
+    HardwareProfileError,
+    load_profile,
+)
 from search_space import NMSearchError, Option
 
-LATENCY_COLUMNS = ("device", "dtype", "tokens", "in_features", "out_features", "option", "latency_ms")
-REQUIRED_COLUMNS = ("dtype", "tokens", "in_features", "out_features", "option", "latency_ms")  # device: a label
-SHAPE_COLUMNS = ("dtype", "tokens", "in_features", "out_features")
-FACTORS = ("compute_dense", "compute_sparse", "memory", "launch_overhead_us")
-_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0])
-_UPPER = np.array([1.0, 1.0, 1.0, 1e3])
+__all__ = [
+    "FACTORS",
+    "KERNEL_STATUSES",
+    "MEASUREMENT_COLUMNS",
+    "PUBLISHED_CSV",
+    "CalibrationError",
+    "CalibrationResult",
+    "apply_factors",
+    "calibrate",
+    "fit_factors",
+    "main",
+    "predict_ms",
+    "read_measurements",
+    "speedup_scores",
+]
+
+PUBLISHED_CSV = Path(__file__).resolve().parent / "data" / "published_gemm_2to4.csv"
+KERNEL_STATUSES = ("tuned", "untuned")
+MEASUREMENT_COLUMNS = ("hardware", "dtype", "m", "n", "k", "library", "dense_ms", "sparse_ms", "source")
+FACTORS = (
+    "compute_dense",
+    "compute_sparse_ratio",
+    "memory",
+    "launch_overhead_us",
+    "k_overhead",
+    "sparse_overhead_us",
+)
+_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0])
+_UPPER = np.array([1.0, 1.0, 1.0, 1e3, 4096.0, 1e4])
 
 
 class CalibrationError(NMSearchError):
-    """A latency CSV that cannot be used for calibration."""
+    """A measurements CSV or a fit that cannot be used."""
 
 
 def _label(source: str | Path | pd.DataFrame) -> str:
-    return "latency table" if isinstance(source, pd.DataFrame) else f"latency CSV {str(source)!r}"
+    return "measurements table" if isinstance(source, pd.DataFrame) else str(source)
 
 
-def read_latencies(source: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """The measured rows, checked: required columns, positive sizes and latencies, known options."""
+def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """The measured rows, validated: columns, positive integer sizes, positive times, known dtypes
+    and hardware profiles. Errors name the file, the row (CSV line) and the fix."""
     label = _label(source)
-    frame = source.copy() if isinstance(source, pd.DataFrame) else pd.read_csv(source)
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise CalibrationError(f"{label}: missing column {missing[0]!r}; expected: {', '.join(REQUIRED_COLUMNS)}")
-    if frame.empty:
-        raise CalibrationError(f"{label}: no rows")
-    for column in ("tokens", "in_features", "out_features", "latency_ms"):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        if not (values > 0).all():
-            row = int(np.flatnonzero(~(values > 0))[0])
+    if isinstance(source, pd.DataFrame):
+        frame = source.copy()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CalibrationError(f"{label}: no such file; pass a CSV with columns {', '.join(MEASUREMENT_COLUMNS)}")
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
             raise CalibrationError(
-                f"{label}: row {row}: {column} must be a positive number, got {frame[column][row]!r}"
+                f"{label}: not a readable CSV ({str(error).splitlines()[0]}); fix the quoting / field count"
+            ) from None
+        except pd.errors.EmptyDataError:
+            raise CalibrationError(f"{label}: empty file; write a header {','.join(MEASUREMENT_COLUMNS)}") from None
+    missing = [c for c in MEASUREMENT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CalibrationError(
+            f"{label}: missing column {missing[0]!r}; the header must include {','.join(MEASUREMENT_COLUMNS)}"
+        )
+    if frame.empty:
+        raise CalibrationError(f"{label}: no data rows")
+    frame = frame.reset_index(drop=True)
+
+    def where(row: int) -> str:
+        return f"{label}: row {row + 1} (line {row + 2})"
+
+    for column in ("m", "n", "k"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~((values > 0) & (values == np.floor(values)))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CalibrationError(
+                f"{where(row)}: {column} must be a positive integer, got {frame[column][row]!r}; fix or delete the row"
             )
-    for row, (dtype, option) in enumerate(zip(frame["dtype"], frame["option"], strict=True)):
+        frame[column] = values.astype(np.int64)
+    for column in ("dense_ms", "sparse_ms"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~((values > 0) & np.isfinite(values))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CalibrationError(
+                f"{where(row)}: {column} must be a positive time in ms, got {frame[column][row]!r}; "
+                "fix or delete the row"
+            )
+        frame[column] = values.astype(float)
+    if "kernel" in frame.columns:
+        bad = ~frame["kernel"].isin(KERNEL_STATUSES)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CalibrationError(
+                f"{where(row)}: kernel must be one of {', '.join(KERNEL_STATUSES)}, got {frame['kernel'][row]!r}"
+            )
+    else:
+        frame["kernel"] = "tuned"
+    for row, (hardware, dtype, source) in enumerate(zip(frame["hardware"], frame["dtype"], frame["source"], strict=True)):
+        if not str(source).strip():
+            raise CalibrationError(f"{where(row)}: empty source; give the URL it was read from or 'measured here'")
         if dtype not in DTYPE_BYTES:
             raise CalibrationError(
-                f"{label}: row {row}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}"
+                f"{where(row)}: unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}"
             )
         try:
-            parsed = Option.parse(option)
-        except NMSearchError as error:
-            raise CalibrationError(f"{label}: row {row}: {error}") from None
-        if parsed.weight and parsed.activation:
+            spec = load_profile(hardware).dtype(dtype)
+        except HardwareProfileError as error:
+            raise CalibrationError(f"{where(row)}: {error}") from None
+        if not isinstance(spec.sparse_patterns, tuple) or not spec.sparse_patterns:
             raise CalibrationError(
-                f"{label}: row {row}: option {option!r} makes both operands sparse; a measured kernel accelerates one"
+                f"{where(row)}: {hardware} has no sparse tensor cores for {dtype}, so no sparse time can be "
+                "costed; drop the row or pick the profile of the GPU it ran on"
             )
-    return frame.reset_index(drop=True)
+    return frame
 
 
-def _plan(option: Option) -> int:
-    if option.weight:
-        return PLANS.index("sparse weights")
-    return PLANS.index("sparse activations") if option.activation else PLANS.index("dense")
+def apply_factors(profile: HardwareProfile, x: Sequence[float]) -> HardwareProfile:
+    """``profile`` with the :data:`FACTORS` values ``x`` (the sparse efficiency as a ratio of dense)."""
+    dense, ratio, memory, launch, k_overhead, sparse_overhead = (float(v) for v in x)
+    gemm = replace(profile.gemm, k_overhead=k_overhead, sparse_overhead_us=sparse_overhead)
+    return profile.with_efficiency(Efficiency(dense, dense * ratio, memory), launch, gemm)
 
 
-def _with_factors(profile: HardwareProfile, x: np.ndarray) -> HardwareProfile:
-    """``x`` = (dense compute, sparse / dense compute, memory, launch µs): the ratio keeps sparse <= dense."""
-    dense, ratio, memory, launch = (float(v) for v in x)
-    return profile.with_efficiency(Efficiency(dense, dense * ratio, memory), launch)
+def factors_of(profile: HardwareProfile) -> np.ndarray:
+    """The :data:`FACTORS` values of ``profile``, clipped into the fit's bounds."""
+    eff = profile.efficiency
+    x = [
+        eff.compute_dense,
+        eff.compute_sparse / eff.compute_dense,
+        eff.memory,
+        profile.launch_overhead_us,
+        profile.gemm.k_overhead,
+        profile.gemm.sparse_overhead_us,
+    ]
+    return np.clip(x, _LOWER, _UPPER)
 
 
 class _Predictor:
-    """Terms of every row computed once; latencies for any efficiency factors are then vectorised."""
+    """Dense and sparse latency of every row under shared factors; terms are computed once per row."""
 
-    def __init__(self, profile: HardwareProfile, frame: pd.DataFrame, label: str) -> None:
+    def __init__(self, frame: pd.DataFrame, profiles: Mapping[str, HardwareProfile]) -> None:
         self.groups = []
-        for dtype, rows in frame.groupby("dtype", sort=False):
+        for (hardware, dtype), rows in frame.groupby(["hardware", "dtype"], sort=False):
+            profile = profiles[hardware]
             spec = profile.dtype(dtype)
-            options = [Option.parse(o) for o in rows["option"]]
-            workloads = [
-                Workload.linear(int(t), int(k), int(n))
-                for t, k, n in zip(rows["tokens"], rows["in_features"], rows["out_features"], strict=True)
-            ]
-            terms = gemm_terms(workloads, options, spec, DTYPE_BYTES[dtype])
-            plans = np.array([_plan(o) for o in options])
-            unsupported = terms.speedup[np.arange(len(plans)), plans] <= 1
-            unsupported[plans == 0] = False
-            if unsupported.any():
-                row = rows.index[np.flatnonzero(unsupported)[0]]
-                raise CalibrationError(
-                    f"{label}: row {row}: option {frame['option'][row]!r} does not run on {profile.name}'s "
-                    f"{dtype} sparse tensor cores, so the measured kernel cannot have accelerated it"
-                )
-            self.groups.append((rows.index.to_numpy(), terms, spec, plans))
+            option = Option(weight=spec.sparse_patterns[0])
+            workloads = [Workload.linear(int(m), int(k), int(n)) for m, n, k in rows[["m", "n", "k"]].to_numpy()]
+            options = [Option()] * len(rows) + [option] * len(rows)
+            terms = gemm_terms(workloads * 2, options, spec, DTYPE_BYTES[dtype], profile)
+            plans = np.repeat([PLANS.index("dense"), PLANS.index("sparse weights")], len(rows))
+            self.groups.append((rows.index.to_numpy(), profile, spec, terms, plans))
         self.size = len(frame)
 
-    def latency_ms(self, profile: HardwareProfile) -> np.ndarray:
-        out = np.empty(self.size)
-        for index, terms, spec, plans in self.groups:
-            out[index] = roofline(terms, profile, spec, plans).latency_s * 1e3
-        return out
+    def __call__(self, x: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        dense, sparse = np.empty(self.size), np.empty(self.size)
+        for index, profile, spec, terms, plans in self.groups:
+            latency = roofline(terms, apply_factors(profile, x), spec, plans).latency_s * 1e3
+            dense[index], sparse[index] = latency[: len(index)], latency[len(index) :]
+        return dense, sparse
 
 
-def predict_latency_ms(profile: str | Path | HardwareProfile, latencies: str | Path | pd.DataFrame) -> np.ndarray:
-    """The latency ``profile`` predicts for each measured row, with the plan its kernel ran."""
-    profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-    return _Predictor(profile, read_latencies(latencies), _label(latencies)).latency_ms(profile)
+def fit_factors(
+    predict: Callable[[np.ndarray], np.ndarray],
+    measured_ms: np.ndarray,
+    start: np.ndarray,
+    *,
+    fixed: Mapping[str, float] | None = None,
+    label: str = "measurements",
+) -> tuple[np.ndarray, float]:
+    """Least squares on log latency over the :data:`FACTORS` not in ``fixed``.
+
+    Args:
+        predict: maps a full factor vector to predicted latencies (ms), aligned with ``measured_ms``.
+        measured_ms: the measured latencies.
+        start: the starting factor vector (all of :data:`FACTORS`).
+        fixed: factors held at a given value instead of fitted.
+        label: names the data in errors.
+
+    Returns:
+        The fitted factor vector and the RMSE of log latency.
+
+    Raises:
+        CalibrationError: fewer measurements than fitted parameters.
+    """
+    fixed = dict(fixed or {})
+    unknown = [name for name in fixed if name not in FACTORS]
+    if unknown:
+        raise CalibrationError(f"unknown factor {unknown[0]!r}; factors: {', '.join(FACTORS)}")
+    free = np.array([name not in fixed for name in FACTORS])
+    base = np.array([fixed.get(name, value) for name, value in zip(FACTORS, start, strict=True)], dtype=float)
+    if len(measured_ms) < free.sum():
+        raise CalibrationError(
+            f"{label}: {len(measured_ms)} measurements cannot fit {free.sum()} parameters; "
+            f"add measurements or fix some of {', '.join(np.array(FACTORS)[free])}"
+        )
+    target = np.log(measured_ms)
+
+    def full(values: np.ndarray) -> np.ndarray:
+        x = base.copy()
+        x[free] = values
+        return x
+
+    def residuals(values: np.ndarray) -> np.ndarray:
+        return np.log(predict(full(values))) - target
+
+    fit = least_squares(residuals, np.clip(base[free], _LOWER[free], _UPPER[free]), bounds=(_LOWER[free], _UPPER[free]))
+    return full(fit.x), float(np.sqrt(np.mean(fit.fun**2)))
 
 
-def decision_accuracy(frame: pd.DataFrame, predicted: np.ndarray) -> float:
-    """Fraction of (shape, sparse option) pairs where "sparse is faster than dense" is predicted right."""
-    data = (
-        frame.assign(predicted=predicted)
-        .groupby([*SHAPE_COLUMNS, "option"], as_index=False)[["latency_ms", "predicted"]]
-        .mean()
-    )
-    dense = data[data["option"] == "dense"].drop(columns="option")
-    pairs = data[data["option"] != "dense"].merge(dense, on=list(SHAPE_COLUMNS), suffixes=("", "_dense"))
-    if pairs.empty:
-        return float("nan")
-    measured = pairs["latency_ms"] < pairs["latency_ms_dense"]
-    return float((measured == (pairs["predicted"] < pairs["predicted_dense"])).mean())
+def speedup_scores(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    """(Kendall tau, median relative error) of predicted against measured speedups."""
+    tau = float(kendalltau(predicted, measured).statistic) if len(measured) > 1 else math.nan
+    return tau, float(np.median(np.abs(predicted / measured - 1)))
 
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """The fitted profile, its held-out quality, and every row's prediction before and after."""
+    """The fitted factors, their in-sample and leave-one-source-out quality, every row's predictions."""
 
-    profile: HardwareProfile
-    initial: HardwareProfile
-    rmse_log_train: float
+    factors: dict[str, float]
+    rmse_log: float
     kendall_tau: float
-    decision_accuracy: float
-    kendall_tau_initial: float
-    decision_accuracy_initial: float
+    median_rel_error: float
+    loso_kendall_tau: float
+    loso_median_rel_error: float
+    initial_kendall_tau: float
+    initial_median_rel_error: float
     predictions: pd.DataFrame
 
-    @property
-    def factors(self) -> dict[str, float]:
-        return {
-            "compute_dense": self.profile.efficiency.compute_dense,
-            "compute_sparse": self.profile.efficiency.compute_sparse,
-            "memory": self.profile.efficiency.memory,
-            "launch_overhead_us": self.profile.launch_overhead_us,
-        }
+    def profile(self, profile: str | Path | HardwareProfile) -> HardwareProfile:
+        """``profile`` with the fitted factors (its peaks, bandwidth and GEMM shape kept)."""
+        base = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+        fitted = apply_factors(base, [self.factors[name] for name in FACTORS])
+        points = int(self.predictions["used"].sum())
+        return replace(fitted, source=f"{base.source}; kernel factors fitted to {points} measured GEMMs", origin="")
 
     def summary(self) -> str:
-        held_out = int((self.predictions["split"] == "test").sum())
-        factors = ", ".join(f"{k}={v:.3g}" for k, v in self.factors.items())
+        factors = ", ".join(f"{k}={v:.4g}" for k, v in self.factors.items())
+        used = self.predictions[self.predictions["used"]]
         return (
-            f"{self.profile.name}: {factors}; train RMSE(log latency) {self.rmse_log_train:.3f}; "
-            f"held-out ({held_out} rows) Kendall tau {self.kendall_tau_initial:.3f} -> {self.kendall_tau:.3f}, "
-            f"decision accuracy {self.decision_accuracy_initial:.3f} -> {self.decision_accuracy:.3f}"
+            f"{len(used)} of {len(self.predictions)} points used, {used['source'].nunique()} sources; fitted {factors}; RMSE(log latency) "
+            f"{self.rmse_log:.3f}\nspeedup, shipped profiles: Kendall tau {self.initial_kendall_tau:.3f}, "
+            f"median relative error {self.initial_median_rel_error:.1%}\n"
+            f"speedup, fitted (in sample): Kendall tau {self.kendall_tau:.3f}, "
+            f"median relative error {self.median_rel_error:.1%}\n"
+            f"speedup, leave-one-source-out: Kendall tau {self.loso_kendall_tau:.3f}, "
+            f"median relative error {self.loso_median_rel_error:.1%}"
         )
 
 
+def predict_ms(
+    measurements: str | Path | pd.DataFrame, profiles: Mapping[str, HardwareProfile] | None = None
+) -> pd.DataFrame:
+    """Dense and sparse latency each row's profile predicts (``profiles`` overrides shipped ones by name)."""
+    frame = read_measurements(measurements)
+    loaded = {name: (profiles or {}).get(name) or load_profile(name) for name in frame["hardware"].unique()}
+    dense, sparse = _predict_each(frame, loaded)
+    return frame.assign(predicted_dense_ms=dense, predicted_sparse_ms=sparse)
+
+
+def _predict_each(frame: pd.DataFrame, profiles: Mapping[str, HardwareProfile]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row on its own profile's factors (not shared)."""
+    dense, sparse = np.empty(len(frame)), np.empty(len(frame))
+    for name, rows in frame.groupby("hardware", sort=False):
+        d, s = _Predictor(rows.reset_index(drop=True), profiles)(factors_of(profiles[name]))
+        dense[rows.index], sparse[rows.index] = d, s
+    return dense, sparse
+
+
 def calibrate(
-    profile: str | Path | HardwareProfile,
-    latencies: str | Path | pd.DataFrame,
+    measurements: str | Path | pd.DataFrame = PUBLISHED_CSV,
     *,
-    holdout: float = 0.25,
-    seed: int = 0,
+    start: str | Path | HardwareProfile = "a100",
+    fixed: Mapping[str, float] | None = None,
+    include_untuned: bool = False,
 ) -> CalibrationResult:
-    """Fit ``profile``'s efficiency factors and launch overhead to ``latencies`` (a CSV path or frame).
+    """Fit the shared :data:`FACTORS` to ``measurements`` and cross-validate leaving one source out.
 
-    A ``holdout`` fraction of the distinct shapes (dtype, tokens, in, out) is kept out of the fit.
+    Args:
+        measurements: a CSV path or frame with :data:`MEASUREMENT_COLUMNS`.
+        start: the profile whose factors start the fit.
+        fixed: factors held fixed (name -> value).
+        include_untuned: also fit and score the rows marked ``kernel=untuned``.
+
+    Returns:
+        The fit, its in-sample and held-out speedup quality, and per-row predictions (every row;
+        ``used`` says which entered the fit and the scores).
+
+    Raises:
+        CalibrationError: bad measurements, fewer points than parameters, or a single source.
     """
-    initial = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-    frame = read_latencies(latencies)
-    if not 0 < holdout < 1:
-        raise CalibrationError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    shapes = frame[list(SHAPE_COLUMNS)].drop_duplicates()
-    if len(shapes) < 2:
-        raise CalibrationError("calibration needs at least 2 distinct shapes (one to fit, one to hold out)")
-    order = np.random.default_rng(seed).permutation(len(shapes))
-    test_shapes = shapes.iloc[order[: max(1, round(holdout * len(shapes)))]]
-    is_test = frame.merge(test_shapes, how="left", indicator=True)["_merge"].eq("both").to_numpy()
-    train, test = frame[~is_test], frame[is_test]
+    label = _label(measurements)
+    every = read_measurements(measurements)
+    used = (every["kernel"] == "tuned").to_numpy() | include_untuned
+    frame = every[used].reset_index(drop=True)
+    if frame.empty:
+        raise CalibrationError(f"{label}: every row is marked kernel=untuned; pass include_untuned (--all)")
+    profiles = {name: load_profile(name) for name in every["hardware"].unique()}
+    initial = start if isinstance(start, HardwareProfile) else load_profile(start)
+    x0 = factors_of(initial)
+    measured_speedup = (frame["dense_ms"] / frame["sparse_ms"]).to_numpy()
 
-    predictor = _Predictor(initial, frame, _label(latencies))
-    measured_log = np.log(train["latency_ms"].to_numpy(dtype=float))
-    eff = initial.efficiency
-    start = np.clip(
-        [eff.compute_dense, eff.compute_sparse / eff.compute_dense, eff.memory, initial.launch_overhead_us],
-        _LOWER,
-        _UPPER,
+    def fit_on(rows: np.ndarray) -> tuple[np.ndarray, float]:
+        subset = frame[rows].reset_index(drop=True)
+        predictor = _Predictor(subset, profiles)
+        target = np.concatenate([subset["dense_ms"].to_numpy(), subset["sparse_ms"].to_numpy()])
+        return fit_factors(lambda x: np.concatenate(predictor(x)), target, x0, fixed=fixed, label=label)
+
+    everything = np.ones(len(frame), dtype=bool)
+    x, rmse = fit_on(everything)
+    predictor = _Predictor(frame, profiles)
+    dense, sparse = predictor(x)
+    sources = frame["source"].unique()
+    if len(sources) < 2:
+        raise CalibrationError(f"{label}: leave-one-source-out needs at least 2 sources, got {len(sources)}")
+    held_out = np.empty(len(frame))
+    for source in sources:
+        out = (frame["source"] == source).to_numpy()
+        x_without, _ = fit_on(~out)
+        d, s = predictor(x_without)
+        held_out[out] = (d / s)[out]
+    initial_dense, initial_sparse = _predict_each(every, profiles)
+    all_dense, all_sparse = _Predictor(every, profiles)(x)
+    loso = np.full(len(every), np.nan)
+    loso[used] = held_out
+    predictions = every.assign(
+        used=used,
+        measured_speedup=(every["dense_ms"] / every["sparse_ms"]).to_numpy(),
+        predicted_dense_ms=all_dense,
+        predicted_sparse_ms=all_sparse,
+        predicted_speedup=all_dense / all_sparse,
+        loso_speedup=loso,
+        initial_speedup=initial_dense / initial_sparse,
     )
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        return np.log(predictor.latency_ms(_with_factors(initial, x))[~is_test]) - measured_log
-
-    fit = least_squares(residuals, start, bounds=(_LOWER, _UPPER), x_scale="jac")
-    fitted = replace(
-        _with_factors(initial, fit.x),
-        source=f"{initial.source}; efficiency and launch overhead fitted to {len(train)} measured latencies",
-        origin="",
-    )
-    before, after = predictor.latency_ms(initial), predictor.latency_ms(fitted)
-    predictions = frame.assign(
-        split=np.where(is_test, "test", "train"), predicted_initial_ms=before, predicted_ms=after
-    )
-
-    def tau(predicted: np.ndarray) -> float:
-        return float(kendalltau(predicted[is_test], test["latency_ms"]).statistic)
-
+    initial_speedup = (initial_dense / initial_sparse)[used]
+    tau, err = speedup_scores(measured_speedup, dense / sparse)
+    loso_tau, loso_err = speedup_scores(measured_speedup, held_out)
+    init_tau, init_err = speedup_scores(measured_speedup, initial_speedup)
     return CalibrationResult(
-        profile=fitted,
-        initial=initial,
-        rmse_log_train=float(np.sqrt(np.mean(fit.fun**2))),
-        kendall_tau=tau(after),
-        decision_accuracy=decision_accuracy(test, after[is_test]),
-        kendall_tau_initial=tau(before),
-        decision_accuracy_initial=decision_accuracy(test, before[is_test]),
+        factors=dict(zip(FACTORS, (float(v) for v in x), strict=True)),
+        rmse_log=rmse,
+        kendall_tau=tau,
+        median_rel_error=err,
+        loso_kendall_tau=loso_tau,
+        loso_median_rel_error=loso_err,
+        initial_kendall_tau=init_tau,
+        initial_median_rel_error=init_err,
         predictions=predictions,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: fit, print the quality, optionally write one profile with the fitted factors."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", help="latencies written by benchmarks/gpu_latency.py")
-    parser.add_argument("--profile", required=True, help="profile name (e.g. h100_sxm) or YAML path to start from")
-    parser.add_argument("--out", help="write the calibrated profile to this YAML file")
-    parser.add_argument("--holdout", type=float, default=0.25, help="fraction of shapes held out (default 0.25)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("csv", nargs="?", default=str(PUBLISHED_CSV), help="measurements (default: the shipped points)")
+    parser.add_argument("--profile", help="profile to write with the fitted factors (name or YAML path)")
+    parser.add_argument("--out", help="YAML file to write that profile to (written only if the fit succeeds)")
+    parser.add_argument("--start", default="a100", help="profile whose factors start the fit (default a100)")
+    parser.add_argument("--all", action="store_true", help="also fit and score the rows marked kernel=untuned")
+    parser.add_argument("--table", action="store_true", help="also print every point's measured and predicted speedup")
     args = parser.parse_args(argv)
+    if bool(args.profile) != bool(args.out):
+        print("error: --profile and --out go together (which profile to write, and where)", file=sys.stderr)
+        return 2
     try:
-        result = calibrate(args.profile, args.csv, holdout=args.holdout, seed=args.seed)
+        target = load_profile(args.profile) if args.profile else None
+        result = calibrate(args.csv, start=args.start, include_untuned=args.all)
     except NMSearchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(result.summary())
-    if args.out:
-        result.profile.save(args.out)
+    if args.table:
+        columns = ["hardware", "dtype", "m", "n", "k", "kernel", "measured_speedup", "predicted_speedup"]
+        columns += ["loso_speedup", "initial_speedup"]
+        print(result.predictions[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if target is not None:
+        result.profile(target).save(args.out)
         print(f"wrote {args.out}")
     return 0
 
