@@ -144,13 +144,13 @@ def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
             )
     else:
         frame["kernel"] = "tuned"
-    for row, (hardware, dtype, source) in enumerate(zip(frame["hardware"], frame["dtype"], frame["source"], strict=True)):
+    for row, (hardware, dtype, source) in enumerate(
+        zip(frame["hardware"], frame["dtype"], frame["source"], strict=True)
+    ):
         if not str(source).strip():
             raise CalibrationError(f"{where(row)}: empty source; give the URL it was read from or 'measured here'")
         if dtype not in DTYPE_BYTES:
-            raise CalibrationError(
-                f"{where(row)}: unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}"
-            )
+            raise CalibrationError(f"{where(row)}: unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
         try:
             spec = load_profile(hardware).dtype(dtype)
         except HardwareProfileError as error:
@@ -286,8 +286,10 @@ class CalibrationResult:
     def summary(self) -> str:
         factors = ", ".join(f"{k}={v:.4g}" for k, v in self.factors.items())
         used = self.predictions[self.predictions["used"]]
+        sources = used["source"].nunique()
         return (
-            f"{len(used)} of {len(self.predictions)} points used, {used['source'].nunique()} sources; fitted {factors}; RMSE(log latency) "
+            f"{len(used)} of {len(self.predictions)} points used, {sources} sources; fitted {factors}; "
+            f"RMSE(log latency) "
             f"{self.rmse_log:.3f}\nspeedup, shipped profiles: Kendall tau {self.initial_kendall_tau:.3f}, "
             f"median relative error {self.initial_median_rel_error:.1%}\n"
             f"speedup, fitted (in sample): Kendall tau {self.kendall_tau:.3f}, "

@@ -522,9 +522,7 @@ class HardwareCostModel:
         """Terms and roofline of the given (layer name, option) pairs of ``space``."""
         scale = self.batch_size / space.example_batch_size
         workloads = [Workload.of_layer(space.info(name), scale) for name, _ in pairs]
-        terms = gemm_terms(
-            workloads, [option for _, option in pairs], self.spec, DTYPE_BYTES[self.dtype], self.profile
-        )
+        terms = gemm_terms(workloads, [option for _, option in pairs], self.spec, DTYPE_BYTES[self.dtype], self.profile)
         return terms, roofline(terms, self.profile, self.spec)
 
     def table(self, space: SearchSpace) -> CostTable:
