@@ -17,12 +17,15 @@ as a runtime picking kernels would. Everything a plan reads follows the plan:
 * **row masks** (``r0.2``): skipped GEMM rows are never computed, read or written: M, input and
   output bytes shrink to the kept fraction of rows; the smaller GEMM then runs any plan above.
 * **shape-aware compute**: a GEMM's output tiles (``tile_m x tile_n``) run in whole waves over
-  the profile's ``sms``; a sparse kernel pads the dense operand's rows to ``sparse_row_multiple``;
+  the profile's ``sms``, the row tile ``tile_m'`` shrinking to the rows there are (a power of two,
+  at least 16) and the K loop split over idle SMs when there are fewer tiles than SMs, as shape
+  heuristics pick kernels; a sparse kernel pads the dense operand's rows to ``sparse_row_multiple``;
   the compressed operand halves the K loop (``K / s``, ``s`` the plan's peak ratio) while every
   tile keeps ``k_overhead`` fixed steps::
 
-      waves   = ceil(G / calls * ceil(M' / tile_m) * ceil(N' / tile_n) / sms)  (per call)
-      work    = calls * waves * sms * tile_m * tile_n * (K / s + k_overhead)
+      tiles   = G / calls * ceil(M' / tile_m') * ceil(N' / tile_n)         (per call)
+      split   = max(1, floor(sms / tiles))                                  (split-K)
+      work    = calls * ceil(tiles * split / sms) * sms * tile_m' * tile_n * (K / (s split) + k_overhead)
       compute = 2 work / (eta_c P_dense)
       t       = max(compute, bytes / (eta_m BW)) + calls (t0 + t_sparse [sparse plans]) + mask pass
 
@@ -91,6 +94,7 @@ METRIC_UNITS: Mapping[str, str] = MappingProxyType(
     {"latency_ms": "ms", "bytes_mb": "MB", "energy_mj": "mJ", "params": "", "macs": ""}
 )
 PLANS = ("dense", "sparse weights", "sparse activations")
+MIN_TILE_ROWS = 16  # the smallest row tile of the shape-aware model (tensor-core MMA rows)
 # Index bits per kept value in the sparse tensor-core format (2:4 for FP16/BF16/INT8/FP8, 1:2 for
 # TF32): PTX ISA, "Sparse matrix storage" of mma.sp (a 2-bit index per non-zero; TF32 1:2 keeps
 # the 2:4 metadata layout, 4 bits per group of four); cuSPARSELt / CUTLASS store it the same way.
@@ -297,10 +301,16 @@ def executed_macs(terms: GemmTerms, profile: HardwareProfile) -> np.ndarray:
     if gemm.sms == gemm.tile_m == gemm.tile_n == 1:
         # Plain roofline: no quantisation, so fractional rows (batch scaling) stay exact.
         return terms.gemms[:, None] * padded_rows * padded_outputs * k_loop
-    # One kernel per call runs all its GEMMs' (conv groups') tiles in whole waves over the SMs.
+    # Kernels are picked per shape, as cuBLAS / cuSPARSELt heuristics do: the row tile shrinks to the
+    # rows there are (a power of two, at least 16), and when there are fewer tiles than SMs the K
+    # loop is split over the idle SMs (split-K). One kernel per call runs all its GEMMs' (conv
+    # groups') tiles in whole waves over the SMs.
+    tile_m = np.clip(2 ** np.ceil(np.log2(np.maximum(padded_rows, 1))), MIN_TILE_ROWS, gemm.tile_m)
     per_call = (terms.gemms / terms.calls)[:, None]
-    tiles = per_call * np.ceil(padded_rows / gemm.tile_m) * np.ceil(padded_outputs / gemm.tile_n)
-    slots = np.ceil(tiles / gemm.sms) * gemm.sms * gemm.tile_m * gemm.tile_n
+    tiles = per_call * np.ceil(padded_rows / tile_m) * np.ceil(padded_outputs / gemm.tile_n)
+    split = np.maximum(1, np.floor(gemm.sms / tiles))
+    k_loop = terms.reduction[:, None] / (terms.speedup * split) + gemm.k_overhead
+    slots = np.ceil(tiles * split / gemm.sms) * gemm.sms * tile_m * gemm.tile_n
     return terms.calls[:, None] * slots * k_loop
 
 

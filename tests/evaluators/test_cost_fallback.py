@@ -33,7 +33,8 @@ def test_options_outside_the_table_are_costed_layer_by_layer(space, cost_model) 
     assert values == pytest.approx(cost_model.evaluate(wide, scheme).totals)
     assert values["params"] == 32 * 64 * 4 / 16 + 64 + 64 * 16 / 16 + 16 + 16 * 24 / 2 + 24
     dense = evaluator.evaluate(wide.scheme({})).values
-    assert values["bytes_mb"] < dense["bytes_mb"] and values["macs"] < dense["macs"]
+    # Tiny GEMMs: the sparse kernels lose, every layer runs dense and reads dense bytes.
+    assert values["bytes_mb"] == pytest.approx(dense["bytes_mb"]) and values["macs"] < dense["macs"]
 
 
 def test_schemes_inside_the_table_cost_the_same_either_way(space, cost_model) -> None:

@@ -37,8 +37,12 @@ def test_rows_cut_macs_and_activation_bytes_on_every_profile(profile: str) -> No
     for column in ("macs", "activation_mb", "output_mb"):
         assert rows[column] == pytest.approx(dense[column] * kept, rel=1e-12)
     assert rows["weight_mb"] == dense["weight_mb"] and rows["plan"] == "dense"
-    assert rows["compute_ms"] == pytest.approx(dense["compute_ms"] * kept, rel=1e-12)
-    assert 1.0 < rows["speedup"] <= 1 / kept + 1e-12
+    if load_profile(profile).gemm.sms == 1:  # plain roofline: compute scales with the rows exactly
+        assert rows["compute_ms"] == pytest.approx(dense["compute_ms"] * kept, rel=1e-12)
+    else:  # whole tiles and waves: never more than the dense GEMM, about the kept rows' share
+        assert dense["compute_ms"] * kept * 0.9 <= rows["compute_ms"] <= dense["compute_ms"]
+    assert 1.0 <= rows["speedup"] <= 1 / kept + 1e-12
+    assert rows["latency_ms"] <= dense["latency_ms"]
 
 
 def test_compute_bound_rows_approach_one_over_kept() -> None:
@@ -58,7 +62,8 @@ def test_rows_combine_with_weight_nm() -> None:
     both = layer(model.evaluate(space, space.scheme({"0": "w2:4+r0.2"})))
     kept = 1 - pruned_rows(256, 0.2) / 256
     assert both["plan"] == weights["plan"] == "sparse weights"
-    assert both["compute_ms"] == pytest.approx(weights["compute_ms"] * kept, rel=1e-12)
+    # Whole tiles and waves: the kept fraction of the 2:4 GEMM, up to quantisation.
+    assert both["compute_ms"] == pytest.approx(weights["compute_ms"] * kept, rel=0.02)
     assert both["weight_mb"] == weights["weight_mb"]  # 2:4 compressed, rows do not touch weights
     assert both["macs"] == pytest.approx(weights["macs"] * kept, rel=1e-12)
 

@@ -4,6 +4,7 @@ from omegaconf import OmegaConf
 
 from evaluators.hardware import (
     HARDWARE_DIR,
+    GemmShape,
     HardwareProfileError,
     available_profiles,
     load_profile,
@@ -11,7 +12,7 @@ from evaluators.hardware import (
 )
 from search_space import NMPattern, NMSearchError
 
-SHIPPED = ["a100", "cpu_x86_avx2", "h100_pcie", "h100_sxm", "h200", "ideal_nm", "l4", "orin", "rtx4090"]
+SHIPPED = ["a100", "cpu_x86_avx2", "h100_pcie", "h100_sxm", "h200", "ideal_nm", "l4", "orin", "rtx3060", "rtx4090"]
 CPUS = ["cpu_x86_avx2"]
 GPUS = [name for name in SHIPPED if name not in ("ideal_nm", *CPUS)]
 
@@ -152,7 +153,7 @@ def test_missing_field_names_file_and_field(tmp_path) -> None:
     ("edit", "fragment"),
     [
         (lambda d: d["efficiency"].update(memory=1.5), "'efficiency.memory' must be a number in (0, 1]"),
-        (lambda d: d["efficiency"].update(compute_sparse=0.9), "'efficiency.compute_sparse' must not exceed"),
+        (lambda d: d["efficiency"].update(compute_sparse=0.99), "'efficiency.compute_sparse' must not exceed"),
         (lambda d: d.update(memory_bandwidth_gbs="fast"), "'memory_bandwidth_gbs' must be a number"),
         (lambda d: d.update(launch_overhead_us=-1), "'launch_overhead_us' must be a number in [0, inf]"),
         (lambda d: d.update(fused_activation_compression="no"), "'fused_activation_compression' must be true or false"),
@@ -164,6 +165,13 @@ def test_missing_field_names_file_and_field(tmp_path) -> None:
         (lambda d: d["dtypes"]["fp16"].update(sparse_patterns="any"), "'dtypes.fp16.sparse_tflops' must be null"),
         (lambda d: d.update(dtypes={}), "'dtypes' must list at least one dtype"),
         (lambda d: d.update(efficiency=0.8), "efficiency must be a mapping"),
+        (lambda d: d["gemm"].update(sms=0), "'gemm.sms' must be a positive integer"),
+        (lambda d: d["gemm"].update(tile_m=64.5), "'gemm.tile_m' must be a positive integer"),
+        (lambda d: d["gemm"].update(k_overhead=-1), "'gemm.k_overhead' must be a number in [0, inf]"),
+        (lambda d: d["gemm"].update(warps=4), "unknown field 'gemm.warps'"),
+        (lambda d: d["gemm"].pop("sparse_overhead_us"), "missing field 'gemm.sparse_overhead_us'"),
+        (lambda d: d.update(compressed_dense_kernels=["2-4"]), "'compressed_dense_kernels'"),
+        (lambda d: d.update(compressed_dense_kernels="2:4"), "'compressed_dense_kernels' must be a list"),
     ],
 )
 def test_bad_fields_are_named(tmp_path, edit, fragment: str) -> None:
@@ -184,3 +192,17 @@ def test_missing_dtype_names_file_and_dtype() -> None:
     single_line_error(
         lambda: load_profile("orin").dtype("fp8"), "orin.yaml", "'fp8'", "available: fp16, bf16, tf32, int8"
     )
+
+
+def test_gemm_block_and_compressed_dense_kernels_are_optional_and_round_trip(tmp_path) -> None:
+    data = profile_data()
+    del data["gemm"]
+    plain = load_profile(write(tmp_path, data))
+    assert plain.gemm == GemmShape() and plain.compressed_dense_kernels == ()  # a plain roofline
+    shipped = load_profile("a100")
+    assert shipped.gemm.sms == 108 and shipped.gemm.sparse_row_multiple == 32
+    data = shipped.to_dict() | {"compressed_dense_kernels": ["3:8"]}
+    reader = load_profile(data)
+    assert reader.reads_compressed_when_dense(p("3:8")) and not reader.reads_compressed_when_dense(p("2:4"))
+    reader.save(tmp_path / "round.yaml")
+    assert load_profile(tmp_path / "round.yaml") == reader
