@@ -49,6 +49,7 @@ from evaluators.hardware import (
 from search_space import NMSearchError, Option
 
 __all__ = [
+    "DEFAULT_FIXED",
     "FACTORS",
     "KERNEL_STATUSES",
     "MEASUREMENT_COLUMNS",
@@ -57,6 +58,7 @@ __all__ = [
     "CalibrationResult",
     "apply_factors",
     "calibrate",
+    "factors_of",
     "fit_factors",
     "main",
     "predict_ms",
@@ -243,7 +245,7 @@ def fit_factors(
     base = np.array([fixed.get(name, value) for name, value in zip(FACTORS, start, strict=True)], dtype=float)
     if len(measured_ms) < free.sum():
         raise CalibrationError(
-            f"{label}: {len(measured_ms)} measurements cannot fit {free.sum()} parameters; "
+            f"{label}: {len(measured_ms)} measured values cannot fit {free.sum()} parameters; "
             f"add measurements or fix some of {', '.join(np.array(FACTORS)[free])}"
         )
     target = np.log(measured_ms)
@@ -367,13 +369,13 @@ def calibrate(
 
         return fit_factors(predict, target, x0, fixed=fixed, label=label)
 
+    sources = frame["source"].unique()
+    if len(sources) < 2:
+        raise CalibrationError(f"{label}: leave-one-source-out needs at least 2 sources, got {len(sources)}")
     everything = np.ones(len(frame), dtype=bool)
     x, rmse = fit_on(everything)
     predictor = _Predictor(frame, profiles)
     dense, sparse = predictor(x)
-    sources = frame["source"].unique()
-    if len(sources) < 2:
-        raise CalibrationError(f"{label}: leave-one-source-out needs at least 2 sources, got {len(sources)}")
     held_out = np.empty(len(frame))
     for source in sources:
         out = (frame["source"] == source).to_numpy()
