@@ -1,14 +1,18 @@
-"""Measure dense vs 2:4 semi-structured sparse linear latencies on a CUDA GPU, for cost-model calibration.
+"""Measure dense vs 2:4 semi-structured sparse GEMMs on this CUDA GPU, in the format of the published
+points, so they can join the calibration data with "measured here" as their source.
 
-    python benchmarks/gpu_latency.py --out docs/latency_h100.csv [--dtype fp16] [--backend cusparselt]
-    python -m evaluators.calibration docs/latency_h100.csv --profile h100_sxm --out h100_calibrated.yaml
+    python benchmarks/gpu_latency.py --out docs/gpu_h200.csv [--hardware h200] [--dtype fp16]
+    python -m evaluators.calibration docs/gpu_h200.csv
+    # or append the rows to evaluators/data/published_gemm_2to4.csv and refit
 
-For every shape ``Y[T x N] = X[T x K] W^T`` (no bias) it times ``F.linear(x, w)`` with the dense
-weight (option ``dense``) and with the 2:4-pruned weight converted by
-``torch.sparse.to_sparse_semi_structured`` (option ``w2:4``), back to back on one stream between
-CUDA events; the median over ``--repeats`` samples of ``--inner`` calls each is written per row.
-The CSV has the columns :data:`evaluators.calibration.LATENCY_COLUMNS` (plus ``backend`` and
-``torch``). Needs a CUDA build of torch and compute capability >= 8.0; exits with status 1 otherwise.
+For every shape ``Y[m x n] = X[m x k] W^T`` (no bias) it times ``F.linear(x, w)`` with the dense
+2:4-pruned weight and with the same weight converted by ``torch.sparse.to_sparse_semi_structured``,
+for each backend torch offers (cuSPARSELt, CUTLASS), back to back on one stream between CUDA
+events; the median over ``--repeats`` samples of ``--inner`` calls each is written. The CSV has the
+columns of :data:`evaluators.calibration.MEASUREMENT_COLUMNS` plus ``kernel`` and ``notes``.
+
+Without CUDA (or below compute capability 8.0) it prints why and skips: exit status 0, no file.
+A device whose profile cannot be told from its name needs ``--hardware``.
 """
 
 from __future__ import annotations
@@ -22,26 +26,64 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from evaluators.calibration import LATENCY_COLUMNS
+from evaluators.calibration import MEASUREMENT_COLUMNS
+from evaluators.hardware import HardwareProfileError, available_profiles, load_profile
 from search_space import weight_nm_mask
+from search_space.io import atomic_write_text
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_TOKENS = (1, 16, 128, 1024, 8192)
-DEFAULT_FEATURES = ("1024x1024", "4096x4096", "4096x11008", "11008x4096", "8192x8192")
+DEFAULT_SHAPES = (
+    "1x4096x4096",
+    "16x4096x4096",
+    "128x4096x4096",
+    "3072x3072x768",
+    "3072x768x3072",
+    "3072x3072x10240",
+    "8192x4096x4096",
+    "8192x11008x4096",
+    "8192x4096x11008",
+    "16384x8192x8192",
+)
+# Device-name fragments -> shipped profile, most specific first.
+DEVICE_PROFILES = (
+    ("H100 PCIe", "h100_pcie"),
+    ("H200", "h200"),
+    ("H100", "h100_sxm"),
+    ("A100", "a100"),
+    ("L4", "l4"),
+    ("RTX 4090", "rtx4090"),
+    ("RTX 3060", "rtx3060"),
+    ("Orin", "orin"),
+)
+BACKENDS = ("cusparselt", "cutlass")
 
 
 def cuda_problem() -> str | None:
     """Why this machine cannot run the benchmark, or ``None`` when it can."""
     if not torch.cuda.is_available():
-        return (
-            f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}); "
-            "run it on an NVIDIA GPU with compute capability >= 8.0 and a CUDA build of torch"
-        )
+        return f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False)"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         name = torch.cuda.get_device_name()
         return f"{name} has compute capability {major}.{minor}; 2:4 sparse tensor cores need >= 8.0"
     return None
+
+
+def profile_for_device(name: str) -> str | None:
+    """The shipped profile a CUDA device name maps to, or ``None`` if it cannot be told."""
+    return next((profile for fragment, profile in DEVICE_PROFILES if fragment in name), None)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``MxNxK`` (rows of X, output features, input features) as three positive integers."""
+    parts = text.split("x")
+    try:
+        m, n, k = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxNxK like 3072x3072x10240, got {text!r}") from None
+    if min(m, n, k) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return m, n, k
 
 
 def median_ms(fn: Callable[[], torch.Tensor], repeats: int, inner: int) -> float:
@@ -60,59 +102,76 @@ def median_ms(fn: Callable[[], torch.Tensor], repeats: int, inner: int) -> float
 
 
 def measure(
-    tokens: Sequence[int], features: Sequence[tuple[int, int]], dtype: str, repeats: int, inner: int
+    hardware: str, shapes: Sequence[tuple[int, int, int]], dtype: str, repeats: int, inner: int
 ) -> pd.DataFrame:
+    """One row per (shape, backend): dense and sparse median times in the calibration CSV format."""
     device = torch.cuda.get_device_name()
+    sparse_class = torch.sparse.SparseSemiStructuredTensor
     rows = []
-    for in_features, out_features in features:
-        weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPES[dtype])
+    for m, n, k in shapes:
+        weight = torch.randn(n, k, device="cuda", dtype=DTYPES[dtype])
         weight = weight * weight_nm_mask(weight, 2, 4)
-        sparse_weight = torch.sparse.to_sparse_semi_structured(weight)
-        for t in tokens:
-            x = torch.randn(t, in_features, device="cuda", dtype=DTYPES[dtype])
-            for option, w in (("dense", weight), ("w2:4", sparse_weight)):
-                latency = median_ms(lambda x=x, w=w: F.linear(x, w), repeats, inner)
-                rows.append((device, dtype, t, in_features, out_features, option, latency))
-                print(f"{dtype} T={t} K={in_features} N={out_features} {option}: {latency:.4f} ms", flush=True)
-    return pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
-
-
-def parse_features(text: str) -> tuple[int, int]:
-    in_features, _, out_features = text.partition("x")
-    try:
-        return int(in_features), int(out_features)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected IN x OUT features like 4096x11008, got {text!r}") from None
+        x = torch.randn(m, k, device="cuda", dtype=DTYPES[dtype])
+        dense = median_ms(lambda x=x, w=weight: F.linear(x, w), repeats, inner)
+        for backend in BACKENDS:
+            sparse_class._FORCE_CUTLASS = backend == "cutlass"
+            try:
+                sparse_weight = torch.sparse.to_sparse_semi_structured(weight)
+                sparse = median_ms(lambda x=x, w=sparse_weight: F.linear(x, w), repeats, inner)
+            except (RuntimeError, NotImplementedError) as error:  # a backend missing from this build
+                print(f"m={m} n={n} k={k} {backend}: skipped ({str(error).splitlines()[0]})", flush=True)
+                continue
+            rows.append(
+                {
+                    "hardware": hardware,
+                    "dtype": dtype,
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "library": f"{backend} (torch {torch.__version__} to_sparse_semi_structured)",
+                    "dense_ms": dense,
+                    "sparse_ms": sparse,
+                    "kernel": "tuned",
+                    "source": "measured here",
+                    "notes": f"{device}; benchmarks/gpu_latency.py, median of {repeats} x {inner} calls",
+                }
+            )
+            print(f"m={m} n={n} k={k} {backend}: dense {dense:.4f} ms, 2:4 {sparse:.4f} ms", flush=True)
+    sparse_class._FORCE_CUTLASS = False
+    return pd.DataFrame(rows, columns=[*MEASUREMENT_COLUMNS, "kernel", "notes"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="CSV to write")
+    parser.add_argument("--hardware", help="profile name of this GPU (default: told from the device name)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="T values (rows of X)")
     parser.add_argument(
-        "--features",
-        type=parse_features,
-        nargs="+",
-        default=[parse_features(f) for f in DEFAULT_FEATURES],
-        help="IN x OUT feature pairs (multiples of 64)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=("default", "cutlass"),
-        default="default",
-        help="cutlass forces torch's CUTLASS kernels instead of cuSPARSELt",
+        "--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES], help="MxNxK"
     )
     parser.add_argument("--repeats", type=int, default=30, help="timed samples per row (median is written)")
     parser.add_argument("--inner", type=int, default=10, help="back-to-back calls per sample")
     args = parser.parse_args(argv)
+    if args.hardware:
+        try:
+            load_profile(args.hardware)
+        except HardwareProfileError as error:
+            print(f"gpu_latency.py: {error}", file=sys.stderr)
+            return 2
     problem = cuda_problem()
     if problem:
-        print(f"gpu_latency.py: {problem}", file=sys.stderr)
-        return 1
-    torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS = args.backend == "cutlass"
-    frame = measure(args.tokens, args.features, args.dtype, args.repeats, args.inner)
-    frame.assign(backend=args.backend, torch=torch.__version__).to_csv(args.out, index=False)
+        print(f"gpu_latency.py: skipped: {problem}; nothing written")
+        return 0
+    hardware = args.hardware or profile_for_device(torch.cuda.get_device_name())
+    if hardware is None:
+        print(
+            f"gpu_latency.py: cannot tell the profile of {torch.cuda.get_device_name()!r}; pass --hardware "
+            f"(one of {', '.join(available_profiles())})",
+            file=sys.stderr,
+        )
+        return 2
+    frame = measure(hardware, args.shapes, args.dtype, args.repeats, args.inner)
+    atomic_write_text(args.out, frame.to_csv(index=False))
     print(f"wrote {len(frame)} rows to {args.out}")
     return 0
 
