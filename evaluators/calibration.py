@@ -76,12 +76,13 @@ FACTORS = (
     "launch_overhead_us",
     "k_overhead",
     "sparse_overhead_us",
+    "mask_ns_per_value",
 )
-# Back-to-back GEMM timings hide the per-call launch gap and hold too few memory-bound points to
-# identify the DRAM efficiency: the command line keeps both at the reference values by default.
-DEFAULT_FIXED = ("memory=0.8", "launch_overhead_us=5")
-_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0])
-_UPPER = np.array([1.0, 1.0, 1.0, 1e3, 4096.0, 1e4])
+# Back-to-back GEMM timings hide the per-call launch gap, hold too few memory-bound points to
+# identify the DRAM efficiency and no activation masks: the command line keeps those fixed.
+DEFAULT_FIXED = ("memory=0.8", "launch_overhead_us=5", "mask_ns_per_value=0")
+_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0])
+_UPPER = np.array([1.0, 1.0, 1.0, 1e3, 4096.0, 1e4, 1e4])
 
 
 class CalibrationError(NMSearchError):
@@ -171,8 +172,8 @@ def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 def apply_factors(profile: HardwareProfile, x: Sequence[float]) -> HardwareProfile:
     """``profile`` with the :data:`FACTORS` values ``x`` (the sparse efficiency as a ratio of dense)."""
-    dense, ratio, memory, launch, k_overhead, sparse_overhead = (float(v) for v in x)
-    gemm = replace(profile.gemm, k_overhead=k_overhead, sparse_overhead_us=sparse_overhead)
+    dense, ratio, memory, launch, k_overhead, sparse_overhead, mask_ns = (float(v) for v in x)
+    gemm = replace(profile.gemm, k_overhead=k_overhead, sparse_overhead_us=sparse_overhead, mask_ns_per_value=mask_ns)
     return profile.with_efficiency(Efficiency(dense, dense * ratio, memory), launch, gemm)
 
 
@@ -186,6 +187,7 @@ def factors_of(profile: HardwareProfile) -> np.ndarray:
         profile.launch_overhead_us,
         profile.gemm.k_overhead,
         profile.gemm.sparse_overhead_us,
+        profile.gemm.mask_ns_per_value,
     ]
     return np.clip(x, _LOWER, _UPPER)
 
@@ -441,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="NAME=VALUE",
-        help="hold a factor fixed (repeatable; default: memory=0.8 launch_overhead_us=5, which back-to-back "
-        "GEMM timings cannot identify); --fix none fits all",
+        help="hold a factor fixed (repeatable; default: memory=0.8 launch_overhead_us=5 mask_ns_per_value=0, "
+        "which back-to-back GEMM timings cannot identify); --fix none fits all",
     )
     parser.add_argument("--all", action="store_true", help="also fit and score the rows marked kernel=untuned")
     parser.add_argument("--table", action="store_true", help="also print every point's measured and predicted speedup")

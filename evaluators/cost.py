@@ -12,8 +12,8 @@ as a runtime picking kernels would. Everything a plan reads follows the plan:
   value (:func:`format_fraction`: FP16/BF16 0.5625, INT8/FP8 0.625, TF32 1:2 0.53125 of dense).
   Only a hypothetical ``any``-pattern accelerator stores N:M itself (``ceil(log2 M)`` index bits).
   Input activations are read once, outputs written dense. Dynamic activation masks cost a pass
-  (read the dense activation, write the masked or compressed one, one launch) unless the profile
-  fuses it into the producer.
+  (read the dense activation, write the masked or compressed one, one launch, ``mask_ns_per_value``
+  of selection work per value) unless the profile fuses it into the producer.
 * **row masks** (``r0.2``): skipped GEMM rows are never computed, read or written: M, input and
   output bytes shrink to the kept fraction of rows; the smaller GEMM then runs any plan above.
 * **shape-aware compute**: a GEMM's output tiles (``tile_m x tile_n``) run in whole waves over
@@ -216,6 +216,7 @@ class GemmTerms:
     gemms: np.ndarray  # G
     weight_bytes: np.ndarray  # (entries, plans): what each plan reads
     input_bytes: np.ndarray
+    input_values: np.ndarray
     input_sparse_bytes: np.ndarray
     output_bytes: np.ndarray
     activation_sparse: np.ndarray
@@ -273,6 +274,7 @@ def gemm_terms(
         gemms=shapes[:, 3],
         weight_bytes=(weight_numel[:, None] * w_frac + bias_numel[:, None]) * bytes_per_element * calls[:, None],
         input_bytes=input_bytes,
+        input_values=input_bytes / bytes_per_element,
         input_sparse_bytes=input_bytes * a_frac,
         output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element * kept_rows,
         activation_sparse=column((a is not None for a in nm_activations), bool),
@@ -360,7 +362,9 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
         compress[:, 2] = terms.input_bytes + terms.input_sparse_bytes
     gemm_bytes = terms.weight_bytes + activation + terms.output_bytes[:, None]
     memory = gemm_bytes / bandwidth
-    compress_s = compress / bandwidth + (compress > 0) * launch[:, None]
+    # The pass also selects the kept values: compute per activation value (CPU: a sort per group).
+    select_s = np.where(terms.activation_sparse & (not fused), terms.input_values * profile.gemm.mask_ns_per_value, 0.0)
+    compress_s = compress / bandwidth + (compress > 0) * (launch[:, None] + select_s[:, None] * 1e-9)
     available = terms.speedup > 1
     available[:, 0] = True
     launches = launch[:, None] + np.where(available & (terms.speedup > 1), sparse_launch[:, None], 0.0)

@@ -104,7 +104,9 @@ class GemmShape:
     multiple of ``sparse_row_multiple``. Every tile pays ``k_overhead`` reduction steps (pipeline
     fill and epilogue) on top of its K loop, so a sparse kernel whose K loop is halved gains less
     than 2x at small K. ``sparse_overhead_us`` is a sparse kernel's extra fixed cost per call.
-    The defaults make the model a plain roofline.
+    ``mask_ns_per_value`` is the compute time per activation value of a dynamic N:M mask pass
+    (selecting the kept values) on top of its memory traffic. The defaults make the model a plain
+    roofline.
     """
 
     sms: int = 1
@@ -113,6 +115,7 @@ class GemmShape:
     sparse_row_multiple: int = 1
     k_overhead: float = 0.0
     sparse_overhead_us: float = 0.0
+    mask_ns_per_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,15 @@ _PROFILE_FIELDS = (
     "dtypes",
 )
 _EFFICIENCY_FIELDS = ("compute_dense", "compute_sparse", "memory")
-_GEMM_FIELDS = ("sms", "tile_m", "tile_n", "sparse_row_multiple", "k_overhead", "sparse_overhead_us")
+_GEMM_FIELDS = (
+    "sms",
+    "tile_m",
+    "tile_n",
+    "sparse_row_multiple",
+    "k_overhead",
+    "sparse_overhead_us",
+    "mask_ns_per_value",
+)
 _DTYPE_FIELDS = ("dense_tflops", "sparse_tflops", "sparse_patterns", "pj_per_mac")
 
 
@@ -317,6 +328,8 @@ def _parse_gemm(gemm: _Fields) -> GemmShape:
         **counts,
         k_overhead=gemm.number("k_overhead", allow_low=True),
         sparse_overhead_us=gemm.number("sparse_overhead_us", allow_low=True),
+        # Optional: profiles without dynamic-mask measurements charge the memory pass only.
+        mask_ns_per_value=gemm.number("mask_ns_per_value", allow_low=True) if "mask_ns_per_value" in gemm.data else 0.0,
     )
 
 

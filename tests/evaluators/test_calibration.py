@@ -25,8 +25,9 @@ TRUE = {
     "launch_overhead_us": 5.0,
     "k_overhead": 200.0,
     "sparse_overhead_us": 20.0,
+    "mask_ns_per_value": 0.0,
 }
-FIXED = {"memory": 0.8, "launch_overhead_us": 5.0}
+FIXED = {"memory": 0.8, "launch_overhead_us": 5.0, "mask_ns_per_value": 0.0}
 
 
 def shapes() -> pd.DataFrame:

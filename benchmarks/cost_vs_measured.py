@@ -1,0 +1,244 @@
+"""Predicted vs measured speedups on this CPU: the cost model against what nmsearch deploys here.
+
+    python benchmarks/cost_vs_measured.py [--rounds 15] [--csv docs/results/cost_vs_measured_cpu.csv]
+                                          [--fit] [--update conf/hardware/cpu_x86_avx2.yaml]
+
+Every layer (Linear and 3x3 Conv2d, batch 1 and 64, fp32) is deployed as nmsearch deploys it on a
+CPU and timed: the dense layer; ``w2:4`` and ``w1:8`` as finalized weights (zeros baked into a plain
+dense module, ``Scheme.finalize``: the only way N:M weights run here); ``a2:4`` as the dynamic
+activation mask (the sparse wrapper computing the N:M mask of every input); ``r0.2`` / ``r0.3`` on
+convs as the row-skipping kernel (``skip_masked_rows``). Each round runs every option of a layer
+back to back (a few calls each); times are medians over rounds. The cost model
+(:class:`~evaluators.cost.HardwareCostModel`, ``--profile``, fp32, the layer's batch) predicts
+each option's latency; the table shows predicted and measured latency and speedup over dense.
+
+Measured latencies are medians over rounds; measured speedups are medians of the per-round ratios
+(dense and option timed back to back), which the load drifting between rounds does not bend. One
+torch thread by default: on a shared machine a multi-threaded kernel stalls whenever one of its
+threads is preempted (a 3x3 conv went from 0.8 ms to 76-156 ms at 2 threads under load 15).
+
+``--fit`` fits the profile's CPU factors (dense compute efficiency, per-call overhead, per-tile K
+overhead, the dynamic mask's selection time per value; memory efficiency stays 1: the profile's
+bandwidth is the measured copy bandwidth) to the measured latencies with
+:func:`evaluators.calibration.fit_factors` and prints the table again;
+``--update`` also rewrites those numbers in the profile YAML (comments kept, atomic write).
+
+Targets (benchmark, not test): every speedup within 25% of measured, Kendall tau >= 0.8 over all
+points, and no option that runs dense predicted faster than dense by more than its real saving.
+The machine is shared: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from evaluators.calibration import FACTORS, apply_factors, factors_of, fit_factors, speedup_scores
+from evaluators.cost import HardwareCostModel
+from evaluators.hardware import HardwareProfile, load_profile
+from search_space import SearchSpace, skip_masked_rows
+from search_space.io import atomic_write_text
+
+TARGETS = ("weights", "activations", "rows")
+WEIGHT_OPTIONS = ("w2:4", "w1:8")
+CPU_FITTED = ("compute_dense", "launch_overhead_us", "k_overhead", "mask_ns_per_value")
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    label: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # without the batch dimension
+    rows: bool  # a conv: row masks apply
+
+
+CASES = (
+    LayerCase("linear 1024->1024", lambda: nn.Linear(1024, 1024, bias=False), (1024,), False),
+    LayerCase("linear 4096->4096", lambda: nn.Linear(4096, 4096, bias=False), (4096,), False),
+    LayerCase("conv 64ch 32x32", lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False), (64, 32, 32), True),
+    LayerCase("conv 256ch 8x8", lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False), (256, 8, 8), True),
+)
+BATCHES = (1, 64)
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"load average {os.getloadavg()}"
+
+
+def deployed(model: nn.Module, space: SearchSpace, option: str) -> nn.Module:
+    """``model`` with ``option`` on its layer, as it runs on this CPU (see the module docstring)."""
+    if option == "dense":
+        return model
+    scheme = space.scheme({"0": option})
+    sparse = scheme.finalize(scheme.apply(model))
+    if scheme.has_rows:
+        sparse = skip_masked_rows(sparse, inplace=True, path="rows")
+    return sparse.eval()
+
+
+def time_case(case: LayerCase, batch: int, rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = nn.Sequential(case.build()).eval()
+    x = torch.randn(batch, *case.input_shape)
+    space = SearchSpace.from_model(model, x, targets=TARGETS)
+    options = ["dense", *WEIGHT_OPTIONS, "a2:4", *(("r0.2", "r0.3") if case.rows else ())]
+    modules = {option: deployed(copy.deepcopy(model), space, option) for option in options}
+    with torch.no_grad():
+        reference = modules["dense"](x)
+        for option in WEIGHT_OPTIONS:  # same kernel, zeros baked in: outputs must differ from dense only by them
+            assert modules[option](x).shape == reference.shape
+        calls = {}
+        for option, module in modules.items():
+            start = time.perf_counter()
+            module(x)
+            calls[option] = max(1, int(0.004 / max(time.perf_counter() - start, 1e-6)))
+        samples: dict[str, list[float]] = {option: [] for option in options}
+        for _ in range(rounds):
+            for option, module in modules.items():
+                start = time.perf_counter()
+                for _ in range(calls[option]):
+                    module(x)
+                samples[option].append((time.perf_counter() - start) / calls[option])
+    dense = np.array(samples["dense"])
+    return [
+        {
+            "layer": case.label,
+            "kind": "conv" if case.rows else "linear",
+            "batch": batch,
+            "option": option,
+            "measured_ms": statistics.median(samples[option]) * 1e3,
+            # Paired per round (the options of a round ran back to back): robust to the load drifting.
+            "measured_speedup": float(np.median(dense / np.array(samples[option]))),
+            "space": space,
+        }
+        for option in options
+    ]
+
+
+def predict(rows: list[dict], profile: HardwareProfile) -> np.ndarray:
+    """The model's latency (ms) of every measured row under ``profile``."""
+    out = []
+    for row in rows:
+        model = HardwareCostModel(profile, "fp32", row["batch"])
+        space = row["space"]
+        out.append(model.evaluate(space, space.scheme({"0": row["option"]})).totals["latency_ms"])
+    return np.array(out)
+
+
+def table(rows: list[dict], predicted: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame([{k: v for k, v in row.items() if k != "space"} for row in rows])
+    frame["predicted_ms"] = predicted
+    dense = frame[frame["option"] == "dense"].set_index(["layer", "batch"])
+    key = list(zip(frame["layer"], frame["batch"], strict=True))
+    frame["predicted_speedup"] = [dense.loc[k, "predicted_ms"] for k in key] / frame["predicted_ms"]
+    frame["speedup_error"] = frame["predicted_speedup"] / frame["measured_speedup"] - 1
+    frame["latency_error"] = frame["predicted_ms"] / frame["measured_ms"] - 1
+    return frame
+
+
+def report(frame: pd.DataFrame, title: str) -> None:
+    print(f"\n{title}")
+    print(frame.drop(columns=["kind"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    sparse = frame[frame["option"] != "dense"]
+    tau, median = speedup_scores(sparse["measured_speedup"].to_numpy(), sparse["predicted_speedup"].to_numpy())
+    tau_latency, _ = speedup_scores(frame["measured_ms"].to_numpy(), frame["predicted_ms"].to_numpy())
+    runs_dense = frame["option"].isin([*WEIGHT_OPTIONS, "a2:4"])
+    over = (frame["predicted_speedup"] - frame["measured_speedup"])[runs_dense].max()
+    latency_within = (frame["latency_error"].abs() <= 0.25).mean()
+    print(
+        f"speedups (non-dense options): Kendall tau {tau:.3f}, median |error| {median:.1%}, "
+        f"max |error| {sparse['speedup_error'].abs().max():.1%}, within 25%: "
+        f"{(sparse['speedup_error'].abs() <= 0.25).mean():.0%}\n"
+        f"latencies (all points): Kendall tau {tau_latency:.3f}, median |error| "
+        f"{frame['latency_error'].abs().median():.1%}, within 25%: {latency_within:.0%}\n"
+        f"options that run dense (finalized N:M weights, activation masks): largest predicted - measured "
+        f"speedup {over:+.3f}"
+    )
+
+
+def update_profile(path: Path, profile: HardwareProfile) -> None:
+    """Rewrite the fitted CPU factors in place (comments kept); the result must load."""
+    text = path.read_text()
+    numbers = {
+        r"(launch_overhead_us:\s*)[0-9.]+": round(profile.launch_overhead_us, 2),
+        r"(compute_dense:\s*)[0-9.]+": round(profile.efficiency.compute_dense, 3),
+        r"(compute_sparse:\s*)[0-9.]+": round(profile.efficiency.compute_dense, 3),  # no sparse cores; <= dense
+        r"(k_overhead:\s*)[0-9.]+": round(profile.gemm.k_overhead, 2),
+        r"(mask_ns_per_value:\s*)[0-9.]+": round(profile.gemm.mask_ns_per_value, 3),
+    }
+    for pattern, value in numbers.items():
+        text, count = re.subn(pattern, lambda m, v=value: f"{m.group(1)}{v}", text)
+        if count != 1:
+            raise SystemExit(f"{path}: expected one match of {pattern!r}, found {count}")
+    atomic_write_text(path, text)
+    load_profile(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="cpu_x86_avx2")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, multi-threaded kernels stall on preempted threads)",
+    )
+    parser.add_argument("--csv", type=Path, help="write the (fitted, if --fit) table here")
+    parser.add_argument("--fit", action="store_true", help="fit the CPU factors to the measurements")
+    parser.add_argument("--update", type=Path, help="with --fit: profile YAML to rewrite with the fitted factors")
+    args = parser.parse_args()
+    if args.update and not args.fit:
+        raise SystemExit("--update needs --fit")
+    torch.set_num_threads(args.threads)
+    profile = load_profile(args.profile)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"{started}; torch {torch.__version__}, {torch.get_num_threads()} threads; {uptime()}")
+    print("(the machine is shared with other jobs: timings move with its load)")
+    rows = [row for case in CASES for batch in BATCHES for row in time_case(case, batch, args.rounds)]
+    print(f"after timing: {uptime()}")
+    frame = table(rows, predict(rows, profile))
+    report(frame, f"profile {args.profile} as shipped")
+    if args.fit:
+        measured = frame["measured_ms"].to_numpy()
+        fixed = {name: value for name, value in zip(FACTORS, factors_of(profile), strict=True)}
+        fixed = {name: value for name, value in fixed.items() if name not in CPU_FITTED}
+        x, rmse = fit_factors(
+            lambda x: predict(rows, apply_factors(profile, x)),
+            measured,
+            factors_of(profile),
+            fixed=fixed,
+            label="CPU measurements",
+        )
+        profile = apply_factors(profile, x)
+        print("\nfitted: " + ", ".join(f"{n}={v:.4g}" for n, v in zip(FACTORS, x, strict=True) if n in CPU_FITTED))
+        print(f"RMSE(log latency) {rmse:.3f}")
+        frame = table(rows, predict(rows, profile))
+        report(frame, "fitted profile")
+        if args.update:
+            update_profile(args.update, profile)
+            print(f"updated {args.update}")
+    if args.csv:
+        atomic_write_text(args.csv, frame.to_csv(index=False, float_format="%.6g"))
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
