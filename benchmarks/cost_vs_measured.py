@@ -12,10 +12,10 @@ back to back (a few calls each); times are medians over rounds. The cost model
 (:class:`~evaluators.cost.HardwareCostModel`, ``--profile``, fp32, the layer's batch) predicts
 each option's latency; the table shows predicted and measured latency and speedup over dense.
 
-Measured latencies are medians over rounds; measured speedups are medians of the per-round ratios
-(dense and option timed back to back), which the load drifting between rounds does not bend. One
-torch thread by default: on a shared machine a multi-threaded kernel stalls whenever one of its
-threads is preempted (a 3x3 conv went from 0.8 ms to 76-156 ms at 2 threads under load 15).
+Measured latencies are the fastest round (every slower one carries other jobs' time; ``spread`` is
+the median over the fastest) and speedups are ratios of those. One torch thread by default: on a
+shared machine a multi-threaded kernel stalls whenever one of its threads is preempted (a 3x3
+conv went from 0.8 ms to 76-156 ms at 2 threads under load 15).
 
 ``--fit`` fits the profile's CPU factors (dense compute efficiency, per-call overhead, per-tile K
 overhead, the dynamic mask's selection time per value; memory efficiency stays 1: the profile's
@@ -35,7 +35,6 @@ import copy
 import datetime
 import os
 import re
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -123,9 +122,10 @@ def time_case(case: LayerCase, batch: int, rounds: int) -> list[dict]:
             "kind": "conv" if case.rows else "linear",
             "batch": batch,
             "option": option,
-            "measured_ms": statistics.median(samples[option]) * 1e3,
-            # Paired per round (the options of a round ran back to back): robust to the load drifting.
-            "measured_speedup": float(np.median(dense / np.array(samples[option]))),
+            # The fastest round: on a shared machine every slower one carries other jobs' time.
+            "measured_ms": min(samples[option]) * 1e3,
+            "measured_speedup": float(dense.min() / min(samples[option])),
+            "spread": float(np.median(samples[option]) / min(samples[option])),
             "space": space,
         }
         for option in options
@@ -194,7 +194,7 @@ def update_profile(path: Path, profile: HardwareProfile) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu_x86_avx2")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument(
         "--threads",
         type=int,
