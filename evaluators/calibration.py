@@ -94,8 +94,20 @@ def _label(source: str | Path | pd.DataFrame) -> str:
 
 
 def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """The measured rows, validated: columns, positive integer sizes, positive times, known dtypes
-    and hardware profiles. Errors name the file, the row (CSV line) and the fix."""
+    """The measured rows, validated before any fitting.
+
+    Args:
+        source: a CSV path or a frame with :data:`MEASUREMENT_COLUMNS` (``kernel``, ``notes`` optional).
+
+    Returns:
+        The rows with integer ``m``, ``n``, ``k``, float times and a ``kernel`` column.
+
+    Raises:
+        CalibrationError: a missing file or column, an unreadable CSV, no rows, or a row with a bad
+            value (non-positive size or time, unknown dtype / profile, a profile without sparse
+            cores for the dtype, empty source, unknown kernel status); the message names the file,
+            the row and its CSV line, and the fix.
+    """
     label = _label(source)
     if isinstance(source, pd.DataFrame):
         frame = source.copy()
@@ -171,14 +183,29 @@ def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 
 def apply_factors(profile: HardwareProfile, x: Sequence[float]) -> HardwareProfile:
-    """``profile`` with the :data:`FACTORS` values ``x`` (the sparse efficiency as a ratio of dense)."""
+    """``profile`` with other kernel factors.
+
+    Args:
+        profile: the profile whose peaks, bandwidth and GEMM shape are kept.
+        x: the :data:`FACTORS` values in order (the sparse efficiency as a ratio of the dense one).
+
+    Returns:
+        A copy of ``profile`` with those factors.
+    """
     dense, ratio, memory, launch, k_overhead, sparse_overhead, mask_ns = (float(v) for v in x)
     gemm = replace(profile.gemm, k_overhead=k_overhead, sparse_overhead_us=sparse_overhead, mask_ns_per_value=mask_ns)
     return profile.with_efficiency(Efficiency(dense, dense * ratio, memory), launch, gemm)
 
 
 def factors_of(profile: HardwareProfile) -> np.ndarray:
-    """The :data:`FACTORS` values of ``profile``, clipped into the fit's bounds."""
+    """The :data:`FACTORS` values of ``profile`` (clipped into the fit's bounds).
+
+    Args:
+        profile: a hardware profile.
+
+    Returns:
+        The factor vector, in :data:`FACTORS` order.
+    """
     eff = profile.efficiency
     x = [
         eff.compute_dense,
@@ -265,7 +292,15 @@ def fit_factors(
 
 
 def speedup_scores(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
-    """(Kendall tau, median relative error) of predicted against measured speedups."""
+    """How well predicted speedups match measured ones.
+
+    Args:
+        measured: measured speedups.
+        predicted: predicted speedups, aligned with ``measured``.
+
+    Returns:
+        (Kendall tau, median relative error ``|predicted / measured - 1|``).
+    """
     tau = float(kendalltau(predicted, measured).statistic) if len(measured) > 1 else math.nan
     return tau, float(np.median(np.abs(predicted / measured - 1)))
 
@@ -310,7 +345,18 @@ class CalibrationResult:
 def predict_ms(
     measurements: str | Path | pd.DataFrame, profiles: Mapping[str, HardwareProfile] | None = None
 ) -> pd.DataFrame:
-    """Dense and sparse latency each row's profile predicts (``profiles`` overrides shipped ones by name)."""
+    """Dense and sparse latency each row's own profile predicts.
+
+    Args:
+        measurements: a CSV path or frame with :data:`MEASUREMENT_COLUMNS`.
+        profiles: profiles by name overriding the shipped ones.
+
+    Returns:
+        The validated rows with ``predicted_dense_ms`` and ``predicted_sparse_ms``.
+
+    Raises:
+        CalibrationError: bad measurements (see :func:`read_measurements`).
+    """
     frame = read_measurements(measurements)
     loaded = {name: (profiles or {}).get(name) or load_profile(name) for name in frame["hardware"].unique()}
     dense, sparse = _predict_each(frame, loaded)

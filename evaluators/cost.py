@@ -118,9 +118,16 @@ def compressed_fraction(pattern: NMPattern | None, bytes_per_element: int) -> fl
 
 
 def format_fraction(hardware: NMPattern, bytes_per_element: int) -> float:
-    """Bytes of a tensor in the sparse tensor-core format ``hardware`` (2:4, 1:2) relative to dense:
-    the kept values plus :data:`SPARSE_FORMAT_INDEX_BITS` per kept value (FP16 2:4: 0.5625,
-    INT8 / FP8 2:4: 0.625, TF32 1:2: 0.53125)."""
+    """Bytes of a tensor in a sparse tensor-core format relative to dense.
+
+    Args:
+        hardware: the hardware pattern (2:4, or 1:2 for TF32).
+        bytes_per_element: bytes of one value of the dtype.
+
+    Returns:
+        The kept values plus :data:`SPARSE_FORMAT_INDEX_BITS` per kept value: FP16/BF16 2:4 0.5625,
+        INT8 / FP8 2:4 0.625, TF32 1:2 0.53125.
+    """
     return hardware.density * (1 + SPARSE_FORMAT_INDEX_BITS / (8 * bytes_per_element))
 
 
@@ -232,8 +239,18 @@ def gemm_terms(
     bytes_per_element: int,
     profile: HardwareProfile | None = None,
 ) -> GemmTerms:
-    """The efficiency-free terms of every (workload, option) pair; ``profile`` says which patterns a
-    dense-compute kernel reads compressed (none without it)."""
+    """The efficiency-free terms of every (workload, option) pair.
+
+    Args:
+        workloads: the layers' GEMM work.
+        options: one option per workload.
+        spec: the dtype's peaks and sparse patterns.
+        bytes_per_element: bytes of one value of the dtype.
+        profile: says which patterns a dense-compute kernel reads compressed (none without it).
+
+    Returns:
+        The terms, with per-plan weight bytes and peak ratios.
+    """
 
     def column(values: Any, dtype: type = np.float64) -> np.ndarray:
         return np.fromiter(values, dtype=dtype, count=len(workloads))
@@ -289,9 +306,16 @@ def _ceil_to(values: np.ndarray, multiple: int | np.ndarray) -> np.ndarray:
 
 
 def executed_macs(terms: GemmTerms, profile: HardwareProfile) -> np.ndarray:
-    """MAC slots the tensor cores spend per plan, ``(entries, plans)``: whole waves of tiles over the
-    SMs, the sparse kernels' padded rows, the K loop shortened by the plan's peak ratio plus the
-    fixed per-tile steps (in dense-MAC units: a sparse slot does ``s`` dense MACs' work)."""
+    """MAC slots the tensor cores spend per plan (see the module docstring for the formula).
+
+    Args:
+        terms: the entries' GEMM shapes and plan peak ratios.
+        profile: its ``gemm`` block (SMs, tile, sparse padding, per-tile K overhead).
+
+    Returns:
+        ``(entries, plans)`` dense-MAC equivalents: whole waves of tiles over the SMs, the sparse
+        kernels' padded rows, the K loop shortened by the plan's peak ratio plus the fixed steps.
+    """
     gemm = profile.gemm
     rows, outputs = terms.rows[:, None], terms.outputs[:, None]
     pad = np.array([1, gemm.sparse_row_multiple, 1])

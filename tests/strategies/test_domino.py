@@ -272,7 +272,7 @@ def test_cost_model_curves_come_from_the_hardware_model(synthetic: AccuracyEvalu
     space = synthetic.space
     # On the A100 the synthetic model's tiny GEMMs run dense whatever N (the 2:4 kernel loses), so
     # they read dense bytes: a bytes target is out of reach, and says so.
-    with pytest.raises(UnreachableTargetError, match="bytes_mb at 0.9 of the dense total is unreachable"):
+    with pytest.raises(UnreachableTargetError, match=r"bytes_mb at 0\.9 of the dense total is unreachable"):
         DominoStrategy(m=8, target="bytes_mb", target_value=0.9, hardware="a100", batch_size=4).plan(space)
     # The hypothetical any-N:M accelerator runs every N at M/N: the curves follow its model.
     plan = DominoStrategy(m=8, target="bytes_mb", target_value=0.9, hardware="ideal_nm", batch_size=4).plan(space)
