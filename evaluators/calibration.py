@@ -179,6 +179,12 @@ def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
                 f"{where(row)}: {hardware} has no sparse tensor cores for {dtype}, so no sparse time can be "
                 "costed; drop the row or pick the profile of the GPU it ran on"
             )
+        group = spec.sparse_patterns[0].m
+        if frame["k"][row] % group:
+            raise CalibrationError(
+                f"{where(row)}: k={frame['k'][row]} cannot hold a {spec.sparse_patterns[0]} weight (k must be a "
+                f"multiple of {group}); fix k or delete the row"
+            )
     return frame
 
 

@@ -126,6 +126,7 @@ def write(tmp_path: Path, frame: pd.DataFrame, name: str = "points.csv") -> Path
         (lambda f: f.assign(dtype="fp64"), "unknown dtype 'fp64'"),
         (lambda f: f.assign(hardware="cpu_x86_avx2", dtype="fp32"), "no sparse tensor cores for fp32"),
         (lambda f: f.assign(source=""), "empty source"),
+        (lambda f: f.assign(k=f["k"].where(f.index != 1, 770)), "row 2 (line 3): k=770 cannot hold a 2:4 weight"),
         (lambda f: f.assign(kernel="fast"), "kernel must be one of tuned, untuned"),
         (lambda f: f.iloc[:0], "no data rows"),
         (lambda f: f.iloc[[0]], "at least 2 sources"),
