@@ -79,21 +79,21 @@ class _MaskedWeight(torch.autograd.Function):
         ctx.srste_lambda = srste_lambda
         ctx.mask_gradient = mask_gradient
         masked = _masked(weight, mask, beta)
-        # SR-STE needs (1 - E) * W = W - W * E: keep W and the output (which the layer's op
-        # saves anyway); only the fixed-mask estimator needs the mask itself.
         ctx.save_for_backward(
-            mask if mask_gradient else None,
+            mask if mask_gradient or srste_lambda else None,
             weight if srste_lambda else None,
-            masked if srste_lambda else None,
         )
         return masked
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        mask, weight, masked = ctx.saved_tensors
+        mask, weight = ctx.saved_tensors
         grad_weight = grad * mask if ctx.mask_gradient else grad
         if ctx.srste_lambda:
-            grad_weight = grad_weight.add(weight, alpha=ctx.srste_lambda).sub_(masked, alpha=ctx.srste_lambda)
+            # ``g + lambda W (1 - E)`` formed directly: the term is exactly 0 on kept weights, so their
+            # gradient is ``g`` bit for bit. ``g + lambda W - lambda W E`` would round ``g`` against
+            # ``lambda W`` first (in bf16 at small loss scales it loses ``g`` entirely).
+            grad_weight = grad_weight + ctx.srste_lambda * (weight * (1 - mask))
         return grad_weight, None, None, None, None
 
 

@@ -225,6 +225,32 @@ def test_estimator_gradients() -> None:
     torch.testing.assert_close(fixed, dense_grad * mask)
 
 
+def test_srste_keeps_tiny_bf16_gradients_of_kept_weights_exact() -> None:
+    # At loss scale 1e-7 the data gradient (~1e-7) is far below lambda * W (~1e-4): in bf16,
+    # ``g + lambda W - lambda W E`` rounds g away; ``g + lambda W (1 - E)`` leaves it untouched.
+    torch.manual_seed(0)
+    weight = (torch.rand(16, 64) + 0.5).to(torch.bfloat16)
+    x = torch.rand(4, 64).to(torch.bfloat16)
+    mask = weight_nm_mask(weight, 2, 4).bool()
+    lam = 2e-4
+
+    def grads(state: MaskState) -> torch.Tensor:
+        layer = sparsify(nn.Linear(64, 16, bias=False), "2:4", None, name="fc").to(torch.bfloat16)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        layer.mask_state = state
+        (1e-7 * layer(x).sum()).backward()
+        return layer.weight.grad
+
+    data = grads(MaskState(estimator="ste"))  # g = dL/dW~, the same for every estimator
+    srste = grads(MaskState(estimator="srste", srste_lambda=lam))
+    kept_error = ((srste - data)[mask].float().abs() / data[mask].float().abs()).max()
+    assert kept_error == 0.0
+    torch.testing.assert_close(srste[~mask], (data + lam * weight)[~mask])
+    rounded = data + lam * weight - lam * (weight * mask)  # the old formula, for contrast
+    assert ((rounded - data)[mask].float().abs() / data[mask].float().abs()).max() > 0.5
+
+
 def test_mask_decay_forward_lets_pruned_weights_through_scaled() -> None:
     layer = sparsify(nn.Linear(8, 4, bias=False), "1:4", None, name="fc")
     mask = weight_nm_mask(layer.weight, 1, 4)
