@@ -19,6 +19,19 @@ while N falls layer by layer until a global budget is met:
    ``macs``, its cost at N = 1 for cost-model metrics (:func:`shrink_alphas`).
 6. **Stop** as soon as the committed scheme reaches the target.
 
+Two variants (``DominoStrategy.variant``; ``docs/strategies/domino.md`` has the details):
+
+* ``"reference"`` (default) follows the authors' code (github.com/aojunzz/DominoSearch) step by
+  step: only the kept weights get gradient; the shrink is ``decay alpha_l W * E`` added to the gradient
+  every 5th iteration with ``decay = 0.1`` (doubled at iterations 30k, 40k, ... 80k), under plain
+  SGD (momentum 0, weight decay 0); ``alpha_l = 0.5 g_l / max|g| + 0.5 F_l / max F`` with ``g_l`` the
+  gap between the layer's ERK sparsity and its committed sparsity (negative once a layer is sparser
+  than ERK) and ``F_l`` its committed MACs, recomputed only when a layer commits; votes every 100
+  iterations, after the backward pass, in module order; stop at ``target - 0.001``.
+* ``"nmsearch_v1"``: this package's first version (steps 1-6 above with :func:`shrink_alphas` recomputed
+  at every decision, dense STE gradient, shrink every step at ``lambda = 1`` through the task's
+  optimizer, strongest vote first, votes every 50 steps before the forward pass, exact stop).
+
 Targets: ``params`` (global weight sparsity of the searchable layers, parameter-weighted), ``macs``
 or a cost-model metric (``latency_ms``, ``bytes_mb``, ``energy_mj``) as a fraction of the dense
 model's total. The per-layer cost curves (cost at every N) come from the search space for ``params``
@@ -103,6 +116,35 @@ class Gradient(Choice):
     @classmethod
     def invalid(cls, label: str, value: object) -> str:
         return f"gradient must be one of {cls.values()}, got {value!r}"
+
+
+class Variant(Choice):
+    """Which DominoSearch runs: the authors' code step by step, or this package's first version."""
+
+    reference = "reference"
+    nmsearch_v1 = "nmsearch_v1"
+
+
+REFERENCE, NMSEARCH_V1 = Variant.reference, Variant.nmsearch_v1
+# Per-variant defaults of the fields left ``None``: the reference's values, and nmsearch v1's.
+VARIANT_DEFAULTS: dict[Variant, dict[str, Any]] = {
+    REFERENCE: {
+        "gradient": Gradient.masked,
+        "vote_interval": 100,
+        "shrink_lambda": 0.1,
+        "shrink_interval": 5,
+        "shrink_double_at": [30000, 40000, 50000, 60000, 70000, 80000],
+        "stop_tolerance": 0.001,
+    },
+    NMSEARCH_V1: {
+        "gradient": Gradient.ste,
+        "vote_interval": 50,
+        "shrink_lambda": 1.0,
+        "shrink_interval": 1,
+        "shrink_double_at": [],
+        "stop_tolerance": 0.0,
+    },
+}
 LOG_TABLE = "domino_log"  # SearchResult.tables key, saved as domino_log.csv
 LOG_COLUMNS = (
     "step",
@@ -192,6 +234,37 @@ def shrink_alphas(cost_now: np.ndarray, allotted: np.ndarray, active: np.ndarray
     return alphas
 
 
+def erk_sparsities(weight_shapes: Sequence[tuple[int, ...]], sparsity: float) -> np.ndarray:
+    """Per-layer sparsities of the Erdos-Renyi-Kernel allocation at a global ``sparsity`` (RigL's, as the
+    DominoSearch reference computes it): density ``eps * sum(shape) / prod(shape)`` with ``eps`` chosen so
+    the kept count equals ``sum(n - floor(sparsity n))``; while a layer would exceed density 1, the layers
+    with the largest raw score are made dense and ``eps`` is solved again over the rest."""
+    sizes = np.array([math.prod(shape) for shape in weight_shapes], dtype=float)
+    raw = erk_scores(weight_shapes)
+    zeros = np.floor(sparsity * sizes)
+    dense = np.zeros(len(sizes), dtype=bool)
+    while True:
+        rhs = float((sizes - zeros)[~dense].sum() - zeros[dense].sum())
+        eps = rhs / float((raw * sizes)[~dense].sum())
+        largest = raw[~dense].max()
+        if eps * largest <= 1 or dense.all():
+            return np.where(dense, 0.0, 1.0 - eps * raw)
+        dense |= raw == largest
+
+
+def reference_alphas(
+    erk_sparsity: np.ndarray, macs: np.ndarray, committed: np.ndarray, m: int, erk_weight: float = 0.5
+) -> np.ndarray:
+    """The reference's penalty factors: ``erk_weight`` times the ERK gap ``erk_sparsity - (1 - N/M)``
+    over its largest magnitude (all 0 once the largest gap is below 0.01), plus ``1 - erk_weight`` times
+    the committed MACs ``macs N/M`` over their maximum. A layer already sparser than ERK gets a negative
+    gap, so its alpha can be negative (the shrink then grows its kept weights)."""
+    gap = erk_sparsity - (1.0 - committed / m)
+    erk = np.zeros(len(gap)) if gap.max() < 0.01 else gap / np.abs(gap).max()
+    flops = macs * committed / m
+    return erk_weight * erk + (1.0 - erk_weight) * flops / flops.max()
+
+
 @dataclass(frozen=True)
 class CostCurves:
     """What the target measures, per eligible layer and N (``per_n[layer, n - 1]``), plus the cost of
@@ -227,21 +300,28 @@ class DominoPlan:
     target_fraction: float
     allotted: np.ndarray
     hardware: str | None = None
+    stop_tolerance: float = 0.0
+    erk_sparsity: np.ndarray | None = None  # per layer, at the target sparsity (reference alphas)
+    macs: np.ndarray | None = None  # per layer, dense (reference alphas)
 
     def objective(self, fraction: float) -> float:
         """The target's quantity for a fraction of the dense total: sparsity for ``params``."""
         return 1.0 - fraction if self.target == "params" else fraction
 
     def reached(self, ns: np.ndarray) -> bool:
-        return self.curves.fraction(ns) <= self.target_fraction * (1 + 1e-9)
+        """Whether per-layer ``ns`` meet the target, within ``stop_tolerance`` (the reference stops at
+        ``target - 0.001`` sparsity, i.e. ``0.001`` above the target fraction)."""
+        return self.curves.fraction(ns) <= (self.target_fraction + self.stop_tolerance) * (1 + 1e-9)
 
 
 class DominoState:
     """Per-layer N (current and committed) and the decision log; no training inside, so it is
     tested on its own. :meth:`decrement` applies one decision and reports whether the target is met."""
 
-    def __init__(self, plan: DominoPlan, beta: float) -> None:
-        self.plan, self.beta = plan, beta
+    def __init__(self, plan: DominoPlan, beta: float, variant: str = REFERENCE) -> None:
+        if variant == REFERENCE and (plan.erk_sparsity is None or plan.macs is None):
+            raise DominoError("the reference variant needs the plan's erk_sparsity and macs")
+        self.plan, self.beta, self.variant = plan, beta, variant
         self.n = np.full(len(plan.layers), plan.m, dtype=np.int64)
         self.committed = self.n.copy()
         self.commits: list[np.ndarray] = []
@@ -258,6 +338,9 @@ class DominoState:
         return self.plan.reached(self.committed)
 
     def _rebalance(self) -> np.ndarray:
+        if self.variant == REFERENCE:
+            plan = self.plan
+            return reference_alphas(plan.erk_sparsity, plan.macs, self.committed, plan.m, self.beta)
         cost_now = self.plan.curves.layer_costs(self.n)
         return shrink_alphas(cost_now, self.plan.allotted, self.active, self.beta)
 
@@ -273,7 +356,8 @@ class DominoState:
         if committed:
             self.committed[index] = self.n[index]
             self.commits.append(self.committed.copy())
-        self.alphas = self._rebalance()
+        if committed or self.variant != REFERENCE:  # the reference re-balances on commits only
+            self.alphas = self._rebalance()
         fraction = self.plan.curves.fraction(self.committed)
         self.decisions.append(
             {
@@ -298,9 +382,13 @@ class DominoState:
 
 
 def apply_votes(state: DominoState, shares: Sequence[float], vote_fraction: float, *, step: int, epoch: int) -> bool:
-    """Drop N of every active layer whose vote share is at least ``vote_fraction``, strongest vote first;
-    returns True as soon as the target is reached (the remaining layers keep their N)."""
-    for index in sorted(range(len(shares)), key=lambda i: -shares[i]):
+    """Drop N of every active layer whose vote share is at least ``vote_fraction``, in module order
+    (reference) or strongest vote first (nmsearch v1); returns True as soon as the target is reached
+    (the remaining layers keep their N)."""
+    order = range(len(shares))
+    if state.variant != REFERENCE:
+        order = sorted(order, key=lambda i: -shares[i])
+    for index in order:
         passed = shares[index] >= vote_fraction and state.active[index]
         if passed and state.decrement(index, step=step, epoch=epoch, share=shares[index]):
             return True
@@ -350,11 +438,16 @@ class DominoStrategy(StrategyBase):
     :class:`~evaluators.HardwareCostModel` of the evaluator's :class:`~evaluators.CostEvaluator`
     part, or of ``hardware`` (a profile name, with ``dtype`` and ``batch_size``), which wins when set.
 
-    Training: ``lr`` (default: the task's ``finetune_lr``) at a constant rate, the L2 shrink
-    ``shrink_lambda`` every ``shrink_interval`` steps, votes every ``vote_interval`` steps at
-    ``vote_fraction``; ``beta`` mixes remaining budget and cost share in alpha. ``gradient="ste"``
-    passes the dense gradient to every weight (pruned ones can grow back, as in SR-STE training);
-    ``"masked"`` trains only the kept weights, so pruned ones stay put. When ``max_epochs``
+    ``variant``: ``"reference"`` (the authors' code, step by step) or ``"nmsearch_v1"`` (see the
+    module docstring). The fields left ``None`` take the variant's value (``VARIANT_DEFAULTS``).
+
+    Training: ``lr`` (default: the task's ``finetune_lr``) at a constant rate, the L2 shrink of strength
+    ``shrink_lambda`` every ``shrink_interval`` steps (doubled at each step count in ``shrink_double_at``),
+    votes every ``vote_interval`` steps at ``vote_fraction``; ``beta`` is the weight of the budget term
+    in alpha (the reference's ERK weight ``w1``). ``gradient="ste"`` passes the dense gradient to every
+    weight (pruned ones can grow back, as in SR-STE training); ``"masked"`` trains only the kept weights,
+    so pruned ones stay put. The search stops once the committed scheme is within ``stop_tolerance`` of
+    the target (a sparsity, or a fraction of the dense total). When ``max_epochs``
     run out first, the remaining decisions are forced (logged as such): the layer with the largest
     vote share times alpha drops to its next power of two until the target is met. ``score_intermediate``
     also scores every committed scheme before the last.
@@ -363,12 +456,15 @@ class DominoStrategy(StrategyBase):
     m: int = 16
     target: BudgetMetric = BudgetMetric.params
     target_value: float = 0.875
-    vote_interval: int = 50
+    variant: Variant = Variant.reference
+    vote_interval: int | None = None
     vote_fraction: float = 0.75
-    shrink_lambda: float = 1.0
-    shrink_interval: int = 1
+    shrink_lambda: float | None = None
+    shrink_interval: int | None = None
+    shrink_double_at: list[int] | None = None
+    stop_tolerance: float | None = None
     beta: float = 0.5
-    gradient: Gradient = Gradient.ste
+    gradient: Gradient | None = None
     lr: float | None = None
     max_epochs: int = 100
     seed: int = 0
@@ -379,6 +475,11 @@ class DominoStrategy(StrategyBase):
     name: str = "domino"
 
     # -- validation and planning -------------------------------------------------------------
+    def setting(self, name: str) -> Any:
+        """Field ``name``, or the variant's default for it when the field is ``None``."""
+        value = getattr(self, name)
+        return VARIANT_DEFAULTS[self.variant][name] if value is None else value
+
     def _validate(self) -> None:
         NMPattern(1, self.m)  # M within the supported range
         if self.m < 2:
@@ -389,16 +490,20 @@ class DominoStrategy(StrategyBase):
         if not 0 < self.target_value < 1:
             raise DominoError(f"target_value for {self.target!r} is {what} in (0, 1), got {self.target_value}")
         for name in ("vote_interval", "shrink_interval", "max_epochs"):
-            if getattr(self, name) < 1:
-                raise DominoError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.setting(name) < 1:
+                raise DominoError(f"{name} must be >= 1, got {self.setting(name)}")
         if not 0 < self.vote_fraction <= 1:
             raise DominoError(f"vote_fraction must be in (0, 1], got {self.vote_fraction}")
-        if self.gradient not in GRADIENTS:
+        if self.setting("gradient") not in GRADIENTS:
             raise DominoError(f"gradient must be one of {', '.join(GRADIENTS)}, got {self.gradient!r}")
         if not 0 <= self.beta <= 1:
             raise DominoError(f"beta must be in [0, 1], got {self.beta}")
-        if self.shrink_lambda < 0 or (self.lr is not None and not self.lr > 0):
+        if self.setting("shrink_lambda") < 0 or (self.lr is not None and not self.lr > 0):
             raise DominoError("shrink_lambda must be >= 0 and lr > 0")
+        if not 0 <= self.setting("stop_tolerance") < 1:
+            raise DominoError(f"stop_tolerance must be in [0, 1), got {self.stop_tolerance}")
+        if any(step < 1 for step in self.setting("shrink_double_at")):
+            raise DominoError(f"shrink_double_at lists step counts >= 1, got {self.shrink_double_at}")
 
     def _cost_model(self, evaluator: Evaluator | None) -> HardwareCostModel:
         if self.hardware is not None:
@@ -457,6 +562,9 @@ class DominoStrategy(StrategyBase):
             target_fraction=target_fraction,
             allotted=self._allotted(layers, curves, target_fraction),
             hardware=hardware,
+            stop_tolerance=float(self.setting("stop_tolerance")),
+            erk_sparsity=erk_sparsities([info.weight_shape for info in layers], 1.0 - target_fraction),
+            macs=np.array([info.macs for info in layers], dtype=float),
         )
 
     def _allotted(self, layers: Sequence[Any], curves: CostCurves, target_fraction: float) -> np.ndarray:
@@ -503,6 +611,7 @@ class DominoStrategy(StrategyBase):
             "final_trial": candidates[-1].trial,
             "decisions": len(state.decisions),
             "forced_decisions": sum(decision["forced"] for decision in state.decisions),
+            "variant": self.variant,
             "steps": steps,
             "epochs": epochs,
             "search_s": search_s,
@@ -546,14 +655,21 @@ class DominoStrategy(StrategyBase):
 
     def _train(self, plan: DominoPlan, trainer: Trainer) -> tuple[DominoState, int, int]:
         """Run the search on the pre-trained model; returns the final state, steps and epochs run."""
-        state = DominoState(plan, self.beta)
+        reference = self.variant == REFERENCE
+        gradient, vote_interval = self.setting("gradient"), self.setting("vote_interval")
+        state = DominoState(plan, self.beta, self.variant)
         model = trainer.pretrained()
         layers = _wrap(model, plan.layers, self.m)
         thresholds = [group_thresholds(layer.weight, self.m) for layer in layers]
-        _set_masks(layers, state.n, self.m, self.gradient)
+        _set_masks(layers, state.n, self.m, gradient)
         schedule = trainer.schedule
-        optimizer = make_optimizer(model.parameters(), schedule, self.lr or schedule.finetune_lr)
-        cross_entropy = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
+        lr = self.lr or schedule.finetune_lr
+        if reference:  # the reference's search config: plain SGD, no momentum or weight decay, no smoothing
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+            cross_entropy = nn.CrossEntropyLoss()
+        else:
+            optimizer = make_optimizer(model.parameters(), schedule, lr)
+            cross_entropy = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
         clock = {"step": 0, "epoch": 0}
 
         def shares() -> list[float]:
@@ -562,22 +678,29 @@ class DominoStrategy(StrategyBase):
                 for layer, threshold, n in zip(layers, thresholds, state.n, strict=True)
             ]
 
+        def vote(step: int) -> None:
+            if apply_votes(state, shares(), self.vote_fraction, step=step, epoch=clock["epoch"]):
+                logger.info("DominoSearch reached its %s target at step %d", self.target, step)
+                raise _TargetReached
+            _set_masks(layers, state.n, self.m, gradient)
+
         def before_step(step: int) -> None:
             clock["step"] = step
-            if step and step % self.vote_interval == 0:
-                if apply_votes(state, shares(), self.vote_fraction, step=step, epoch=clock["epoch"]):
-                    logger.info("DominoSearch reached its %s target at step %d", self.target, step)
-                    raise _TargetReached
-                _set_masks(layers, state.n, self.m, self.gradient)
+            if not reference and step and step % vote_interval == 0:
+                vote(step)  # nmsearch v1: before the forward pass, from step 50 on
 
-        def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-            loss = cross_entropy(outputs, targets)
-            if self.shrink_lambda and clock["step"] % self.shrink_interval == 0:
-                loss = loss + self.shrink_lambda * _shrink_penalty(layers, state.alphas)
-            return loss
+        def before_update() -> None:
+            # After the backward pass, before the weights move: the shrink joins the gradient, then
+            # (reference) the vote, as the authors' training loop orders them.
+            step = clock["step"]
+            if step % self.setting("shrink_interval") == 0:
+                _add_shrink_gradient(layers, state.alphas, self.shrink_strength(step))
+            if reference and step % vote_interval == 0:
+                vote(step)
 
         seed_everything(self.seed)
         epoch, step = 0, 0
+        stepper = _HookedOptimizer(optimizer, before_update)
         try:
             for epoch in range(self.max_epochs):
                 clock["epoch"] = epoch
@@ -585,8 +708,8 @@ class DominoStrategy(StrategyBase):
                 stats = train_one_epoch(
                     model,
                     batches,
-                    optimizer,
-                    loss_fn=loss_fn,
+                    stepper,  # type: ignore[arg-type]  # an optimizer with a hook before step()
+                    loss_fn=cross_entropy,
                     before_step=before_step,
                     start_step=step,
                     device=trainer.device,
@@ -607,6 +730,26 @@ class DominoStrategy(StrategyBase):
         )
         force_to_target(state, shares, step=step, epoch=self.max_epochs - 1)
         return state, step, self.max_epochs
+
+    def shrink_strength(self, step: int) -> float:
+        """The shrink's strength at (0-based) ``step``: ``shrink_lambda`` doubled once for every count in
+        ``shrink_double_at`` that ``step + 1`` has reached (the reference doubles at iteration 30000, ...)."""
+        doublings = sum(step + 1 >= at for at in self.setting("shrink_double_at"))
+        return float(self.setting("shrink_lambda")) * 2.0**doublings
+
+
+class _HookedOptimizer:
+    """An optimizer whose ``step()`` first runs ``hook`` (after the backward pass, before the update)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hook: Callable[[], None]) -> None:
+        self.optimizer, self.hook = optimizer, hook
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.hook()
+        self.optimizer.step()
 
 
 def force_to_target(state: DominoState, shares: Callable[[], list[float]], *, step: int, epoch: int) -> None:
@@ -674,11 +817,13 @@ def _set_masks(layers: Sequence[SparseLayerMixin], ns: np.ndarray, m: int, gradi
         layer.mask_state = MaskState(estimator=estimator, weight_nm=(int(n), m))
 
 
-def _shrink_penalty(layers: Sequence[SparseLayerMixin], alphas: np.ndarray) -> Tensor:
-    """``sum_l alpha_l / 2 ||W_l * E_l||^2``: its gradient is ``alpha_l W_l * E_l`` on the kept weights."""
-    terms = [
-        0.5 * float(alpha) * (layer.weight * layer.weight_mask()).pow(2).sum()
-        for layer, alpha in zip(layers, alphas, strict=True)
-        if alpha > 0
-    ]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+def _add_shrink_gradient(layers: Sequence[SparseLayerMixin], alphas: np.ndarray, strength: float) -> None:
+    """Add ``strength alpha_l W_l * E_l`` to each layer's gradient: the L2 shrink of the weights the last
+    forward pass kept (the gradient of ``strength/2 sum_l alpha_l ||W_l * E_l||^2``). A negative alpha
+    (reference variant) grows them instead."""
+    with torch.no_grad():
+        for layer, alpha in zip(layers, alphas, strict=True):
+            mask = layer.weight_mask()
+            if alpha == 0 or layer.weight.grad is None or mask is None:
+                continue
+            layer.weight.grad.add_(layer.weight * mask, alpha=strength * float(alpha))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,26 +18,30 @@ from experiments.tasks.synthetic import SyntheticTask
 from search_space import NMSearchError, Scheme, weight_nm_mask
 from strategies import DominoStrategy
 from strategies.domino import (
+    NMSEARCH_V1,
     CostCurves,
     DominoError,
     DominoPlan,
     DominoState,
     UnreachableTargetError,
+    _add_shrink_gradient,
     _check_reachable,
     _set_masks,
-    _shrink_penalty,
     _wrap,
     allot_densities,
     apply_votes,
     domino_space,
+    erk_sparsities,
     force_to_target,
     group_thresholds,
+    reference_alphas,
     shrink_alphas,
     vote_share,
     weight_groups,
 )
 
-FAST = {"vote_interval": 4, "gradient": "masked"}  # synthetic: 8 steps per epoch
+# synthetic: 8 steps per epoch; the reference shrink (0.1 every 5th step) is sized for ~30k steps
+FAST = {"vote_interval": 4, "shrink_lambda": 2.0, "shrink_interval": 1}
 
 
 @dataclass(frozen=True)
@@ -138,14 +143,14 @@ def test_vote_share_counts_groups_with_fewer_than_n_entries_above_threshold() ->
 
 
 def test_a_vote_fires_at_75_percent_of_the_groups() -> None:
-    state = DominoState(linear_plan([64, 64], 4, 0.25), beta=0.5)
+    state = DominoState(linear_plan([64, 64], 4, 0.25), beta=0.5, variant=NMSEARCH_V1)
     assert not apply_votes(state, [0.75, 0.7499], 0.75, step=10, epoch=0)
     assert state.n.tolist() == [3, 4]
     assert state.log()[["step", "layer", "n", "vote_share"]].values.tolist() == [[10, "a", 3, 0.75]]
 
 
 def test_n_is_committed_only_at_powers_of_two() -> None:
-    state = DominoState(linear_plan([160], 16, 1 / 16), beta=0.5)
+    state = DominoState(linear_plan([160], 16, 1 / 16), beta=0.5, variant=NMSEARCH_V1)
     committed = []
     for step in range(15):
         state.decrement(0, step=step, epoch=0, share=1.0)
@@ -173,7 +178,7 @@ def test_alphas_mix_remaining_budget_and_cost_share() -> None:
 
 
 def test_every_decision_rebalances_all_layers() -> None:
-    state = DominoState(linear_plan([80, 80], 8, 0.2), beta=0.5)
+    state = DominoState(linear_plan([80, 80], 8, 0.2), beta=0.5, variant=NMSEARCH_V1)
     assert state.alphas == pytest.approx([1.0, 1.0])
     for step in range(4):  # layer a: 8 -> 4, committed
         state.decrement(0, step=step, epoch=0, share=1.0)
@@ -193,7 +198,7 @@ def test_erk_allotment_meets_the_budget_and_caps_densities() -> None:
 
 
 def test_search_stops_exactly_when_the_target_is_reached() -> None:
-    state = DominoState(hand_plan([[50, 100], [50, 100]], 0.75), beta=0.5)
+    state = DominoState(hand_plan([[50, 100], [50, 100]], 0.75), beta=0.5, variant=NMSEARCH_V1)
     assert apply_votes(state, [0.9, 1.0], 0.75, step=7, epoch=0)
     assert state.n.tolist() == [2, 1]  # the strongest vote went first and reached the target
     assert state.reached and len(state.decisions) == 1
@@ -202,7 +207,7 @@ def test_search_stops_exactly_when_the_target_is_reached() -> None:
 
 
 def test_forced_decisions_go_to_the_layer_closest_to_voting_under_the_most_pressure() -> None:
-    state = DominoState(hand_plan([[1, 2], [50, 100]], 0.6), beta=0.5)
+    state = DominoState(hand_plan([[1, 2], [50, 100]], 0.6), beta=0.5, variant=NMSEARCH_V1)
     force_to_target(state, lambda: [0.9, 0.5], step=99, epoch=3)  # "a" votes more but holds 2% of the cost
     assert state.log()[["step", "layer", "n", "forced", "committed"]].values.tolist() == [[99, "b", 1, True, True]]
     assert state.reached
@@ -211,16 +216,108 @@ def test_forced_decisions_go_to_the_layer_closest_to_voting_under_the_most_press
 def test_shrink_gradient_is_alpha_times_the_kept_weights_only() -> None:
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
     layers = _wrap(model, ["0", "2"], 4)
-    _set_masks(layers, np.array([2, 3]), 4, "ste")
-    model(torch.randn(3, 8))  # the forward computes the current top-N masks
+    _set_masks(layers, np.array([2, 3]), 4, "masked")
+    model(torch.randn(3, 8)).sum().backward()  # the forward computes the current top-N masks
     first, second = layers
-    penalty = _shrink_penalty(layers, np.array([0.7, 0.0]))  # the second layer has finished
-    penalty.backward()
+    data = [layer.weight.grad.clone() for layer in layers]
+    _add_shrink_gradient(layers, np.array([-0.7, 0.0]), strength=0.1)  # alpha may be negative
     weight = first.weight.detach()
     kept = weight_nm_mask(weight, 2, 4)
-    assert torch.allclose(first.weight.grad, 0.7 * weight * kept)
-    assert penalty.item() == pytest.approx(0.35 * float(weight[kept].pow(2).sum()))
-    assert second.weight.grad is None
+    assert torch.equal(data[0] * ~kept, torch.zeros_like(weight))  # survivors only get gradient
+    torch.testing.assert_close(first.weight.grad, data[0] - 0.07 * weight * kept)
+    assert torch.equal(second.weight.grad, data[1])  # alpha 0: untouched
+
+
+# -- the reference variant: its formulas ported by hand on fixed numbers -----------------------
+def reference_plan(per_n: list[list[float]], target_fraction: float, erk: list[float], macs: list[float]) -> DominoPlan:
+    plan = hand_plan(per_n, target_fraction)
+    return dataclasses.replace(plan, erk_sparsity=np.array(erk), macs=np.array(macs), stop_tolerance=0.001)
+
+
+def test_erk_sparsities_as_rigl_computes_them() -> None:
+    shapes = [(8, 16, 3, 3), (16, 16, 3, 3), (10, 64)]  # sum/prod: 30/1152, 38/2304, 74/640
+    # kept = sum(n - floor(0.75 n)) = 288 + 576 + 160; eps = kept / sum(raw n) = 1024 / (30 + 38 + 74)
+    expected = [1 - 1024 / 142 * 30 / 1152, 1 - 1024 / 142 * 38 / 2304, 1 - 1024 / 142 * 74 / 640]
+    assert erk_sparsities(shapes, 0.75) == pytest.approx(expected)
+    # at 0.5 the linear layer would exceed density 1: it is made dense and eps solved over the others,
+    # eps = (576 + 1152 - 320) / (30 + 38)
+    assert erk_sparsities(shapes, 0.5) == pytest.approx([1 - 1408 / 68 * 30 / 1152, 1 - 1408 / 68 * 38 / 2304, 0.0])
+
+
+def test_reference_alphas_mix_erk_gap_and_flops_share_and_can_be_negative() -> None:
+    erk, macs = np.array([0.5, 0.8, 0.9]), np.array([100.0, 400.0, 200.0])
+    # gaps 0.5, 0.3, 0.15 over 0.5; committed MACs 100, 200, 50 over 200
+    alphas = reference_alphas(erk, macs, np.array([16, 8, 4]), 16)
+    assert alphas == pytest.approx([0.5 * 1.0 + 0.5 * 0.5, 0.5 * 0.6 + 0.5 * 1.0, 0.5 * 0.3 + 0.5 * 0.25])
+    # layer 2 at 1:16 is sparser than its ERK share: gap 0.9 - 0.9375 < 0
+    alphas = reference_alphas(erk, macs, np.array([16, 16, 1]), 16, erk_weight=1.0)
+    assert alphas == pytest.approx([0.5 / 0.8, 0.8 / 0.8, -0.0375 / 0.8])
+    # every gap below 0.01: the ERK term is 0, only the FLOPs share remains
+    done = reference_alphas(np.array([0.5, 0.5]), np.array([1.0, 3.0]), np.array([8, 8]), 16)
+    assert done == pytest.approx([0.5 / 3, 0.5])
+
+
+def test_reference_vote_on_fixed_weights() -> None:
+    # Four NHWC groups of 16 input channels at one output channel and kernel offsets (0,0)..(1,1).
+    groups = torch.stack([
+        torch.arange(1.0, 17.0),  # threshold mean(1..8) = 4.5: 12 entries above
+        torch.tensor([1.0] * 8 + [10.0] * 8),  # threshold 1: 8 above
+        torch.full((16,), 3.0),  # threshold 3: none strictly above
+        -torch.arange(1.0, 17.0).flip(0),  # magnitudes 1..16 again, signs do not matter: 12 above
+    ])  # fmt: skip
+    weight = groups.reshape(1, 2, 2, 16).permute(0, 3, 1, 2)  # (Cout, Cin, kh, kw)
+    thresholds = group_thresholds(weight, 16)
+    assert thresholds.tolist() == [4.5, 1.0, 3.0, 4.5]
+    # the reference: a group votes when fewer than N_intermediate of its entries exceed the threshold
+    assert vote_share(weight, thresholds, 12, 16) == 2 / 4  # groups 2 and 3 (8 and 0 < 12)
+    assert vote_share(weight, thresholds, 13, 16) == 1.0  # all four have fewer than 13
+    state = DominoState(reference_plan([[w * n / 16 for n in range(1, 17)] for w in (64, 64)], 0.5,
+                                       [0.5, 0.5], [64.0, 64.0]), beta=0.5)  # fmt: skip
+    shares = [vote_share(weight, thresholds, int(n), 16) for n in state.n]
+    assert not apply_votes(state, shares, 0.75, step=0, epoch=0)
+    assert state.n.tolist() == [15, 15]  # both voted at 1.0 >= 0.75
+
+
+def test_reference_state_rebalances_on_commits_only_and_votes_in_module_order() -> None:
+    per_n = [[w * n / 8 for n in range(1, 9)] for w in (80, 160)]
+    state = DominoState(reference_plan(per_n, 0.5, erk=[0.4, 0.6], macs=[100.0, 50.0]), beta=0.5)
+    start = reference_alphas(np.array([0.4, 0.6]), np.array([100.0, 50.0]), np.array([8, 8]), 8)
+    assert state.alphas == pytest.approx(start)
+    assert not apply_votes(state, [0.8, 1.0], 0.75, step=0, epoch=0)  # 8 -> 7: no commit
+    assert state.log()["layer"].tolist() == ["a", "b"]  # module order, not the strongest vote first
+    assert state.alphas == pytest.approx(start)
+    for step in (100, 200):  # 7 -> 6 -> 5
+        apply_votes(state, [0.0, 1.0], 0.75, step=step, epoch=0)
+    assert state.alphas == pytest.approx(start)
+    apply_votes(state, [0.0, 1.0], 0.75, step=300, epoch=0)  # b: 5 -> 4, committed
+    assert state.committed.tolist() == [8, 4]
+    expected = reference_alphas(np.array([0.4, 0.6]), np.array([100.0, 50.0]), np.array([8, 4]), 8)
+    assert state.alphas == pytest.approx(expected)
+
+
+def test_reference_stops_at_target_minus_one_per_mille() -> None:
+    per_n = [[w * n / 2 for n in (1, 2)] for w in (1000, 1000, 4)]
+    # the target fraction 0.5001 is met within 0.001 by 1:2, 1:2 and 2:2 (1004 / 2004 = 0.50100)
+    state = DominoState(reference_plan(per_n, 0.5001, [0.5] * 3, [1.0] * 3), beta=0.5)
+    assert not apply_votes(state, [1.0, 0.0, 0.0], 0.75, step=0, epoch=0)
+    assert apply_votes(state, [0.0, 1.0, 0.0], 0.75, step=100, epoch=0)
+    assert state.n.tolist() == [1, 1, 2]
+    strict = DominoState(dataclasses.replace(state.plan, stop_tolerance=0.0), beta=0.5)
+    strict.decrement(0, step=0, epoch=0, share=1.0)
+    assert not strict.decrement(1, step=0, epoch=0, share=1.0)
+
+
+def test_reference_settings_and_penalty_schedule() -> None:
+    strategy = DominoStrategy()
+    assert strategy.variant == "reference"
+    settings = {name: strategy.setting(name) for name in ("gradient", "vote_interval", "shrink_interval")}
+    assert settings == {"gradient": "masked", "vote_interval": 100, "shrink_interval": 5}
+    assert [strategy.shrink_strength(step) for step in (0, 29998, 29999, 39999, 79999)] == [
+        0.1, 0.1, 0.2, 0.4, 6.4,
+    ]  # fmt: skip
+    v1 = DominoStrategy(variant="nmsearch_v1")
+    assert (v1.setting("gradient"), v1.setting("vote_interval"), v1.shrink_strength(10**6)) == ("ste", 50, 1.0)
+    assert DominoStrategy(vote_interval=7).setting("vote_interval") == 7
 
 
 # -- planning and bad input --------------------------------------------------------------------
@@ -251,8 +348,11 @@ def test_a_target_the_dense_model_already_meets_is_refused() -> None:
         ({"target": "flops"}, "unknown target 'flops'"),
         ({"target_value": 1.2}, r"target_value for 'params' is a sparsity in \(0, 1\)"),
         ({"target": "macs", "target_value": 0.0}, "a fraction of the dense total"),
-        ({"gradient": "srste"}, "gradient must be one of ste, masked"),
+        ({"gradient": "srste"}, "gradient = 'srste' is not one of ste, masked"),
         ({"vote_interval": 0}, "vote_interval must be >= 1"),
+        ({"variant": "paper"}, "variant = 'paper' is not one of reference, nmsearch_v1"),
+        ({"stop_tolerance": -0.1}, r"stop_tolerance must be in \[0, 1\)"),
+        ({"shrink_double_at": [0]}, "shrink_double_at lists step counts >= 1"),
         ({"m": 64}, "M must be at most 32"),
         ({"target": "latency_ms", "target_value": 0.5}, "needs a hardware cost model: set hardware="),
     ],
@@ -311,6 +411,10 @@ def test_search_on_synthetic_writes_scheme_and_decision_log(synthetic: AccuracyE
     assert log["committed"].iloc[-1] and log["objective"].iloc[-1] == pytest.approx(sparsity)
     assert (log["objective"].iloc[:-1] < 0.5).all()  # no decision after the target was reached
     assert log["step"].iloc[-1] == result.metadata["steps"] and not log["forced"].any()
+    # reference: the first vote is at step 0 (after its backward pass), each vote in module order
+    assert log["step"].iloc[0] == 0 and result.metadata["variant"] == "reference"
+    order = {name: index for index, name in enumerate(space.searchable)}
+    assert all(group["layer"].map(order).is_monotonic_increasing for _, group in log.groupby("step"))
     for _, decisions in log.groupby("layer"):
         assert (decisions["n"].diff().dropna() == -1).all()  # one step of N per decision
 
@@ -343,7 +447,7 @@ def test_layers_m_does_not_divide_stay_dense_and_are_reported(
 
 
 def test_out_of_epochs_forces_the_remaining_decisions(synthetic: AccuracyEvaluator) -> None:
-    strategy = DominoStrategy(m=8, target="params", target_value=0.8, shrink_lambda=0.0, max_epochs=1, **FAST)
+    strategy = DominoStrategy(m=8, target="params", target_value=0.8, max_epochs=1, **(FAST | {"shrink_lambda": 0.0}))
     result = strategy.search(synthetic.space, synthetic)
     log = result.tables["domino_log"]
     assert log["forced"].any() and result.metadata["forced_decisions"] == int(log["forced"].sum())
