@@ -3,22 +3,32 @@
 The seed method (Akiva-Hochman et al., ECCVW 2022) as a supernet: every searchable layer gets one
 logit per option of the space, trained by its own Adam on held-out training batches while the
 weights train on the rest (FBNet's alternation: per epoch, weights first, then logits; the first
-``warmup_fraction`` of the epochs train weights only). Straight-through hard Gumbel samples pick
-an option per layer and step; the temperature anneals.
+``warmup_fraction`` of the epochs train weights only).
+
+``estimator`` decides how the logits get their gradient, for the loss and the cost term alike:
+
+* ``proxylessnas`` (default): each step draws one option per layer from ``p = softmax(logits)``; the
+  loss reaches the logits through ``p`` (ProxylessNAS' straight-through gate) and so does the cost
+  ``E_p[cost]``. No temperature is involved, so the loss/cost gradient ratio cannot drift.
+* ``fbnet``: the Gumbel-softmax sample ``y = softmax((logits + g) / tau)`` gates the options and the
+  cost is priced with the same ``y`` (FBNet), so both gradients pass the same ``tau``-relaxation.
+  ``sampling="hard"`` runs the straight-through one-hot of ``y``: the forward choice is
+  ``argmax(logits + g)`` whatever ``tau``, which shapes only the gradient; ``sampling="soft"`` runs the
+  mixture ``sum_o y_o option_o`` itself, where ``tau`` anneals it from a blend to a single option.
 
 Options share the layer's weight tensor. Options with the same *activation* choice differ only in
-the weight mask, so each such group is one GEMM with a soft mask ``sum_o g_o E_o`` (the weight
-mixture is one mask, not one GEMM per option). Computing every group gives the exact
-straight-through gradient for every logit; ``active_groups=2`` (default) computes the sampled
-group plus one other drawn by probability (ProxylessNAS' two-path idea), which bounds a step at
-about two GEMMs per layer.
+the weight mask, so each such group is one GEMM with a soft mask ``sum_o g_o E_o``. A weight step
+computes the sampled option alone (one GEMM). A logit step computes the sampled group and
+``active_groups - 1`` others drawn uniformly, whose gate gradients are divided by their inclusion
+probability and centred on the sampled option's (a control variate): an unbiased estimate of the
+gradient that computes every group (``active_groups=None``).
 
-The loss adds the cost model's differentiable expected cost ``E[cost] = sum p(option) cost``:
-``additive`` ``CE + lambda E[cost]/cost_dense`` (ProxylessNAS), ``fbnet`` ``CE alpha log(LAT)^beta``
-with ``LAT = 100 E[cost]/cost_dense`` (so a dense model sits at FBNet's scale of ~100), or
-``budget`` ``CE + lambda max(0, E[cost]/cost_dense - budget)^2`` steering to a fraction of dense.
-The result is the argmax scheme (and optionally the best of k samples), scored by the evaluator
-like any candidate; ``lambdas`` (or ``budgets``) run one search each and trace a front.
+The loss adds the cost model's expected cost ratio ``r = E[cost]/cost_dense`` (expected over the
+gates above): ``additive`` ``CE + lambda r`` (ProxylessNAS), ``fbnet`` ``CE alpha log(100 r)^beta``
+(so a dense model sits at FBNet's scale of ~100), or ``budget`` ``CE + lambda max(0, r - budget)^2``
+steering to a fraction of dense. The result is the argmax scheme (and optionally the best of k
+samples), scored by the evaluator like any candidate; ``lambdas`` (or ``budgets``) run one search
+each and trace a front.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from search_space import (
     share_row_scores,
     sparsify,
 )
+from search_space.layers import _MaskedWeight
 from strategies.base import (
     COMPLETE,
     Candidate,
@@ -88,6 +99,24 @@ class TemperatureSchedule(Choice):
     @classmethod
     def invalid(cls, label: str, value: object) -> str:
         return f"gumbel.tau_schedule must be one of {cls.values()}, got {value!r}"
+
+
+class Estimator(Choice):
+    """How the logits get their gradient, for the loss and the cost term alike."""
+
+    proxylessnas = "proxylessnas"  # both through p = softmax(logits)
+    fbnet = "fbnet"  # both through the tau-relaxed Gumbel-softmax sample
+
+
+class Sampling(Choice):
+    """What a forward pass computes: one sampled option (hard) or the relaxed mixture (soft, fbnet)."""
+
+    hard = "hard"
+    soft = "soft"
+
+
+PROXYLESSNAS, FBNET = Estimator.proxylessnas, Estimator.fbnet
+HARD, SOFT = Sampling.hard, Sampling.soft
 ARCH_SHARE = 5  # every 5th training batch trains the logits (80/20 split, as FBNet)
 
 
@@ -126,7 +155,14 @@ class GumbelLayer(nn.Module):
     """A searchable layer in the supernet: the wrapped layer plus its options and logits.
 
     The logits are a plain tensor attribute, not a registered parameter, so they stay out of
-    ``model.parameters()`` and are trained by the architecture optimizer alone.
+    ``model.parameters()`` and are trained by the architecture optimizer alone. Each forward pass
+    draws gates (:meth:`sample`) and keeps them in ``gates`` for the cost term of the same step.
+
+    A weight step (logits not training, hard sampling) computes the sampled option alone: one GEMM
+    with the straight-through (SR-STE) masked weight. A logit step computes the sampled activation
+    group and ``active_groups - 1`` others drawn uniformly, each scaled by the inverse of its
+    inclusion probability in the gate gradient (Horvitz-Thompson), so the logit gradient is an
+    unbiased estimate of the one computing every group.
     """
 
     def __init__(self, layer: SparseLayerMixin, options: Sequence[Option], logits: Tensor) -> None:
@@ -140,63 +176,138 @@ class GumbelLayer(nn.Module):
             group.members.append(index)
             group.weights.append(option.weight)
         self.groups = list(by_activation.values())
+        self.group_of = {index: group for group in self.groups for index in group.members}
         self.weight_patterns = list(dict.fromkeys(o.weight for o in self.options))
         self.tau = 1.0
         self.active_groups: int | None = 2
+        self.estimator = PROXYLESSNAS
+        self.sampling = HARD
         self.train_logits = False
         self.srste_lambda = 0.0
         self.regulariser: Tensor | None = None
+        self.gates: Tensor | None = None
+        self._masks: tuple[tuple[int, int], dict[NMPattern | None, Tensor]] | None = None
 
     def sample(self) -> Tensor:
+        """Gates over the options for one forward pass.
+
+        ``proxylessnas``: a one-hot draw from ``p = softmax(logits)`` whose gradient flows through
+        ``p`` (``one_hot + p - p.detach()``); no temperature. ``fbnet``: the Gumbel-softmax relaxation
+        ``y = softmax((logits + g) / tau)``, as is (``soft``) or straight-through one-hot of its argmax
+        (``hard``: the forward choice is ``argmax(logits + g)`` whatever ``tau``; tau shapes only the
+        gradient).
+        """
         logits = self.logits if self.train_logits else self.logits.detach()
-        return F.gumbel_softmax(logits, tau=self.tau, hard=True)
+        if self.estimator == PROXYLESSNAS:
+            p = logits.softmax(-1)
+            hard = F.one_hot(torch.multinomial(p.detach(), 1)[0], len(p)).to(p.dtype)
+            return hard + p - p.detach()
+        noise = -torch.empty_like(logits).exponential_().log()
+        soft = ((logits + noise) / self.tau).softmax(-1)
+        if self.sampling == SOFT:
+            return soft
+        hard = F.one_hot(soft.detach().argmax(), len(soft)).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def cost_gates(self) -> Tensor:
+        """What the cost term weighs the options' costs by, so it is differentiated like the loss: the
+        last forward pass's gates (``fbnet``), or ``p = softmax(logits)`` (``proxylessnas``)."""
+        if self.estimator == FBNET:
+            if self.gates is None:
+                raise RuntimeError("cost_gates() needs a forward pass first (the fbnet cost uses its gates)")
+            return self.gates
+        return (self.logits if self.train_logits else self.logits.detach()).softmax(-1)
 
     def _weight_masks(self) -> dict[NMPattern | None, Tensor]:
-        w = self.layer.weight.detach()
-        scores = w.abs()
-        return {p: nm_mask(scores, p.n, p.m, dim=1, dtype=w.dtype) if p else None for p in self.weight_patterns}
+        """Every option's weight mask, cached while the weights do not change (a whole logit epoch)."""
+        w = self.layer.weight
+        key = (w._version, w.data_ptr())
+        if self._masks is None or self._masks[0] != key:
+            scores = w.detach().abs()
+            masks = {p: nm_mask(scores, p.n, p.m, dim=1, dtype=w.dtype) if p else None for p in self.weight_patterns}
+            self._masks = (key, masks)
+        return self._masks[1]
 
-    def _active(self, gates: Tensor) -> list[_Group]:
-        chosen = int(gates.detach().argmax())
-        first = next(g for g in self.groups if chosen in g.members)
+    def _computed(self, chosen: int) -> list[tuple[_Group, float]]:
+        """The groups a logit step computes, each with its gate-gradient scale (1 / inclusion probability)."""
+        first = self.group_of[chosen]
         if self.active_groups is None or self.active_groups >= len(self.groups):
-            return self.groups
+            return [(group, 1.0) for group in self.groups]
         others = [g for g in self.groups if g is not first]
-        probs = torch.stack([self.logits.detach().softmax(-1)[g.members].sum() for g in others])
-        picks = torch.multinomial(probs + 1e-12, min(self.active_groups - 1, len(others)), replacement=False)
-        return [first, *(others[int(i)] for i in picks)]
+        draws = self.active_groups - 1
+        picks = torch.randperm(len(others))[:draws].tolist()
+        return [(first, 1.0), *((others[i], len(others) / draws) for i in picks)]
 
     def forward(self, x: Tensor) -> Tensor:
         gates = self.sample()
+        self.gates = gates
+        chosen = int(gates.detach().argmax())
+        if self.sampling == HARD and not (self.train_logits and torch.is_grad_enabled()):
+            return self._sampled(x, chosen)
         masks = self._weight_masks()
         weight = self.layer.weight
         out = None
-        for group in self._active(gates):
-            member_gates = gates[group.members]
-            share = member_gates.sum()  # 1 for the sampled group, 0 otherwise (forward value)
-            soft = sum(
-                (gate * masks[p] if p else gate for gate, p in zip(member_gates, group.weights, strict=True)),
-                start=torch.zeros((), dtype=weight.dtype),
-            )
-            # Forward: W * soft. Backward: the weights get the straight-through gradient of the
-            # sampled group only (``share``), the gates get <grad, W * E_o> for every member.
+        computed = self._computed(chosen)
+        for group, scale in computed:
+            member_gates = gates[group.members] * scale if scale != 1.0 else gates[group.members]
+            share = member_gates.sum()  # hard: 1 for the sampled group, 0 otherwise (forward value)
+            stacked = [masks[p] if p is not None else torch.ones_like(weight) for p in group.weights]
+            soft = torch.einsum("o,o...->...", member_gates.to(weight.dtype), torch.stack(stacked))
+            # Forward: W * soft. Backward: the weights get the straight-through gradient scaled by the
+            # group's share, the gates get <grad, W * E_o> for every member.
             effective = share * weight + weight.detach() * (soft - share)
-            mask = self.layer.input_mask(x, group.activation) if group.activation else None
-            if isinstance(group.activation, RowPattern):
-                # Row masks select output positions; skipped rows output zero, bias included.
-                y = self._gemm(x, effective) + share * self._bias_view(x)
-                y = y * mask if mask is not None else y
-            else:
-                y = self._gemm(x * mask if mask is not None else x, effective) + share * self._bias_view(x)
+            y = self._apply(x, group.activation, effective, share)
             out = y if out is None else out + y
-        chosen = int(gates.detach().argmax())
+        if len(computed) < len(self.groups):
+            out = out + self._baseline(gates, computed, out)
         chosen_weight = self.options[chosen].weight
-        if self.srste_lambda and chosen_weight is not None and torch.is_grad_enabled():
+        if self.srste_lambda and chosen_weight is not None and torch.is_grad_enabled() and weight.requires_grad:
             # SR-STE as a loss term: its gradient is srste_lambda * (1 - E) * W.
             pruned = weight * (1 - masks[chosen_weight])
             term = 0.5 * self.srste_lambda * pruned.pow(2).sum()
             self.regulariser = term if self.regulariser is None else self.regulariser + term
         return out
+
+    def _baseline(self, gates: Tensor, computed: list[tuple[_Group, float]], out: Tensor) -> Tensor:
+        """A zero-valued term giving the gates a control variate for the estimated gradients.
+
+        A gate's gradient is ``v_o = <dL/dout, f_o>``; the logits get ``J^T v`` with ``J`` the Jacobian of
+        a softmax, so adding a constant ``b`` to every ``v_o`` changes nothing (``J^T 1 = 0``). With ``b``
+        the sampled option's own ``v`` (known exactly: ``out`` is its output), the estimate becomes
+        ``b + (v_o - b) / pi_o`` for the computed options and ``b`` for the others: still unbiased, with
+        the variance of ``v_o - b`` instead of ``v_o`` (options differ little from the sampled one).
+        """
+        coefficients = torch.ones(len(self.options), dtype=gates.dtype)
+        for group, scale in computed:
+            coefficients[group.members] = 1.0 - scale
+        live = gates - gates.detach()  # 0 forward, the gates' gradient backward
+        return (live * coefficients).sum() * out.detach()
+
+    def _sampled(self, x: Tensor, chosen: int) -> Tensor:
+        """The sampled option alone: ``W * E`` forward, the dense (SR-STE) gradient to ``W``."""
+        option = self.options[chosen]
+        weight = self.layer.weight
+        if option.weight is not None:
+            w = weight.detach()
+            key = (w._version, w.data_ptr())
+            mask = self._masks[1][option.weight] if self._masks is not None and self._masks[0] == key else None
+            if mask is None:
+                mask = nm_mask(w.abs(), option.weight.n, option.weight.m, dim=1, dtype=w.dtype)
+            if torch.is_grad_enabled() and weight.requires_grad:
+                weight = _MaskedWeight.apply(weight, mask, 0.0, self.srste_lambda, False)
+            else:
+                weight = weight * mask
+        return self._apply(x, option.activation, weight, 1.0)
+
+    def _apply(
+        self, x: Tensor, activation: NMPattern | RowPattern | None, weight: Tensor, share: Tensor | float
+    ) -> Tensor:
+        mask = self.layer.input_mask(x, activation) if activation else None
+        if isinstance(activation, RowPattern):
+            # Row masks select output positions; skipped rows output zero, bias included.
+            y = self._gemm(x, weight) + share * self._bias_view(x)
+            return y * mask if mask is not None else y
+        return self._gemm(x * mask if mask is not None else x, weight) + share * self._bias_view(x)
 
     def _bias_view(self, x: Tensor) -> Tensor | float:
         bias = self.layer.bias
@@ -265,6 +376,8 @@ class GumbelStrategy(StrategyBase):
     arch_lr: float = 3e-3
     weight_lr: float | None = None
     recipe: RecipeConfig = field(default_factory=lambda: RecipeConfig(estimator="srste"))
+    estimator: Estimator = Estimator.proxylessnas
+    sampling: Sampling = Sampling.hard
     active_groups: int | None = 2
     samples: int = 0
     hardware: str | None = None
@@ -278,8 +391,15 @@ class GumbelStrategy(StrategyBase):
             raise NMSearchError(f"gumbel.tau_schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}")
         if self.epochs < 1 or not 0 <= self.warmup_fraction < 1:
             raise NMSearchError("gumbel.epochs must be >= 1 and warmup_fraction in [0, 1)")
-        if self.active_groups is not None and self.active_groups < 1:
-            raise NMSearchError(f"gumbel.active_groups must be >= 1 or null (all), got {self.active_groups}")
+        if self.sampling == SOFT and self.estimator != FBNET:
+            raise NMSearchError("gumbel.sampling = 'soft' mixes options by the relaxed sample: set estimator=fbnet")
+        if self.sampling == SOFT and self.active_groups is not None:
+            raise NMSearchError("gumbel.sampling = 'soft' computes every option: set active_groups=null")
+        if self.active_groups is not None and self.active_groups < 2:
+            raise NMSearchError(
+                f"gumbel.active_groups must be >= 2 or null (all), got {self.active_groups}: the other groups' "
+                "gradients are estimated from the ones computed besides the sampled one"
+            )
         if self.recipe.estimator not in ("ste", "srste") or self.recipe.decay != "none":
             raise NMSearchError(
                 "the Gumbel supernet trains masked weights with estimator ste or srste and no decay "
@@ -409,13 +529,15 @@ class _SupernetRun:
         self.valid = valid
         self.searchable_rows = [space.layer_names.index(n) for n in space.searchable]
 
-    def _probabilities(self, logits: dict[str, Tensor]) -> Tensor:
-        """``(layers, max_options)`` option probabilities; fixed layers are dense with certainty."""
+    def _probabilities(self, logits: dict[str, Tensor], softmax: bool = True) -> Tensor:
+        """``(layers, max_options)`` option probabilities (or, ``softmax=False``, the given gates);
+        fixed layers are dense with certainty."""
         rows = []
         for name in self.space.layer_names:
             row = torch.zeros(self.space.max_options)
             if name in logits:
-                row = torch.cat([logits[name].softmax(-1), torch.zeros(self.space.max_options - len(logits[name]))])
+                values = logits[name].softmax(-1) if softmax else logits[name]
+                row = torch.cat([values, torch.zeros(self.space.max_options - len(values))])
             else:
                 row = row.index_fill(0, torch.tensor([0]), 1.0)
             rows.append(row)
@@ -429,6 +551,7 @@ class _SupernetRun:
         layers = build_supernet(model, space, logits, strategy.seed)
         for layer in layers.values():
             layer.active_groups = strategy.active_groups
+            layer.estimator, layer.sampling = strategy.estimator, strategy.sampling
             layer.srste_lambda = strategy.recipe.srste_lambda if strategy.recipe.estimator == "srste" else 0.0
         schedule = trainer.task.schedule
         weights = make_optimizer(model.parameters(), schedule, strategy.weight_lr or schedule.finetune_lr)
@@ -457,7 +580,9 @@ class _SupernetRun:
         def arch_loss(outputs: Tensor, targets: Tensor) -> Tensor:
             for layer in layers.values():
                 layer.regulariser = None
-            ratio = self.table.expected(self._probabilities(logits), strategy.cost_metric) / self.dense_cost
+            # The cost through the same gates as the loss: FBNet's relaxed sample, or ProxylessNAS' p.
+            gates = self._probabilities({name: layer.cost_gates() for name, layer in layers.items()}, softmax=False)
+            ratio = self.table.expected(gates, strategy.cost_metric) / self.dense_cost
             return architecture_loss(
                 F.cross_entropy(outputs, targets), ratio, strategy.loss, self.setting,
                 alpha=strategy.fbnet_alpha, beta=strategy.fbnet_beta, budget_weight=strategy.budget_weight,

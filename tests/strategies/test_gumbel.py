@@ -1,4 +1,5 @@
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ from experiments.tasks import get_task
 from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
 from strategies import SearchResult
 from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The layers here are tiny: one intra-op thread is faster, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_temperature_schedules() -> None:
@@ -66,9 +76,12 @@ def test_one_gemm_per_active_activation_group_and_logits_outside_parameters(monk
     original = GumbelLayer._gemm
     monkeypatch.setattr(GumbelLayer, "_gemm", lambda self, x, w: calls.append(1) or original(self, x, w))
     x = torch.randn(2, 16, 6, 6)
-    layer.active_groups = None
     layer(x)
-    assert len(calls) == 4  # all groups, never one per option (8)
+    assert len(calls) == 1  # a weight step computes the sampled option alone
+    calls.clear()
+    layer.train_logits, layer.active_groups = True, None
+    layer(x)
+    assert len(calls) == 4  # a logit step: all groups, never one per option (8)
     calls.clear()
     layer.active_groups = 2
     layer(x)
@@ -80,7 +93,7 @@ def test_gradients_reach_every_logit_and_only_the_sampled_path_trains_the_weight
     options = ["dense", "w2:4", "a2:4", "w1:8+a1:8"]
     conv = nn.Conv2d(16, 8, 3)
     layer = _layer(conv, options)
-    layer.active_groups = None
+    layer.active_groups, layer.train_logits = None, True
 
     def straight_through() -> torch.Tensor:  # hard one-hot forward, softmax gradient (as gumbel_softmax)
         soft = layer.logits.softmax(-1)
@@ -99,6 +112,88 @@ def test_gradients_reach_every_logit_and_only_the_sampled_path_trains_the_weight
     sparse(x).pow(2).sum().backward()
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad)  # STE through the sampled option only
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+    conv.zero_grad()
+    layer.train_logits = False  # a weight step: the sampled option alone, the same weight gradient
+    layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+
+
+def _logit_grads(layer: GumbelLayer, x: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, seed: int):
+    """The cross-entropy and the cost term's logit gradients for one draw (``seed``)."""
+    torch.manual_seed(seed)
+    ce = torch.nn.functional.cross_entropy(layer(x), target)
+    (ce_grad,) = torch.autograd.grad(ce, layer.logits, retain_graph=True)
+    (cost_grad,) = torch.autograd.grad(layer.cost_gates() @ cost, layer.logits)
+    return ce_grad, cost_grad
+
+
+@pytest.mark.parametrize("estimator", ["fbnet", "proxylessnas"])
+def test_loss_and_cost_gradients_keep_their_ratio_across_tau(estimator: str) -> None:
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(16, 4), ["dense", "w1:4"])
+    layer.estimator, layer.train_logits = estimator, True
+    with torch.no_grad():
+        layer.logits.copy_(torch.tensor([0.3, -0.2]))
+    x, target, cost = torch.randn(8, 16), torch.randint(0, 4, (8,)), torch.tensor([1.0, 0.4])
+    ratios, mixed = [], []
+    for tau in (5.0, 2.0, 0.5, 0.1):
+        layer.tau = tau
+        ce_grad, cost_grad = _logit_grads(layer, x, target, cost, seed=1)  # the same noise at every tau
+        ratios.append(float(ce_grad.norm() / cost_grad.norm()))
+        through_p = torch.autograd.grad(layer.logits.softmax(-1) @ cost, layer.logits)[0]
+        mixed.append(float(ce_grad.norm() / through_p.norm()))  # the cost through p, the loss relaxed
+    assert max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-4)
+    if estimator == "fbnet":  # what a cost term outside the relaxation does: the ratio drifts with tau
+        assert max(mixed) / min(mixed) > 2
+
+
+def test_active_groups_logit_gradient_is_unbiased() -> None:
+    torch.manual_seed(0)
+    options = ["dense", "w2:4", "a2:4", "w2:4+a2:4", "a1:4", "w1:4+a1:4", "a2:8"]
+    layer = _layer(nn.Linear(16, 6), options)  # 4 activation groups: dense, a2:4, a1:4, a2:8
+    layer.train_logits = True
+    with torch.no_grad():
+        layer.logits.copy_(torch.randn(len(options)))
+    x, target = torch.randn(8, 16), torch.randint(0, 6, (8,))
+    noise = -torch.empty(len(options)).exponential_().log()  # one Gumbel sample, held fixed
+
+    def fixed_sample() -> torch.Tensor:
+        soft = (layer.logits + noise).softmax(-1)
+        hard = torch.nn.functional.one_hot(soft.detach().argmax(), len(options)).float()
+        return hard + soft - soft.detach()
+
+    layer.sample = fixed_sample
+
+    def grad(active: int | None) -> torch.Tensor:
+        layer.active_groups = active
+        (value,) = torch.autograd.grad(torch.nn.functional.cross_entropy(layer(x), target), layer.logits)
+        return value
+
+    exact = grad(None)
+    draws = torch.stack([grad(2) for _ in range(600)])
+    error = float((draws.mean(0) - exact).norm() / exact.norm())
+    assert error < 0.05
+    assert float((draws[0] - exact).norm() / exact.norm()) > 0.05  # one draw alone is not the exact gradient
+
+
+def test_soft_sampling_depends_on_tau_and_hard_sampling_does_not() -> None:
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(16, 4), ["dense", "w2:4", "w1:4", "a2:4"])
+    layer.estimator, layer.active_groups = "fbnet", None
+    x = torch.randn(3, 16)
+
+    def forward(sampling: str, tau: float) -> torch.Tensor:
+        layer.sampling, layer.tau = sampling, tau
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return layer(x)
+
+    hard = [forward("hard", tau) for tau in (5.0, 1.0, 0.1)]
+    assert all(torch.equal(hard[0], other) for other in hard[1:])  # argmax(logits + g): tau plays no part
+    soft = {tau: forward("soft", tau) for tau in (5.0, 1.0, 1e-3)}
+    assert (soft[5.0] - soft[1.0]).abs().max() > 1e-2  # the mixture sharpens as tau falls
+    torch.testing.assert_close(soft[1e-3], hard[0])  # and tends to the hard sample
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +223,16 @@ def test_search_sweeps_lambda_and_returns_scored_schemes(synthetic, tmp_path: Pa
     assert probs.groupby(["setting", "epoch", "layer"])["probability"].sum().round(6).eq(1.0).all()
     result.save(tmp_path / "out")
     assert SearchResult.load(tmp_path / "out").tables["gumbel_log"].shape == log.shape
+
+
+def test_fbnet_soft_mixture_search_runs_and_prices_the_relaxed_sample(synthetic) -> None:
+    space, evaluator = synthetic
+    strategy = GumbelStrategy(epochs=2, lambdas=(5.0,), arch_lr=0.1, cost_metric="bytes_mb", warmup_fraction=0.0,
+                              estimator="fbnet", sampling="soft", active_groups=None, tau_start=1.0)  # fmt: skip
+    result = strategy.search(space, evaluator)
+    log = result.tables["gumbel_log"]
+    assert log["arch_loss"].notna().all() and log["expected_cost_ratio"].iloc[-1] < 1.0
+    assert result.metadata["config"]["estimator"] == "fbnet"
 
 
 def test_interrupted_search_resumes_from_its_last_epoch(synthetic, tmp_path: Path, monkeypatch) -> None:
@@ -169,6 +274,14 @@ def test_bad_input_fails_before_training(synthetic) -> None:
         GumbelStrategy(recipe=RecipeConfig(estimator="ste", decay="mask")).search(space, evaluator)
     with pytest.raises(NMSearchError, match=r"gumbel\.loss"):
         GumbelStrategy(loss="proxyless").search(space, evaluator)
+    with pytest.raises(NMSearchError, match=r"estimator = 'darts' is not one of proxylessnas, fbnet"):
+        GumbelStrategy(estimator="darts").search(space, evaluator)
+    with pytest.raises(NMSearchError, match="set estimator=fbnet"):
+        GumbelStrategy(sampling="soft", active_groups=None).search(space, evaluator)
+    with pytest.raises(NMSearchError, match="set active_groups=null"):
+        GumbelStrategy(sampling="soft", estimator="fbnet").search(space, evaluator)
+    with pytest.raises(NMSearchError, match="active_groups must be >= 2 or null"):
+        GumbelStrategy(active_groups=1).search(space, evaluator)
     dense_only = SearchSpace.from_model(get_task("synthetic").build_model(), get_task("synthetic").example_inputs(),
                                         include=["nothing"])  # fmt: skip
     with pytest.raises(NMSearchError, match="no layer with a choice"):
