@@ -22,6 +22,7 @@ so the accuracy signal is weak and the picture shows what the cost model steers 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -52,25 +53,53 @@ from experiments.models import resnet18
 from experiments.tasks import get_task
 from search_space import RecipeConfig, SearchSpace
 from strategies import UniformStrategy
-from strategies.gumbel import GumbelStrategy, build_supernet
+from strategies.gumbel import ARCH_SHARE, GumbelStrategy, build_supernet
+
+
+def logit_step(model: nn.Module, logits: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> callable:
+    """One architecture step: the weights frozen, cross-entropy backward into the logits, an Adam update."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(logits, lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step()
+    return step
 
 
 def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: int | None, repeats: int) -> dict:
+    """Medians of the per-round ratios of a supernet step to a dense step: a weight step (the sampled
+    option alone), a logit step (``active_groups`` activation groups) and the mix of a training epoch
+    (``ARCH_SHARE - 1`` weight steps per logit step)."""
     dense = make()
-    supernet = make()
-    space = SearchSpace.from_model(supernet, x[:1])
-    logits = {n: torch.zeros(len(space.options[n]), requires_grad=True) for n in space.searchable}
-    for layer in build_supernet(supernet, space, logits).values():
-        layer.active_groups = active_groups
-        layer.train_logits = False
-    times = interleaved_s({"dense": sgd_step(dense, x, y), "supernet": sgd_step(supernet, x, y)}, repeats)
-    ratios = [s / d for s, d in zip(times["supernet"], times["dense"], strict=True)]
-    dense_ms = [d * 1e3 for d in times["dense"]]
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return {"dense_ms": statistics.median(dense_ms), "ratio": median, "ratio_iqr": f"{q1:.2f}-{q3:.2f}"}
+    weights_net, logits_net = make(), make()
+    space = SearchSpace.from_model(weights_net, x[:1])
+    steps = {"dense": sgd_step(dense, x, y)}
+    for label, net in (("weights", weights_net), ("logits", logits_net)):
+        logits = {n: torch.zeros(len(space.options[n]), requires_grad=True) for n in space.searchable}
+        for layer in build_supernet(net, space, logits).values():
+            layer.active_groups = active_groups
+            layer.train_logits = label == "logits"
+        steps[label] = sgd_step(net, x, y) if label == "weights" else logit_step(net, list(logits.values()), x, y)
+    times = interleaved_s(steps, repeats)
+    row = {"dense_ms": statistics.median(times["dense"]) * 1e3}
+    for label in ("weights", "logits"):
+        ratios = [s / d for s, d in zip(times[label], times["dense"], strict=True)]
+        row[f"{label} step / dense"] = statistics.median(ratios)
+    mixed = [((ARCH_SHARE - 1) * w + a) / (ARCH_SHARE * d)
+             for w, a, d in zip(times["weights"], times["logits"], times["dense"], strict=True)]  # fmt: skip
+    row["epoch mix / dense"] = statistics.median(mixed)
+    q1, _, q3 = statistics.quantiles(mixed, n=4)
+    row["epoch mix IQR"] = f"{q1:.2f}-{q3:.2f}"
+    return row
 
 
 def steps(repeats: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     digits = get_task("digits")
     cases = {
         "digits CNN, batch 32": (digits.build_model, torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))),
@@ -87,6 +116,7 @@ def steps(repeats: int) -> None:
             row = step_ratio(make, x, y, groups, repeats)
             rows.append({"model": label, "active_groups": groups or "all", **row})
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
+    print(f"load average at the end {os.getloadavg()}")
 
 
 def sweep(lambdas: list[float], epochs: int, out: Path) -> None:
@@ -211,6 +241,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_steps = sub.add_parser("steps")
     p_steps.add_argument("--repeats", type=int, default=20)
+    p_steps.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
+    )
     p_sweep = sub.add_parser("sweep")
     p_sweep.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])
     p_sweep.add_argument("--epochs", type=int, default=20)
@@ -219,8 +252,8 @@ def main() -> None:
     p_hardware.add_argument("--epochs", type=int, default=12)
     p_hardware.add_argument("--out", type=Path, default=Path("docs/gumbel"))
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.command == "steps":
+        torch.set_num_threads(args.threads)
         steps(args.repeats)
     elif args.command == "sweep":
         sweep(args.lambdas, args.epochs, args.out)
