@@ -1,13 +1,14 @@
 """Gumbel supernet: step cost against a dense step, and a lambda sweep on digits.
 
-    python benchmarks/gumbel.py steps [--repeats 20]
+    python benchmarks/gumbel.py steps [--repeats 20] [--models digits cifar] [--groups 2 all] [--threads 1]
     python benchmarks/gumbel.py sweep [--lambdas 0 0.1 0.3 1 3] [--epochs 20] [--out docs/gumbel]
 
-``steps``: one SGD step (forward, backward, update) of the supernet against one dense step of
-the same model and batch, in rounds that run both back to back (median of the per-round
-ratio): the digits CNN (batch 32) and a CIFAR ResNet-18 (batch 32, 32x32), with the default
-space (13 options per layer, 5 activation choices), computing 2 activation groups per layer
-(the default) and all of them.
+``steps``: supernet steps against one dense SGD step of the same model and batch, in rounds that
+run them back to back (median of the per-round ratio): the digits CNN (batch 32) and a CIFAR
+ResNet-18 (batch 32, 32x32), with the default space (13 options per layer, 5 activation choices).
+A weight step computes the sampled option alone; a logit step (weights frozen, Adam on the
+logits) computes ``--groups`` activation groups per layer (2, the default, and all); the epoch
+mix is what a training epoch costs per step (4 weight steps per logit step).
 
 ``sweep``: GumbelStrategy over a lambda sweep on digits (cost: bytes moved on A100, batch 1;
 accuracy: the finetune fidelity, 3 epochs SR-STE, validation split), against the uniform
@@ -98,7 +99,7 @@ def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: 
     return row
 
 
-def steps(repeats: int) -> None:
+def steps(repeats: int, models: list[str], groups: list[int | None]) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     digits = get_task("digits")
     cases = {
@@ -111,10 +112,13 @@ def steps(repeats: int) -> None:
     }
     rows = []
     for label, (make, x, y) in cases.items():
-        for groups in (2, None):
+        if label.split()[0].lower() not in models:
+            continue
+        for active in groups:
             torch.manual_seed(0)
-            row = step_ratio(make, x, y, groups, repeats)
-            rows.append({"model": label, "active_groups": groups or "all", **row})
+            row = step_ratio(make, x, y, active, repeats)
+            rows.append({"model": label, "active_groups": active or "all", **row})
+            print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".2f"), flush=True)
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
     print(f"load average at the end {os.getloadavg()}")
 
@@ -241,9 +245,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_steps = sub.add_parser("steps")
     p_steps.add_argument("--repeats", type=int, default=20)
-    p_steps.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
-    )
+    p_steps.add_argument("--models", nargs="+", choices=("digits", "cifar"), default=["digits", "cifar"])
+    p_steps.add_argument("--groups", nargs="+", default=["2", "all"], help="active_groups values (all: every group)")
+    p_steps.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier when shared)")
     p_sweep = sub.add_parser("sweep")
     p_sweep.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])
     p_sweep.add_argument("--epochs", type=int, default=20)
@@ -254,7 +258,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "steps":
         torch.set_num_threads(args.threads)
-        steps(args.repeats)
+        steps(args.repeats, args.models, [None if g == "all" else int(g) for g in args.groups])
     elif args.command == "sweep":
         sweep(args.lambdas, args.epochs, args.out)
     else:

@@ -187,6 +187,7 @@ class GumbelLayer(nn.Module):
         self.regulariser: Tensor | None = None
         self.gates: Tensor | None = None
         self._masks: tuple[tuple[int, int], dict[NMPattern | None, Tensor]] | None = None
+        self._stacks: list[Tensor] = []
 
     def sample(self) -> Tensor:
         """Gates over the options for one forward pass.
@@ -225,6 +226,9 @@ class GumbelLayer(nn.Module):
         if self._masks is None or self._masks[0] != key:
             scores = w.detach().abs()
             masks = {p: nm_mask(scores, p.n, p.m, dim=1, dtype=w.dtype) if p else None for p in self.weight_patterns}
+            ones = torch.ones_like(w.detach())
+            # Per group, its members' masks stacked once: the soft mask is one contraction with the gates.
+            self._stacks = [torch.stack([ones if p is None else masks[p] for p in g.weights]) for g in self.groups]
             self._masks = (key, masks)
         return self._masks[1]
 
@@ -251,8 +255,8 @@ class GumbelLayer(nn.Module):
         for group, scale in computed:
             member_gates = gates[group.members] * scale if scale != 1.0 else gates[group.members]
             share = member_gates.sum()  # hard: 1 for the sampled group, 0 otherwise (forward value)
-            stacked = [masks[p] if p is not None else torch.ones_like(weight) for p in group.weights]
-            soft = torch.einsum("o,o...->...", member_gates.to(weight.dtype), torch.stack(stacked))
+            stack = self._stacks[self.groups.index(group)]
+            soft = torch.tensordot(member_gates.to(weight.dtype), stack, dims=1)
             # Forward: W * soft. Backward: the weights get the straight-through gradient scaled by the
             # group's share, the gates get <grad, W * E_o> for every member.
             effective = share * weight + weight.detach() * (soft - share)
