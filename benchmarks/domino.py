@@ -103,7 +103,7 @@ def run_seed(cache_dir: Path, seed: int, sparsity: float, args: argparse.Namespa
         schemes[text] = scheme
     for pattern in UNIFORM.get(sparsity, []):
         n, m = (int(v) for v in pattern.split(":"))
-        schemes[f"uniform {pattern}"] = Scheme.uniform(wide_space, "weights", n, m)
+        schemes[f"uniform {pattern}"] = wide_space.uniform("weights", n, m)
     schemes["random"] = random_allocation(wide_space, args.m, sparsity, seed)
     row["random scheme"] = allocation(schemes["random"], wide_space)
     row["random sparsity"] = weight_sparsity(schemes["random"], wide_space)

@@ -345,7 +345,7 @@ def test_a_target_the_dense_model_already_meets_is_refused() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"target": "flops"}, "unknown target 'flops'"),
+        ({"target": "flops"}, "target = 'flops' is not one of params, macs"),
         ({"target_value": 1.2}, r"target_value for 'params' is a sparsity in \(0, 1\)"),
         ({"target": "macs", "target_value": 0.0}, "a fraction of the dense total"),
         ({"gradient": "srste"}, "gradient = 'srste' is not one of ste, masked"),
