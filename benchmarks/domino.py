@@ -1,6 +1,6 @@
 """DominoSearch on the digits task: its scheme against uniform and random N:M at the same weight sparsity.
 
-    python benchmarks/domino.py [--seeds 5] [--m 16] [--sparsity 0.875 0.9375] [--finetune-epochs 10]
+    python benchmarks/domino.py [--seeds 0 1 2 3 4] [--m 16] [--sparsity 0.875 0.9375] [--finetune-epochs 10]
                                 [--configs reference reference:1.0 nmsearch_v1] [--max-epochs 100]
                                 [--threads 1] [--csv out.csv]
 
@@ -125,7 +125,7 @@ def summary(values: pd.Series) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.875, 0.9375])
     parser.add_argument("--finetune-epochs", type=int, default=10)
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        for seed in range(args.seeds):
+        for seed in args.seeds:
             for sparsity in args.sparsity:
                 rows.append(run_seed(Path(cache), seed, sparsity, args))
                 print(f"seed {seed} sparsity {sparsity} done at {time.perf_counter() - started:.0f} s", flush=True)
