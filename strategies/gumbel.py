@@ -362,7 +362,14 @@ class _EveryNth:
 class GumbelStrategy(StrategyBase):
     """Gumbel-softmax supernet search. ``lambdas`` (additive / fbnet) or ``budgets`` (budget
     form) run one search each; every run's argmax scheme (and ``samples`` sampled schemes) is
-    scored by the evaluator."""
+    scored by the evaluator.
+
+    ``estimator`` (``proxylessnas``, default: loss and cost through ``p``, no temperature; or
+    ``fbnet``: both through the tau-relaxed sample), ``sampling`` (``hard``: one option per step,
+    its choice independent of tau; ``soft``: fbnet's tau-weighted mixture, every group computed) and
+    ``active_groups`` (activation groups a logit step computes, >= 2, an unbiased estimate; ``None``:
+    all) are described in the module docstring and ``docs/strategies/gumbel.md``.
+    """
 
     epochs: int = 20
     warmup_fraction: float = 0.1
