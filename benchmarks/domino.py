@@ -42,6 +42,18 @@ from strategies.domino import DominoStrategy, domino_space
 UNIFORM = {0.875: ["1:8", "2:16"], 0.9375: ["1:16"]}
 
 
+def scoring_space(space: SearchSpace, m: int) -> SearchSpace:
+    """Domino's space (every ``N:m`` on the searchable layers) plus the uniform baselines' patterns
+    (a space offers only its own ratios)."""
+    domino = domino_space(space, m)
+    extra = [NMPattern(*(int(v) for v in p.split(":"))) for patterns in UNIFORM.values() for p in patterns]
+    ratios = list(dict.fromkeys([*(NMPattern(n, m) for n in range(1, m)), *extra]))
+    fixed = [name for name in space.layer_names if name not in space.searchable]
+    return SearchSpace(domino.layers, skipped=domino.skipped, fingerprint=domino.fingerprint,
+                       example_batch_size=domino.example_batch_size, ratios=ratios, targets=("weights",),
+                       fixed_dense=fixed)  # fmt: skip
+
+
 def parse_config(text: str) -> tuple[str, float | None]:
     variant, _, strength = text.partition(":")
     return variant, float(strength) if strength else None
@@ -82,7 +94,7 @@ def run_seed(cache_dir: Path, seed: int, sparsity: float, args: argparse.Namespa
     dense = trainer.pretrained()
     search_evaluator = AccuracyEvaluator(trainer)
     space = search_evaluator.space
-    wide_space = domino_space(space, args.m)  # holds every N:m
+    wide_space = scoring_space(space, args.m)
     config = AccuracyConfig("finetune", finetune_epochs=args.finetune_epochs, recipe=RecipeConfig(estimator="srste"))
     wide = AccuracyEvaluator(trainer, wide_space, config)
     row: dict[str, object] = {"seed": str(seed), "target": sparsity}  # seed: a label, not a number to format
