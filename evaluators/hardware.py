@@ -2,8 +2,9 @@
 the sparse tensor cores accept, efficiency factors, the GEMM shape model (SMs, tile, padding of
 sparse kernels, per-tile and per-call overheads) and energy per MAC and per DRAM byte.
 
-Profiles live in ``conf/hardware/<name>.yaml``; :func:`load_profile` takes such a name, a path to
-a YAML file or a mapping (e.g. a Hydra config node) and validates every field.
+Profiles live in ``conf/hardware/<name>.yaml`` (shipped as package data, see :func:`nmsearch.config_dir`);
+:func:`load_profile` takes such a name, a path to a YAML file or a mapping (e.g. a Hydra config node)
+and validates every field.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from nmsearch import config_dir
 from search_space import NMPattern, NMSearchError
 from search_space.io import atomic_write_text
 
-HARDWARE_DIR = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+HARDWARE_DIR = config_dir() / "hardware"
 
 # Bytes one element occupies in memory (TF32 tensors are stored as FP32).
 DTYPE_BYTES: Mapping[str, int] = MappingProxyType({"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1})

@@ -41,6 +41,7 @@ from evaluators import (
 from evaluators.pareto import plot_pareto
 from experiments.config import EvaluatorConfig, register_configs
 from experiments.tasks import instantiate_task
+from nmsearch import CONFIG_PACKAGE
 from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text
 from strategies import SearchResult, Strategy
 
@@ -179,7 +180,7 @@ def run(cfg: DictConfig, out: Path) -> SearchResult:
     return result
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -1,0 +1,1 @@
+"""nmsearch's Hydra configs and hardware profiles, shipped as the package data of ``nmsearch.conf``."""
