@@ -33,7 +33,6 @@ import importlib
 import io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -408,13 +407,13 @@ def _nm_along_k(weight: Tensor, pattern: NMPattern) -> int:
 
 
 def save_onnx(model: nn.Module, scheme: Scheme, inputs: Tensor, out: Path, *, rtol: float = 1e-4) -> OnnxCheck:
-    """Export, check with onnxruntime on CPU, verify N:M in the initializers, then write ``out``.
+    """Export with ``torch.onnx``, check the file (:func:`check_onnx`), then move it to ``out``.
 
     Args:
         model: the finalized model (see :func:`bake`).
         scheme: its scheme.
         inputs: a batch to compare outputs on (the exported batch dimension is dynamic).
-        rtol: allowed max |onnx - torch| relative to max |torch|.
+        rtol: allowed max |onnx - torch| relative to max(1, max |torch|).
 
     Returns:
         The check's numbers.
@@ -425,14 +424,8 @@ def save_onnx(model: nn.Module, scheme: Scheme, inputs: Tensor, out: Path, *, rt
     """
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "--format onnx")
-    import onnx
-    import onnxruntime
-    from onnx import numpy_helper
-
     graph_model = exportable(model, inputs)
-    with torch.no_grad():
-        reference = model(inputs).float()
-    check = OnnxCheck(math.inf, 0.0, len(inputs))
+    checks: list[OnnxCheck] = []
 
     def write(tmp: Path) -> None:
         try:
@@ -448,44 +441,67 @@ def save_onnx(model: nn.Module, scheme: Scheme, inputs: Tensor, out: Path, *, rt
                 )
         except Exception as error:  # torch.export / ONNX translation: unsupported ops
             raise DeployError(f"the model cannot be exported to ONNX: {_export_error(error)}") from None
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        (output, *_) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
-        error = float((torch.from_numpy(output).float() - reference).abs().max())
-        check.max_abs_error = error
-        check.tolerance = rtol * max(1.0, float(reference.abs().max()))
-        if not error <= check.tolerance:
-            raise DeployError(
-                f"onnxruntime's outputs differ from PyTorch's by {error:.3g} (allowed {check.tolerance:.3g}); "
-                "the export is not faithful"
-            )
-        graph = onnx.load(str(tmp)).graph
-        initializers = {init.name: init for init in graph.initializer}
-        check.activation_ops = sorted({node.op_type for node in graph.node} & {"TopK", "ScatterElements"})
-        modules = prunable_modules(model)
-        for name, option in scheme.layers:
-            if option.weight is None:
-                continue
-            key = f"{name}.weight"
-            if key not in initializers:
-                raise DeployError(f"layer {name!r}: no initializer {key!r} in the exported graph to check N:M on")
-            weight = torch.from_numpy(numpy_helper.to_array(initializers[key]).copy())
-            if tuple(weight.shape) != tuple(modules[name].weight.shape):
-                raise DeployError(
-                    f"layer {name!r}: initializer {key!r} has shape {tuple(weight.shape)}, not the layer's"
-                )
-            found = _nm_along_k(weight, option.weight)
-            if found > option.weight.n:
-                raise DeployError(
-                    f"layer {name!r}: the exported weight has {found} non-zeros in a group of "
-                    f"{option.weight.m} input channels, the scheme allows {option.weight.n}"
-                )
-            check.nm_layers[name] = f"{found}:{option.weight.m}"
-        if any(o.activation is not None and isinstance(o.activation, NMPattern) for _, o in scheme.layers) and not (
-            check.activation_ops
-        ):
-            raise DeployError("activation N:M layers did not export as TopK/ScatterElements ops")
+        checks.append(check_onnx(tmp, model, scheme, inputs, rtol=rtol))
 
     _write_atomically(out, write)
+    return checks[0]
+
+
+def check_onnx(path: Path, model: nn.Module, scheme: Scheme, inputs: Tensor, *, rtol: float = 1e-4) -> OnnxCheck:
+    """Run an exported model with onnxruntime on CPU against ``model`` and verify each weight's N:M
+    pattern in its initializer (``<layer>.weight``) along K, the input channels (dim 1).
+
+    Args:
+        path: the ONNX file.
+        model: the PyTorch model it was exported from.
+        scheme: the scheme the weights must satisfy.
+        inputs: the batch to compare on.
+        rtol: allowed max |onnx - torch| relative to max(1, max |torch|).
+
+    Returns:
+        The check's numbers.
+
+    Raises:
+        DeployError: outputs differ, an initializer is missing or breaks its pattern, or activation
+            N:M did not become graph ops.
+    """
+    onnx = require("onnx", "--format onnx")
+    onnxruntime = require("onnxruntime", "--format onnx")
+    from onnx import numpy_helper
+
+    with torch.no_grad():
+        reference = model(inputs).float()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output, *_) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    error = float((torch.from_numpy(output).float() - reference).abs().max())
+    check = OnnxCheck(error, rtol * max(1.0, float(reference.abs().max())), len(inputs))
+    if not error <= check.tolerance:
+        raise DeployError(
+            f"onnxruntime's outputs differ from PyTorch's by {error:.3g} (allowed {check.tolerance:.3g}); "
+            "the export is not faithful"
+        )
+    graph = onnx.load(str(path)).graph
+    initializers = {init.name: init for init in graph.initializer}
+    check.activation_ops = sorted({node.op_type for node in graph.node} & {"TopK", "ScatterElements"})
+    modules = prunable_modules(model)
+    for name, option in scheme.layers:
+        if option.weight is None:
+            continue
+        key = f"{name}.weight"
+        if key not in initializers:
+            raise DeployError(f"layer {name!r}: no initializer {key!r} in the exported graph to check N:M on")
+        weight = torch.from_numpy(numpy_helper.to_array(initializers[key]).copy())
+        if tuple(weight.shape) != tuple(modules[name].weight.shape):
+            raise DeployError(f"layer {name!r}: initializer {key!r} has shape {tuple(weight.shape)}, not the layer's")
+        found = _nm_along_k(weight, option.weight)
+        if found > option.weight.n:
+            raise DeployError(
+                f"layer {name!r}: the exported weight has {found} non-zeros in a group of "
+                f"{option.weight.m} input channels, the scheme allows {option.weight.n}"
+            )
+        check.nm_layers[name] = f"{found}:{option.weight.m}"
+    if any(isinstance(o.activation, NMPattern) for _, o in scheme.layers) and not check.activation_ops:
+        raise DeployError("activation N:M layers did not export as TopK/ScatterElements ops")
     return check
 
 
@@ -607,7 +623,7 @@ def deploy_report(
             note = "; ".join(filter(None, [note, "activation mask computed in the graph, dense GEMM"]))
         elif isinstance(option.activation, RowPattern):
             note = "; ".join(filter(None, [note, "row mask: skipped outputs zeroed after a dense conv"]))
-        sparse_kernel = runs_as == "2:4 semi-structured" or (fmt == "onnx" and option.weight is not None)
+        sparse_kernel = option.weight is not None and (fmt != "torch" or plan[name] is None)
         if spec is None:
             accelerated = "unknown"
         else:
