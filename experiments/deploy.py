@@ -227,6 +227,14 @@ def _task_inputs(task: Task) -> Tensor:
 def bake(model: nn.Module, scheme: Scheme) -> nn.Module:
     """``scheme`` applied to a copy of ``model`` (magnitude masks) and finalized, then verified.
 
+    Args:
+        model: the dense model (left untouched).
+        scheme: the per-layer choices.
+
+    Returns:
+        The sparse copy in eval mode: weight masks baked in as zeros; layers with activation
+        sparsity keep a masking wrapper.
+
     Raises:
         SchemeMismatchError: the scheme was made for another model.
     """
@@ -330,7 +338,12 @@ def exportable(model: nn.Module, inputs: Tensor) -> nn.Module:
     """A copy of a finalized model that ``torch.export`` can trace: every layer still masking
     activations becomes a plain Conv2d / Linear subclass doing the same in traceable ops.
 
-    Row masks are fixed for the spatial size of ``inputs`` (read from one forward pass).
+    Args:
+        model: a finalized model (see :func:`bake`), left untouched.
+        inputs: example inputs; row masks are fixed for their spatial size (one forward pass).
+
+    Returns:
+        The copy, in eval mode, with gradients off.
     """
     model = copy.deepcopy(model)
     layers = {name: m for name, m in prunable_modules(model).items() if isinstance(m, SparseLayerMixin)}
@@ -360,16 +373,35 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def save_safetensors(model: nn.Module, scheme: Scheme, out: Path) -> None:
-    """The model's state dict (weights with the N:M zeros) and the scheme JSON as metadata."""
+def save_safetensors(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -> None:
+    """Write the model's state dict (weights with the N:M zeros) with the scheme JSON as metadata.
+
+    Args:
+        model: the finalized model (see :func:`bake`).
+        scheme: its scheme, stored under the metadata key :data:`METADATA_KEY`.
+        out: the ``.safetensors`` file (written atomically).
+
+    Raises:
+        DeployError: a weight breaks its N:M pattern along the input channels.
+        MissingDependencyError: safetensors is not installed.
+    """
     safetensors_torch = require("safetensors.torch", "--format safetensors")
     state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
+    for name, option in scheme.layers:
+        if option.weight is not None:
+            _check_nm(name, state[f"{name}.weight"], option.weight, "the weight")
     payload = safetensors_torch.save(state, metadata={METADATA_KEY: json.dumps(scheme.to_json()), "format": "pt"})
     atomic_write(out, lambda handle: handle.write(payload))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme]:
     """The state dict and the scheme of a file written by ``--format safetensors``.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The tensors by name and the scheme from the metadata.
 
     Raises:
         DeployError: the file carries no nmsearch scheme; MissingDependencyError: no safetensors.
@@ -401,12 +433,21 @@ def _export_error(error: Exception) -> str:
     return (reasons[-1] if reasons else (lines[0] if lines else type(error).__name__))[:300]
 
 
-def _nm_along_k(weight: Tensor, pattern: NMPattern) -> int:
-    """The most non-zeros in a group of M consecutive input channels (K, dim 1) of a weight."""
-    return int((weight.unflatten(1, (-1, pattern.m)) != 0).sum(2).max())
+def _check_nm(layer: str, weight: Tensor, pattern: NMPattern, what: str) -> int:
+    """The most non-zeros in a group of M consecutive input channels (K, dim 1) of a weight; raises
+    :class:`DeployError` above N."""
+    found = int((weight.unflatten(1, (-1, pattern.m)) != 0).sum(2).max())
+    if found > pattern.n:
+        raise DeployError(
+            f"layer {layer!r}: {what} has {found} non-zeros in a group of {pattern.m} input channels, "
+            f"the scheme allows {pattern.n}"
+        )
+    return found
 
 
-def save_onnx(model: nn.Module, scheme: Scheme, inputs: Tensor, out: Path, *, rtol: float = 1e-4) -> OnnxCheck:
+def save_onnx(
+    model: nn.Module, scheme: Scheme, inputs: Tensor, out: str | os.PathLike, *, rtol: float = 1e-4
+) -> OnnxCheck:
     """Export with ``torch.onnx``, check the file (:func:`check_onnx`), then move it to ``out``.
 
     Args:
@@ -443,11 +484,13 @@ def save_onnx(model: nn.Module, scheme: Scheme, inputs: Tensor, out: Path, *, rt
             raise DeployError(f"the model cannot be exported to ONNX: {_export_error(error)}") from None
         checks.append(check_onnx(tmp, model, scheme, inputs, rtol=rtol))
 
-    _write_atomically(out, write)
+    _write_atomically(Path(out), write)
     return checks[0]
 
 
-def check_onnx(path: Path, model: nn.Module, scheme: Scheme, inputs: Tensor, *, rtol: float = 1e-4) -> OnnxCheck:
+def check_onnx(
+    path: str | os.PathLike, model: nn.Module, scheme: Scheme, inputs: Tensor, *, rtol: float = 1e-4
+) -> OnnxCheck:
     """Run an exported model with onnxruntime on CPU against ``model`` and verify each weight's N:M
     pattern in its initializer (``<layer>.weight``) along K, the input channels (dim 1).
 
@@ -493,13 +536,7 @@ def check_onnx(path: Path, model: nn.Module, scheme: Scheme, inputs: Tensor, *, 
         weight = torch.from_numpy(numpy_helper.to_array(initializers[key]).copy())
         if tuple(weight.shape) != tuple(modules[name].weight.shape):
             raise DeployError(f"layer {name!r}: initializer {key!r} has shape {tuple(weight.shape)}, not the layer's")
-        found = _nm_along_k(weight, option.weight)
-        if found > option.weight.n:
-            raise DeployError(
-                f"layer {name!r}: the exported weight has {found} non-zeros in a group of "
-                f"{option.weight.m} input channels, the scheme allows {option.weight.n}"
-            )
-        check.nm_layers[name] = f"{found}:{option.weight.m}"
+        check.nm_layers[name] = f"{_check_nm(name, weight, option.weight, 'the exported weight')}:{option.weight.m}"
     if any(isinstance(o.activation, NMPattern) for _, o in scheme.layers) and not check.activation_ops:
         raise DeployError("activation N:M layers did not export as TopK/ScatterElements ops")
     return check
@@ -567,11 +604,19 @@ def semi_structured_plan(model: nn.Module, scheme: Scheme) -> dict[str, str | No
     return plan
 
 
-def to_semi_structured(model: nn.Module, scheme: Scheme) -> nn.Module:
+def to_semi_structured(model: nn.Module, scheme: Scheme, inputs: Tensor | None = None) -> nn.Module:
     """A fp16 CUDA copy of a finalized model with every eligible Linear weight as a 2:4 semi-structured tensor.
 
+    Args:
+        model: the finalized model (see :func:`bake`), left untouched.
+        scheme: its scheme (:func:`semi_structured_plan` picks the layers).
+        inputs: when given, the converted model's outputs are compared with the dense fp16 model's.
+
+    Returns:
+        The converted copy (eval mode, on the GPU).
+
     Raises:
-        DeployError: no CUDA GPU of compute capability >= 8.0.
+        DeployError: no CUDA GPU of compute capability >= 8.0, or the outputs differ.
     """
     require_semi_structured()
     from torch.sparse import to_sparse_semi_structured
@@ -582,6 +627,16 @@ def to_semi_structured(model: nn.Module, scheme: Scheme) -> nn.Module:
         if why_dense is None:
             module = modules[name]
             module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+    if inputs is not None:
+        with torch.no_grad():
+            x = inputs.half().cuda()
+            reference = copy.deepcopy(model).half().cuda().eval()(x).float()
+            error = float((converted(x).float() - reference).abs().max())
+        tolerance = 1e-2 * max(1.0, float(reference.abs().max()))  # fp16 kernels sum in other orders
+        if not error <= tolerance:
+            raise DeployError(
+                f"the 2:4 model's outputs differ from dense fp16 by {error:.3g} (allowed {tolerance:.3g})"
+            )
     return converted
 
 
@@ -656,7 +711,16 @@ class DeployResult:
 
 
 def check_out(out: Path, fmt: str, overwrite: bool = False) -> None:
-    """Refuse an existing output (unless ``overwrite``) or a suffix that does not match the format."""
+    """Refuse an existing output (unless ``overwrite``) or a suffix that does not match the format.
+
+    Args:
+        out: the file deploy would write.
+        fmt: the format.
+        overwrite: whether an existing ``out`` may be replaced.
+
+    Raises:
+        DeployError: one line saying what is wrong.
+    """
     if fmt not in FORMATS:
         raise DeployError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out.suffix != SUFFIXES[fmt]:
@@ -725,9 +789,16 @@ def deploy(
     elif fmt == "onnx":
         result.onnx = save_onnx(deployable.model, scheme, deployable.inputs, out)
     else:
-        result.model = to_semi_structured(deployable.model, scheme)
+        result.model = to_semi_structured(deployable.model, scheme, deployable.inputs)
         converted = result.model
-        _write_atomically(out, lambda tmp: torch.save(converted, tmp))
+
+        def write(tmp: Path) -> None:
+            try:
+                torch.save(converted, tmp)
+            except Exception as error:  # a module torch cannot pickle (e.g. a local class)
+                raise DeployError(f"the converted model cannot be saved: {str(error).splitlines()[0]}") from None
+
+        _write_atomically(out, write)
     return result
 
 
@@ -742,6 +813,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``nmsearch deploy`` / ``python -m experiments.deploy``: returns the exit status (2: bad input)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a run directory of nmsearch search, or a scheme JSON file")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")

@@ -152,6 +152,12 @@ def test_safetensors_round_trip_keeps_weights_and_scheme(tmp_path: Path, scheme:
             assert int((groups != 0).sum(2).max()) == option.weight.n
 
 
+def test_safetensors_refuses_weights_breaking_the_scheme(tmp_path: Path, scheme: Scheme) -> None:
+    with pytest.raises(DeployError, match="'conv1': the weight has 4 non-zeros in a group of 4 input channels"):
+        save_safetensors(tiny_net(), scheme, tmp_path / "m.safetensors")  # the scheme was never baked in
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_safetensors_without_scheme_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
