@@ -82,7 +82,7 @@ def other_net() -> nn.Module:
 
 
 INPUTS = torch.randn(16, 8, 6, 6, generator=torch.Generator().manual_seed(1))
-CHOICES = {"conv1": "w2:4", "conv2": "w1:4+a2:4", "fc1": "a2:4", "fc2": "w2:8+a1:4", "head": "w4:8"}
+CHOICES = {"conv1": "w2:4+r0.5", "conv2": "w1:4+a2:4", "fc1": "a2:4", "fc2": "w2:8+a1:4", "head": "w4:8"}
 WEIGHTS_ONLY = {"conv1": "w2:4", "conv2": "w1:4", "fc2": "w2:8", "head": "w4:8"}
 
 
@@ -110,8 +110,10 @@ def test_onnx_round_trip_matches_pytorch_and_keeps_nm_in_the_initializers(tmp_pa
     with torch.no_grad():
         expected = model(other).numpy()
         weights_only = bake(tiny_net(), Scheme.from_choices(WEIGHTS_ONLY))(other).numpy()
+        without_rows = bake(tiny_net(), Scheme.from_choices({**CHOICES, "conv1": "w2:4"}))(other).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert np.abs(got - weights_only).max() > 1e-3  # the activation masks are in the graph
+    assert np.abs(got - without_rows).max() > 1e-3  # and conv1's row mask
     initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     conv1 = initializers["conv1.weight"]  # (Cout, Cin, kh, kw): groups of 4 input channels
     nonzeros = (conv1.reshape(16, 2, 4, 3, 3) != 0).sum(2)
