@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,24 @@ def check_top_level_packages() -> None:
             )
 
 
-check_top_level_packages()
+def _one_line_hook(previous: Any) -> Any:
+    """An excepthook printing an uncaught :class:`ShadowedPackageError` as its one line (the
+    ``nmsearch`` command imports this package before its own error handling can run)."""
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        if issubclass(kind, ShadowedPackageError):
+            print(error, file=sys.stderr)
+        else:
+            previous(kind, error, traceback)
+
+    return hook
+
+
+try:
+    check_top_level_packages()
+except ShadowedPackageError:
+    sys.excepthook = _one_line_hook(sys.excepthook)
+    raise
 
 
 def config_dir() -> Path:

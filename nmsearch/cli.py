@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[name]
     try:
         function = getattr(importlib.import_module(command.module), command.function)
-    except ImportError as error:  # e.g. ShadowedPackageError: already one line
-        print(str(error).splitlines()[0], file=sys.stderr)
+    except ImportError as error:  # a shadowed package (one line already) or a missing dependency
+        line = str(error).splitlines()[0]
+        print(line if line.startswith(PROG) else f"{PROG} {name}: {line}", file=sys.stderr)
         return 2
     # argparse and Hydra name the program after argv[0]: "nmsearch deploy", not "deploy.py".
     sys.argv = [f"{PROG} {name}", *rest]
