@@ -48,10 +48,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from evaluators import AccuracyConfig, AccuracyEvaluator, HardwareProfile, Trainer, load_profile
+from evaluators import AccuracyEvaluator, HardwareProfile, Trainer, load_profile
 from evaluators.hardware import runs_on
 from evaluators.task import Task
-from experiments.config import SearchConfig
+from experiments.config import EvaluatorConfig, SearchConfig
+from experiments.search import build_space
 from experiments.tasks import instantiate_task
 from nmsearch import config_dir
 from search_space import (
@@ -59,7 +60,6 @@ from search_space import (
     NMSearchError,
     RowPattern,
     Scheme,
-    SearchSpace,
     SparseLayerMixin,
     atomic_write,
     prunable_modules,
@@ -72,6 +72,11 @@ SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torch": ".pt"}
 METADATA_KEY = "nmsearch.scheme"
 SEMI_STRUCTURED = NMPattern(2, 4)  # the one sparse format torch and TensorRT run (fp16/bf16/int8)
 CHECK_BATCH = 64  # inputs the ONNX round trip is checked on
+ACTIVATION_NOTES = {  # where a layer's activation N:M mask is computed, per format
+    "safetensors": "activation mask not in the weights: the scheme (metadata) says where to apply it",
+    "onnx": "activation mask computed in the graph, dense GEMM",
+    "torch": "activation mask computed by the nmsearch wrapper, dense GEMM",
+}
 
 
 class DeployError(NMSearchError):
@@ -254,31 +259,27 @@ def searched_model(config: dict[str, Any], scheme: Scheme) -> Deployable:
         DeployError: the config lacks what is needed; SchemeMismatchError: the scheme is not of
         this run's model.
     """
+    evaluator = dict(config.get("evaluator") or {})
+    evaluator.setdefault("recipe", config.get("recipe") or {})  # runs from before evaluator.recipe
+    schema = OmegaConf.structured(SearchConfig)
+    OmegaConf.set_readonly(schema.evaluator, False)  # frozen AccuracyConfig: merged into, as register_configs does
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), {k: v for k, v in config.items() if k != "strategy"})
+        cfg = OmegaConf.merge(schema, {**{k: v for k, v in config.items() if k != "strategy"}, "evaluator": evaluator})
+        evaluator_cfg: EvaluatorConfig = OmegaConf.to_object(cfg.evaluator)
     except Exception as error:  # an edited or foreign config.yaml
         raise DeployError(f"the run config cannot be read: {str(error).splitlines()[0]}") from None
-    task = instantiate_task(cfg.task)
-    trainer = Trainer(task, seed=cfg.seed, device="cpu", cache_dir=cfg.cache_dir, progress=False)
-    space = SearchSpace.from_model(
-        trainer.fresh_model(), task.example_inputs(), **OmegaConf.to_container(cfg.space, resolve=True)
-    )
-    evaluator = cfg.evaluator
-    accuracy = AccuracyEvaluator(
-        trainer,
-        space,
-        AccuracyConfig(
-            fidelity=evaluator.fidelity,
-            finetune_epochs=evaluator.finetune_epochs,
-            recipe=OmegaConf.to_object(cfg.recipe),
-            bn_batches=evaluator.bn_batches,
-            split=evaluator.split,
-        ),
-    )
-    model = scheme.finalize(accuracy.sparse_model(scheme)).cpu().eval()
+    trainer, space = build_space(cfg)
+    accuracy = AccuracyEvaluator(trainer, space, evaluator_cfg.accuracy)
+    model = scheme.finalize(accuracy.sparse_model(scheme)).eval()
     scheme.verify(model)
-    result = trainer.evaluate(model, evaluator.split)
-    return Deployable(model, scheme, _task_inputs(task), f"task {task.name} ({evaluator.fidelity})", result.accuracy)
+    result = trainer.evaluate(model, evaluator_cfg.split)
+    return Deployable(
+        model.cpu(),
+        scheme,
+        _task_inputs(trainer.task),
+        f"task {trainer.task.name} ({evaluator_cfg.fidelity})",
+        result.accuracy,
+    )
 
 
 # -- export modules ----------------------------------------------------------------------------
@@ -675,7 +676,7 @@ def deploy_report(
         else:
             runs_as = f"{option.weight} zeros in weights"
         if isinstance(option.activation, NMPattern):
-            note = "; ".join(filter(None, [note, "activation mask computed in the graph, dense GEMM"]))
+            note = "; ".join(filter(None, [note, ACTIVATION_NOTES[fmt]]))
         elif isinstance(option.activation, RowPattern):
             note = "; ".join(filter(None, [note, "row mask: skipped outputs zeroed after a dense conv"]))
         sparse_kernel = option.weight is not None and (fmt != "torch" or plan[name] is None)
