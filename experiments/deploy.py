@@ -103,7 +103,8 @@ def require(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingDependencyError(f"{what} needs the package {module!r}: pip install 'nmsearch[deploy]'") from None
+        package = module.partition(".")[0]  # safetensors.torch -> safetensors
+        raise MissingDependencyError(f"{what} needs the package {package!r}: pip install 'nmsearch[deploy]'") from None
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -208,7 +209,12 @@ def load_model(
             factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
             raise DeployError(f"--model {model!r}: {str(error).splitlines()[0]}") from None
-        built = factory()
+        try:
+            built = factory()
+        except Exception as error:  # the user's factory: its failure is one line here
+            raise DeployError(
+                f"--model {model!r} raised {type(error).__name__}: {str(error).splitlines()[0]}"
+            ) from None
         if not isinstance(built, nn.Module):
             raise DeployError(f"--model {model!r} returned a {type(built).__name__}, not a torch.nn.Module")
         if not input_shape:
@@ -348,14 +354,30 @@ def exportable(model: nn.Module, inputs: Tensor) -> nn.Module:
     """
     model = copy.deepcopy(model)
     layers = {name: m for name, m in prunable_modules(model).items() if isinstance(m, SparseLayerMixin)}
-    if any(isinstance(m.activation_pattern, RowPattern) for m in layers.values()):
+    unbaked = [name for name, layer in layers.items() if layer.weight_pattern is not None]
+    if unbaked:
+        raise DeployError(f"layer {unbaked[0]!r} still masks its weights at run time; finalize the model (bake) first")
+    row_keep: dict[str, Tensor | None] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(layer: nn.Module, args: tuple) -> None:
+            mask = layer.input_mask(args[0])  # the kept output positions for this input size
+            row_keep[name] = None if mask is None else mask.to(args[0].dtype)
+
+        return hook
+
+    rows = [
+        layers[n].register_forward_pre_hook(record(n))
+        for n in layers
+        if isinstance(layers[n].activation_pattern, RowPattern)
+    ]
+    if rows:
         with torch.no_grad():
-            model(inputs)  # fills each row-masked layer's mask for this input size
+            model(inputs)
+        for handle in rows:
+            handle.remove()
     for name, layer in layers.items():
-        keep = None
-        if isinstance(layer.activation_pattern, RowPattern) and layer._row_mask_cache is not None:
-            keep = layer._row_mask_cache[1]
-        set_submodule(model, name, _export_layer(layer, keep))
+        set_submodule(model, name, _export_layer(layer, row_keep.get(name)))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
@@ -363,7 +385,8 @@ def exportable(model: nn.Module, inputs: Tensor) -> nn.Module:
 
 # -- formats -----------------------------------------------------------------------------------
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary file beside ``out``, renamed over it only when it returns."""
+    """``write(tmp)`` into a temporary file beside ``out``, renamed over it only when it returns (a path,
+    not a handle as :func:`search_space.atomic_write` gives: ``torch.onnx.export`` and the check read it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)

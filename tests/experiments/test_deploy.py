@@ -20,6 +20,7 @@ from experiments.deploy import (
     cuda_semi_structured_reason,
     deploy,
     deploy_report,
+    exportable,
     load_model,
     load_safetensors,
     main,
@@ -125,6 +126,11 @@ def test_onnx_round_trip_matches_pytorch_and_keeps_nm_in_the_initializers(tmp_pa
         check_onnx(out, model, stricter, INPUTS)
     with pytest.raises(DeployError, match="onnxruntime's outputs differ from PyTorch's"):
         check_onnx(out, tiny_net(), scheme, INPUTS)
+
+
+def test_export_needs_the_weight_masks_baked_in(scheme: Scheme) -> None:
+    with pytest.raises(DeployError, match="layer 'conv1' still masks its weights at run time; finalize"):
+        exportable(scheme.apply(tiny_net()), INPUTS)
 
 
 def test_unsupported_op_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
