@@ -3,12 +3,20 @@
 Every evaluator (accuracy, hardware cost, their composite) exposes ``objectives`` and
 ``evaluate(scheme) -> Evaluation``. A failed evaluation (diverged training, out of memory) is an
 ``Evaluation`` with ``failed=True`` and a reason, never an exception into the strategy.
+
+User evaluators follow the same contract, checked by :func:`check_evaluator` when a search starts
+(``objectives`` a non-empty tuple of :class:`Objective` with distinct names, ``evaluate`` a method)
+and by :func:`evaluate_safely` on every call: an exception inside ``evaluate`` fails that one
+candidate with the exception as its reason; breaking the contract (returning something other than
+an :class:`Evaluation`, or no value for an objective) stops the search with an
+:class:`EvaluatorError`, because every later call would break it too.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,6 +26,10 @@ from search_space import NMSearchError, Scheme
 
 MAXIMIZE = "maximize"
 MINIMIZE = "minimize"
+
+
+class EvaluatorError(NMSearchError):
+    """An evaluator that breaks the :class:`Evaluator` contract."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,91 @@ class Evaluator(Protocol):
     def objectives(self) -> tuple[Objective, ...]: ...
 
     def evaluate(self, scheme: Scheme) -> Evaluation: ...
+
+
+def check_evaluator(evaluator: object) -> tuple[Objective, ...]:
+    """Check the :class:`Evaluator` contract before a search starts.
+
+    Args:
+        evaluator: Any object meant to be an evaluator.
+
+    Returns:
+        Its objectives.
+
+    Raises:
+        EvaluatorError: one line naming what is wrong and how to fix it.
+    """
+    name = type(evaluator).__name__
+    if not callable(getattr(evaluator, "evaluate", None)):
+        raise EvaluatorError(
+            f"{name} is not an evaluator: it has no evaluate(scheme) method returning evaluators.Evaluation"
+        )
+    try:
+        objectives = evaluator.objectives  # type: ignore[attr-defined]
+    except AttributeError:
+        raise EvaluatorError(
+            f"{name} has no .objectives: add e.g. objectives = (Objective('accuracy', 'maximize'),)"
+        ) from None
+    if not isinstance(objectives, tuple) or not objectives:
+        raise EvaluatorError(
+            f"{name}.objectives must be a non-empty tuple of evaluators.Objective, got {_describe(objectives)}; "
+            "e.g. objectives = (Objective('accuracy', 'maximize'),)"
+        )
+    wrong = next((o for o in objectives if not isinstance(o, Objective)), None)
+    if wrong is not None:
+        raise EvaluatorError(
+            f"{name}.objectives must hold evaluators.Objective, got {_describe(wrong)}; "
+            f"write Objective({str(wrong)!r}, 'maximize') (or 'minimize')"
+        )
+    names = [o.name for o in objectives]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EvaluatorError(f"{name}.objectives names {duplicates[0]!r} twice: objective names must be distinct")
+    return objectives
+
+
+def evaluate_safely(evaluator: Evaluator, scheme: Scheme) -> Evaluation:
+    """``evaluator.evaluate(scheme)``, with an exception turned into a failed evaluation.
+
+    Args:
+        evaluator: An evaluator that passed :func:`check_evaluator`.
+        scheme: The candidate.
+
+    Returns:
+        The evaluation; a failed one (``reason`` = the exception's type and first line) when
+        ``evaluate`` raised.
+
+    Raises:
+        EvaluatorError: ``evaluate`` returned something other than an :class:`Evaluation`, or a
+            successful evaluation without a value for one of the evaluator's objectives.
+    """
+    start = time.perf_counter()
+    try:
+        evaluation = evaluator.evaluate(scheme)
+    except EvaluatorError:
+        raise
+    except Exception as error:  # a user evaluator may raise anything: that candidate fails, the search goes on
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{type(evaluator).__name__}.evaluate raised {type(error).__name__}"
+        reason += f": {detail}" if detail else ""
+        return Evaluation.failure(evaluator.objectives, reason, duration_s=time.perf_counter() - start)
+    if not isinstance(evaluation, Evaluation):
+        raise EvaluatorError(
+            f"{type(evaluator).__name__}.evaluate returned {_describe(evaluation)}, not an evaluators.Evaluation: "
+            "return Evaluation({'accuracy': value, ...})"
+        )
+    missing = [o.name for o in evaluator.objectives if o.name not in evaluation.values]
+    if missing and not evaluation.failed:
+        raise EvaluatorError(
+            f"{type(evaluator).__name__}.evaluate returned no value for objective {missing[0]!r} "
+            f"(it returned: {', '.join(evaluation.values) or 'nothing'})"
+        )
+    return evaluation
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def objective_names(evaluator: Evaluator) -> list[str]:

@@ -7,6 +7,7 @@ fails when any part fails (reasons joined), and durations are summed. Only the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from evaluators.accuracy import AccuracyConfig, AccuracyEvaluator
-from evaluators.base import Evaluation, Evaluator, Objective
+from evaluators.base import Evaluation, Evaluator, EvaluatorError, Objective, check_evaluator
 from evaluators.task import Task
 from evaluators.training import Trainer
 
@@ -148,6 +149,8 @@ class CompositeEvaluator:
     def __init__(self, *evaluators: Evaluator) -> None:
         if not evaluators:
             raise NMSearchError("CompositeEvaluator needs at least one evaluator")
+        for evaluator in evaluators:
+            check_evaluator(evaluator)
         names = [objective.name for evaluator in evaluators for objective in evaluator.objectives]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -166,10 +169,14 @@ class CompositeEvaluator:
         duration = 0.0
         for part in self.parts:
             result = part.evaluate(scheme)
+            if not isinstance(result, Evaluation):
+                raise EvaluatorError(
+                    f"{type(part).__name__}.evaluate returned {type(result).__name__}, not an evaluators.Evaluation"
+                )
             missing = [o.name for o in part.objectives if o.name not in result.values]
-            if missing:
-                raise NMSearchError(f"{type(part).__name__} returned no value for objective {missing[0]!r}")
-            values.update({o.name: result.values[o.name] for o in part.objectives})
+            if missing and not result.failed:
+                raise EvaluatorError(f"{type(part).__name__} returned no value for objective {missing[0]!r}")
+            values.update({o.name: result.values.get(o.name, math.nan) for o in part.objectives})
             for key, value in result.info.items():
                 info[f"{type(part).__name__}.{key}" if key in info else key] = value
             if result.failed:

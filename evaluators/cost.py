@@ -627,13 +627,19 @@ class CostEvaluator:
     """
 
     def __init__(
-        self, space: SearchSpace, cost_model: HardwareCostModel, metrics: Sequence[str] = ("latency_ms",)
+        self, space: SearchSpace, cost_model: HardwareCostModel, metrics: Sequence[str] | str = ("latency_ms",)
     ) -> None:
+        if isinstance(metrics, str):  # metrics="latency_ms": one metric, not its characters
+            metrics = (metrics,)
+        metrics = tuple(metrics)
         if not metrics:
             raise CostModelError(f"CostEvaluator needs at least one metric of: {', '.join(COST_METRICS)}")
         unknown = [m for m in metrics if m not in COST_METRICS]
         if unknown:
             raise CostModelError(f"unknown cost metric {unknown[0]!r}; available: {', '.join(COST_METRICS)}")
+        repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+        if repeated:
+            raise CostModelError(f"cost metric {repeated[0]!r} is listed twice in metrics={metrics}")
         self.space = space
         self.cost_model = cost_model
         self.table = cost_model.table(space)

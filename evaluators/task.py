@@ -68,6 +68,12 @@ class TrainingSchedule:
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.momentum < 0:
             raise TaskError("schedule.warmup_epochs, weight_decay and momentum must be >= 0")
 
+    def pretraining_config(self) -> dict[str, Any]:
+        """The fields dense pre-training depends on (the pre-training cache key): not
+        ``finetune_lr`` (sparse fine-tuning only) nor ``eval_batch_size`` (evaluation only)."""
+        skip = ("finetune_lr", "eval_batch_size")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
 
 Batch = tuple[Tensor, Tensor]
 

@@ -35,12 +35,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from evaluators.task import Batch, Task, TaskError, TrainingSchedule, check_split, check_task
-from search_space import Recipe, RecipeConfig, atomic_write, atomic_write_text
+from search_space import Recipe, RecipeConfig, atomic_write, atomic_write_text, check_writable_dir
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "NMSEARCH_CACHE_DIR"
-CACHE_FORMAT = 1  # bump when the checkpoint layout or pre-training procedure changes
+CACHE_FORMAT = 2  # bump when the checkpoint layout or pre-training procedure changes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -56,6 +56,32 @@ def default_cache_dir() -> Path:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` (default: CUDA when available), refused when this machine cannot run on it.
+
+    Raises:
+        TaskError: an unknown device string, or a CUDA / MPS device this torch build or machine
+            does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise TaskError(
+            f"device={device!r} is not a torch device ({str(error).splitlines()[0]}); use cpu, cuda, cuda:N or null"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise TaskError(f"device={device!r}, but {why} (torch {torch.__version__}): use device=cpu or device=null")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise TaskError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise TaskError(f"device={device!r}, but MPS is not available here: use device=cpu or device=null")
+    return resolved
 
 
 def seed_everything(seed: int) -> None:
@@ -224,8 +250,10 @@ class Trainer:
 
     ``pretrained()`` trains the dense model with the task's schedule once and caches the weights
     under ``cache_dir/pretrained`` (default :func:`default_cache_dir`), keyed by a hash of
-    ``task.config()`` and the seed, so trials and runs reuse them. A cache entry whose payload does
-    not match its recorded sha256, or that torch cannot load into the model, is rebuilt.
+    ``task.config()`` (its schedule reduced to what pre-training uses) and the seed, so trials
+    and runs reuse them. A cache entry whose payload does not match its recorded sha256, or that
+    torch cannot load into the model, is rebuilt. An unavailable ``device`` or an unwritable
+    cache (when the entry must be trained) is refused at construction, before any training.
     """
 
     def __init__(
@@ -239,8 +267,13 @@ class Trainer:
     ) -> None:
         self.task = check_task(task)
         self.seed = seed
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        if not self.checkpoint_path.exists():  # pre-training will write it: fail now, not after training
+            where = "cache_dir=... or NMSEARCH_CACHE_DIR" if cache_dir is None else "cache_dir=..."
+            check_writable_dir(
+                self.checkpoint_path.parent, "pre-training cache", f"point {where} to a writable folder", min_free_mb=0
+            )
         self.progress = progress
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
@@ -328,7 +361,14 @@ class Trainer:
     # -- pre-training cache ----------------------------------------------------------------
     @property
     def cache_key(self) -> str:
-        identity = {"format": CACHE_FORMAT, "task": self.task.config(), "seed": self.seed}
+        # Only what pre-training uses: the schedule's fine-tuning fields do not change its weights.
+        task = {k: v for k, v in self.task.config().items() if k != "schedule"}
+        identity = {
+            "format": CACHE_FORMAT,
+            "task": task,
+            "schedule": self.schedule.pretraining_config(),
+            "seed": self.seed,
+        }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property

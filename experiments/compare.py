@@ -20,8 +20,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from evaluators.pareto import hypervolume, plot_pareto, reference_point
+from experiments.errors import run_cli
 from experiments.runs import Run, find_runs
-from search_space import NMSearchError, atomic_write_text
+from search_space import NMSearchError, atomic_write, atomic_write_text, check_writable_dir
 
 
 def common_objectives(runs: list[Run]) -> list:
@@ -78,20 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("compare"))
     parser.add_argument("--x", help="cost objective on the x axis (default: the first one)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        check_writable_dir(args.out, "--out folder", "choose another --out", min_free_mb=1)
         runs = find_runs(args.dirs)
         merged, summary, figure = compare(runs, args.x)
-    except NMSearchError as error:
-        print(f"nmsearch compare: {error}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "compare.csv", merged.to_csv(index=False))
-    atomic_write_text(args.out / "summary.csv", summary.to_csv(index=False))
-    figure.savefig(args.out / "compare.png", dpi=120, bbox_inches="tight")
-    shown = summary.drop(columns=["path"])
-    print(shown.to_markdown(index=False, floatfmt=".4g"))
-    print(f"written: {args.out / 'compare.csv'}, {args.out / 'summary.csv'}, {args.out / 'compare.png'}")
-    return 0
+        atomic_write_text(args.out / "compare.csv", merged.to_csv(index=False))
+        atomic_write_text(args.out / "summary.csv", summary.to_csv(index=False))
+        atomic_write(
+            args.out / "compare.png", lambda handle: figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+        )
+        plt.close(figure)
+        shown = summary.drop(columns=["path"])
+        print(shown.to_markdown(index=False, floatfmt=".4g"))
+        print(f"written: {args.out / 'compare.csv'}, {args.out / 'summary.csv'}, {args.out / 'compare.png'}")
+        return 0
+
+    return run_cli("nmsearch compare", body)
 
 
 if __name__ == "__main__":

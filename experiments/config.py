@@ -85,6 +85,7 @@ class SearchConfig:
     device: str | None = None
     cache_dir: str | None = None
     progress: bool = False
+    force_new: bool = False  # start over in a run directory that holds another search (see experiments.runs)
 
 
 def register_configs() -> None:

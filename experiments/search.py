@@ -10,6 +10,7 @@ strategy's own files (``optuna.db``, logs) and ``config.yaml`` (the resolved con
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 import evaluators
 from evaluators import (
     COST_METRICS,
+    Constraint,
     CostEvaluator,
     CostModelConfig,
     Evaluator,
@@ -40,12 +42,15 @@ from evaluators import (
 )
 from evaluators.pareto import plot_pareto
 from experiments.config import EvaluatorConfig, register_configs
+from experiments.errors import USAGE, error_line, run_cli
+from experiments.runs import claim_run_dir, defining_config
 from experiments.tasks import instantiate_task
 from nmsearch import CONFIG_PACKAGE
-from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text
+from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text, check_writable_dir
 from strategies import SearchResult, Strategy
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,9 +176,33 @@ def summary(result: SearchResult, trial: int, out: Path) -> str:
     return "\n".join(lines)
 
 
+def check_selection(cfg: DictConfig) -> None:
+    """``select.constraints`` / ``select.objective`` are applied after the search: check them before it."""
+    objectives = list(cfg.objectives)
+    known = [*objectives, *(f"info.{m}" for m in COST_METRICS if m not in objectives)]
+    for text in cfg.select.constraints:
+        constraint = Constraint.parse(text)
+        if constraint.metric not in known:
+            raise NMSearchError(
+                f"select.constraints: {str(text)!r} bounds {constraint.metric!r}, which the results will not have; "
+                f"use one of {', '.join(known)}"
+            )
+    if cfg.select.objective is not None and cfg.select.objective not in objectives:
+        raise NMSearchError(
+            f"select.objective {cfg.select.objective!r} is not optimised; choose one of {', '.join(objectives)}"
+        )
+
+
 def run(cfg: DictConfig, out: Path) -> SearchResult:
+    """Validate everything, then search and write the run directory ``out``."""
+    defining = defining_config(OmegaConf.to_container(cfg, resolve=True))
+    claim_run_dir(out, defining, force_new=cfg.force_new, write=False)  # refuse a mixed run before any work
+    check_writable_dir(out, "run directory", "set hydra.run.dir to a writable folder")
+    check_selection(cfg)
     job = build(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if claim_run_dir(out, defining, force_new=cfg.force_new) == "replaced":
+        log.warning("%s held a search with another config: its files moved to %s/replaced-*", out, out)
     result = job.strategy.search(job.space, job.evaluator, run_dir=out)
     trial, _ = write_outputs(result, job, cfg, out)
     print(summary(result, trial, out))
@@ -183,11 +212,15 @@ def run(cfg: DictConfig, out: Path) -> SearchResult:
 @hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except NMSearchError as error:
-        print(f"nmsearch: {error}", file=sys.stderr)
-        sys.exit(2)
+    out = Path(HydraConfig.get().runtime.output_dir)
+
+    def body() -> int:
+        run(cfg, out)
+        return 0
+
+    status = run_cli("nmsearch", body, on_interrupt=f"run it again with hydra.run.dir={out} to resume")
+    if status:
+        sys.exit(status)
 
 
 def config_error_line(error: Exception) -> str:
@@ -208,7 +241,10 @@ def cli() -> None:
         main()
     except (HydraException, OmegaConfBaseException) as error:
         print(f"nmsearch: {config_error_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE)
+    except OSError as error:  # Hydra creating the run directory or writing its .hydra files
+        print(f"nmsearch: {error_line(error)}; set hydra.run.dir to a writable folder", file=sys.stderr)
+        sys.exit(USAGE)
 
 
 if __name__ == "__main__":

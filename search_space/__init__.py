@@ -1,6 +1,6 @@
 """What a candidate is: N:M masks, sparse layer wrappers and gradient recipes."""
 
-from search_space.io import atomic_write, atomic_write_text
+from search_space.io import OutputDirError, atomic_write, atomic_write_text, check_writable_dir
 from search_space.layers import (
     MaskState,
     SparseConv2d,
@@ -92,6 +92,7 @@ __all__ = [
     "NMPattern",
     "NMSearchError",
     "Option",
+    "OutputDirError",
     "Recipe",
     "RecipeConfig",
     "RecipeConfigError",
@@ -115,6 +116,7 @@ __all__ = [
     "atomic_write_text",
     "calibrate_input_norms",
     "check_model",
+    "check_writable_dir",
     "finalize_model",
     "functional_use_reason",
     "input_column_sq_sums",

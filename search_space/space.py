@@ -9,6 +9,7 @@ never ran are listed in ``skipped`` with the reason.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -93,6 +94,34 @@ def _matches(name: str, module: nn.Module, patterns: Iterable[str | type]) -> st
         elif fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern:
             return pattern
     return None
+
+
+def _describe_inputs(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"shape {tuple(inputs.shape)}"
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k}: {_describe_inputs(v)}" for k, v in inputs.items())
+    if isinstance(inputs, tuple | list):
+        return ", ".join(_describe_inputs(v) for v in inputs)
+    return type(inputs).__name__
+
+
+def _check_patterns(modules: Mapping[str, nn.Module], patterns: Iterable[str | type], what: str) -> None:
+    """A pattern of ``include`` / ``exclude`` that matches no Conv2d / Linear is a typo: say so,
+    with the closest layer or class names."""
+    names = list(modules)
+    for pattern in patterns:
+        if any(_matches(name, module, [pattern]) for name, module in modules.items()):
+            continue
+        label = pattern.__name__ if isinstance(pattern, type) else str(pattern)
+        classes = sorted({type(module).__name__ for module in modules.values()})
+        close = difflib.get_close_matches(label, [*names, *classes], n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise NMSearchError(
+            f"space.{what} pattern {label!r} matches no layer; {hint}layers: {shown} "
+            f"(use name globs like 'layer4.*' or class names like {classes[0]!r})"
+        )
 
 
 class SearchSpace:
@@ -199,6 +228,12 @@ class SearchSpace:
                     model(*example_inputs)
                 else:
                     model(example_inputs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # shape / dtype / arity mismatches
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise NMSearchError(
+                f"{type(model).__name__} cannot run on the example inputs ({_describe_inputs(example_inputs)}): "
+                f"{detail}; pass inputs of the shape the model takes, e.g. a batch of one real sample"
+            ) from None
         finally:
             model.train(was_training)
             for handle in handles:
@@ -239,6 +274,8 @@ class SearchSpace:
                 f"no Conv2d/Linear layer of {type(model).__name__} ran through forward() on the example inputs: "
                 "nothing to search over"
             )
+        _check_patterns(modules, include or (), "include")
+        _check_patterns(modules, exclude, "exclude")
         fixed: dict[str, str] = {}
         for info in layers:
             module = records[info.name].module

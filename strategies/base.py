@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 COMPLETE, FAIL, RUNNING, WAITING = "COMPLETE", "FAIL", "RUNNING", "WAITING"
 RESULT_FILE = "result.json"
+DUPLICATE_OF = "duplicate_of"
+REQUIRED_COLUMNS = ("trial", "state", "feasible", "reason", "summary", "scheme")
 
 
 @runtime_checkable
@@ -214,12 +216,23 @@ def trials_frame(candidates: Iterable[Candidate], objectives: Sequence[Objective
         )
         rows.append(row)
     base = ["trial", "state", *(o.name for o in objectives)]
+    tail = ["feasible", "duration_s", "reason", DUPLICATE_OF, "summary", "scheme"]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=[*base, "feasible", "duration_s", "reason", "summary", "scheme"])
-    tail = ["feasible", "duration_s", "reason", "summary", "scheme"]
+        return pd.DataFrame(columns=[*base, *tail])
+    frame = frame.sort_values("trial", kind="stable").reset_index(drop=True)
+    frame[DUPLICATE_OF] = _first_trials(frame)
     middle = [c for c in frame.columns if c not in base and c not in tail]
-    return frame[base + middle + tail].sort_values("trial", kind="stable").reset_index(drop=True)
+    return frame[base + middle + tail]
+
+
+def _first_trials(frame: pd.DataFrame) -> pd.Series:
+    """For each completed row, the earlier completed trial with the same scheme (``<NA>`` if none):
+    a scheme proposed again is one point, linked to its first trial, never a second front point."""
+    completed = frame[frame["state"] == COMPLETE]
+    first = completed.groupby("scheme", sort=False)["trial"].transform("min")
+    linked = first.where(first != completed["trial"])
+    return linked.reindex(frame.index).astype("Int64")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -265,8 +278,12 @@ class SearchResult:
 
     @property
     def front(self) -> pd.DataFrame:
-        """Non-dominated completed, feasible candidates, best first objective first."""
-        return pareto_front(self.completed, self.objectives)
+        """Non-dominated completed, feasible candidates, one row per distinct scheme (its first
+        trial; repeats carry ``duplicate_of``), best first objective first."""
+        completed = self.completed
+        if DUPLICATE_OF in completed.columns:
+            completed = completed[completed[DUPLICATE_OF].isna()]
+        return pareto_front(completed, self.objectives)
 
     def front_schemes(self) -> dict[int, Scheme]:
         return {int(t): self.schemes[int(t)] for t in self.front["trial"]}
@@ -276,9 +293,36 @@ class SearchResult:
         front = self.front
         return int(front.loc[knee_index(front, self.objectives), "trial"])
 
+    def selection_objective(self, constraints: Sequence[str | Constraint] = ()) -> Objective:
+        """What "best" means for :meth:`select` when no objective is named.
+
+        A floor on a maximised objective (``accuracy>=0.97``: "at least this good") asks for the
+        cheapest point that reaches it: the primary cost objective (the first minimised one).
+        Otherwise (no constraint, or only cost bounds such as ``latency_ms<=0.5``) the first
+        objective (accuracy) is maximised.
+        """
+        directions = {o.name: o.direction for o in self.objectives}
+        parsed = [Constraint.parse(c) for c in constraints]
+        floor = any(c.op == ">=" and directions.get(c.metric) == "maximize" for c in parsed)
+        cost = next((o for o in self.objectives if o.direction == "minimize"), None)
+        return cost if floor and cost is not None else self.objectives[0]
+
     def select(self, constraints: Sequence[str | Constraint] = (), objective: str | None = None) -> int:
-        """Trial number of the best front point (by ``objective``, default the first) that
-        satisfies every constraint; raises when none does."""
+        """Trial number of the best front point that satisfies every constraint.
+
+        Args:
+            constraints: Bounds such as ``"accuracy>=0.97"`` or ``"latency_ms<=0.5"``.
+            objective: What "best" means among the points meeting them; default
+                :meth:`selection_objective` (the cheapest by the primary cost objective under an
+                accuracy floor, else the most accurate). Ties go to the better other objectives.
+
+        Returns:
+            The chosen trial number.
+
+        Raises:
+            NMSearchError: no point meets the constraints, a constraint names an unknown metric,
+                or ``objective`` is not optimised by this result.
+        """
         front = self.front
         if front.empty:
             raise NMSearchError(f"{self.strategy}: no completed feasible candidate to select from")
@@ -298,14 +342,17 @@ class SearchResult:
                 + ", ".join(f"{k}={v:.4g}" for k, v in best.items())
                 + ")"
             )
-        by = next((o for o in self.objectives if o.name == objective), None) if objective else self.objectives[0]
-        if by is None:
+        by = next((o for o in self.objectives if o.name == objective), None) if objective else None
+        if objective and by is None:
             raise NMSearchError(
                 f"unknown objective {objective!r}; optimised: {', '.join(o.name for o in self.objectives)}"
             )
-        candidates = front[ok]
-        index = candidates[by.name].idxmax() if by.direction == "maximize" else candidates[by.name].idxmin()
-        return int(candidates.loc[index, "trial"])
+        by = by or self.selection_objective(parsed)
+        order = [by, *(o for o in self.objectives if o is not by)]
+        candidates = front[ok].sort_values(
+            [o.name for o in order], ascending=[o.direction == "minimize" for o in order], kind="stable"
+        )
+        return int(candidates["trial"].iloc[0])
 
     def hypervolume(self, reference: Sequence[float]) -> float:
         front = self.front
@@ -321,9 +368,10 @@ class SearchResult:
         one ``NAME.csv`` per strategy log in ``tables`` and ``result.json`` (strategy, objectives,
         metadata) into ``run_dir``, each atomically."""
         run_dir = Path(run_dir)
+        front = self.front
         paths = {
             "trials": atomic_write_text(run_dir / "trials.csv", self.trials.to_csv(index=False)),
-            "pareto": atomic_write_text(run_dir / "pareto.csv", self.front.to_csv(index=False)),
+            "pareto": atomic_write_text(run_dir / "pareto.csv", front.to_csv(index=False)),
         }
         for trial, scheme in self.front_schemes().items():
             scheme.save(run_dir / "schemes" / f"trial_{trial:04d}.json")
@@ -334,6 +382,11 @@ class SearchResult:
             "objectives": [{"name": o.name, "direction": o.direction, "unit": o.unit} for o in self.objectives],
             "metadata": self.metadata,
             "tables": sorted(self.tables),
+            # What load() checks, so a cut or swapped file is refused instead of read in part.
+            "files": {
+                "trials.csv": {"rows": len(self.trials), "columns": [str(c) for c in self.trials.columns]},
+                "pareto.csv": {"rows": len(front)},
+            },
         }
         paths["result"] = atomic_write_text(run_dir / RESULT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
         return paths
@@ -349,16 +402,75 @@ class SearchResult:
                 f"'{run_dir}' holds no finished search (missing {RESULT_FILE} or trials.csv); "
                 "point to a run directory written by a completed search"
             )
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         objectives = tuple(Objective(**o) for o in meta["objectives"])
-        trials = pd.read_csv(trials_path, dtype={"reason": str, "summary": str, "scheme": str, "state": str})
-        trials["reason"] = trials["reason"].fillna("")
+        trials = _read_trials(trials_path, objectives, meta.get("files", {}).get("trials.csv"))
         fingerprint = meta.get("metadata", {}).get("fingerprint")
-        schemes = {
-            int(row.trial): Scheme.from_choices(json.loads(row.scheme), fingerprint=fingerprint)
-            for row in trials.itertuples()
-        }
+        try:
+            schemes = {
+                int(row.trial): Scheme.from_choices(json.loads(row.scheme), fingerprint=fingerprint)
+                for row in trials.itertuples()
+            }
+        except (ValueError, TypeError, AttributeError) as error:  # json and Scheme errors
+            raise ResultFileError(f"'{trials_path}': a scheme column entry is not a scheme ({error})") from None
         for path in sorted((run_dir / "schemes").glob("trial_*.json")):
             schemes[int(path.stem.split("_")[1])] = Scheme.load(path)
-        tables = {name: pd.read_csv(run_dir / f"{name}.csv") for name in meta.get("tables", [])}
+        tables = {name: _read_csv(run_dir / f"{name}.csv") for name in meta.get("tables", [])}
         return cls(meta["strategy"], objectives, trials, schemes, meta.get("metadata", {}), tables)
+
+
+class ResultFileError(NMSearchError):
+    """A result file that is unreadable, cut short or does not match ``result.json``."""
+
+
+_REWRITE = "re-run the search in that directory to rewrite it"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultFileError(f"'{path}' is not valid JSON (cut short or corrupt: {error}); {_REWRITE}") from None
+    valid = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("strategy"), str)
+        and isinstance(meta.get("objectives"), list)
+        and all(isinstance(o, dict) and {"name", "direction"} <= set(o) for o in meta["objectives"])
+    )
+    if not valid:
+        raise ResultFileError(f"'{path}' is not an nmsearch result (needs strategy and objectives); {_REWRITE}")
+    return meta
+
+
+def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ResultFileError(f"'{path}' cannot be read as CSV ({detail}); {_REWRITE}") from None
+
+
+def _read_trials(path: Path, objectives: Sequence[Objective], recorded: Mapping[str, Any] | None) -> pd.DataFrame:
+    """``trials.csv``, refused when it is cut short (rows or a partial last line) or its columns
+    do not match what ``result.json`` recorded when it was written."""
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raise ResultFileError(f"'{path}' ends in the middle of a line: the file was cut short; {_REWRITE}")
+    trials = _read_csv(path, dtype={"reason": str, "summary": str, "scheme": str, "state": str})
+    missing = [c for c in (*REQUIRED_COLUMNS, *(o.name for o in objectives)) if c not in trials.columns]
+    if missing:
+        raise ResultFileError(f"'{path}' lacks the column {missing[0]!r}: not a trials file of this result; {_REWRITE}")
+    if recorded is not None:
+        if len(trials) != recorded.get("rows"):
+            raise ResultFileError(
+                f"'{path}' has {len(trials)} rows, {RESULT_FILE} recorded {recorded.get('rows')}: "
+                f"the file is partial or was replaced; {_REWRITE}"
+            )
+        if list(trials.columns) != list(recorded.get("columns", trials.columns)):
+            raise ResultFileError(f"'{path}' columns differ from those {RESULT_FILE} recorded; {_REWRITE}")
+    if trials["trial"].isna().any() or trials["scheme"].isna().any() or trials["state"].isna().any():
+        raise ResultFileError(f"'{path}' has rows without trial, state or scheme (cut short?); {_REWRITE}")
+    trials["reason"] = trials["reason"].fillna("")
+    if DUPLICATE_OF in trials.columns:
+        trials[DUPLICATE_OF] = trials[DUPLICATE_OF].astype("Int64")
+    return trials

@@ -64,6 +64,8 @@ from evaluators import (
     HardwareCostModel,
     Trainer,
     TrainingDivergedError,
+    check_evaluator,
+    evaluate_safely,
     train_one_epoch,
 )
 from evaluators.composite import find_part_or_none
@@ -578,6 +580,7 @@ class DominoStrategy(StrategyBase):
     ) -> SearchResult:
         """Search from the pre-trained model of the evaluator's trainer; the result's last trial is the
         Domino scheme (``metadata["final_trial"]``), ``tables["domino_log"]`` the decision log."""
+        check_evaluator(evaluator)
         plan = self.plan(space, evaluator)
         trainer = accuracy_part(evaluator).trainer
         start = time.perf_counter()
@@ -628,7 +631,7 @@ class DominoStrategy(StrategyBase):
         fraction = plan.curves.fraction(committed)
         provenance = {"strategy": self.name, "trial": trial, "seed": self.seed, "config": dataclasses.asdict(self)}
         scheme = space.scheme(choices, provenance=provenance, hardware=plan.hardware)
-        evaluation = evaluator.evaluate(scheme)
+        evaluation = evaluate_safely(evaluator, scheme)
         metrics = {**evaluation.values, f"domino_{self.target}": plan.objective(fraction)}
         return Candidate(
             trial=trial,

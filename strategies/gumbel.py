@@ -49,7 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluators import CostEvaluator, CostTable, Evaluator, HardwareCostModel, Objective, find_part_or_none
+from evaluators import (
+    CostEvaluator,
+    CostTable,
+    Evaluator,
+    HardwareCostModel,
+    Objective,
+    check_evaluator,
+    evaluate_safely,
+    find_part_or_none,
+)
 from evaluators.task import Batch
 from evaluators.training import make_optimizer, seed_everything, train_one_epoch
 from search_space import (
@@ -117,6 +126,8 @@ class Sampling(Choice):
 
 PROXYLESSNAS, FBNET = Estimator.proxylessnas, Estimator.fbnet
 HARD, SOFT = Sampling.hard, Sampling.soft
+
+
 ARCH_SHARE = 5  # every 5th training batch trains the logits (80/20 split, as FBNet)
 
 
@@ -444,6 +455,7 @@ class GumbelStrategy(StrategyBase):
     def search(
         self, space: SearchSpace, evaluator: Evaluator, *, run_dir: str | os.PathLike | None = None
     ) -> SearchResult:
+        check_evaluator(evaluator)
         settings = self._validate(space)
         trainer = accuracy_part(evaluator).trainer
         table, hardware = self._cost_table(space, evaluator)
@@ -468,7 +480,7 @@ class GumbelStrategy(StrategyBase):
             probs.append(run.probabilities.assign(setting=setting))
             for label, scheme in self._schemes(space, logits, setting).items():
                 start = time.perf_counter()
-                evaluation = evaluator.evaluate(scheme)
+                evaluation = evaluate_safely(evaluator, scheme)
                 info = {**evaluation.info, "setting": setting, "pick": label, "expected_cost_ratio": run.final_ratio}
                 candidates.append(
                     Candidate(

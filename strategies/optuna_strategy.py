@@ -21,7 +21,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from evaluators import Constraint, Evaluation, Evaluator, Objective, select_objectives
+from evaluators import Constraint, Evaluation, Evaluator, Objective, check_evaluator, evaluate_safely, select_objectives
 from search_space import NMSearchError, SearchSpace
 from strategies.base import COMPLETE, FAIL, Candidate, Choice, SearchResult, StrategyBase
 from strategies.storage import (
@@ -48,7 +48,8 @@ class Sampler(Choice):
     @classmethod
     def invalid(cls, label: str, value: object) -> str:
         return f"unknown sampler {value!r}; choose one of {cls.values()}"
-DEFAULT_OBJECTIVES = ("accuracy", "latency_ms")
+
+
 _FAIL_REASON = "fail_reason"
 
 
@@ -107,14 +108,13 @@ class OptunaStrategy(StrategyBase):
     name: str = field(default="optuna")
 
     def _objectives(self, evaluator: Evaluator) -> tuple[Objective, ...]:
+        # None: every objective the evaluator reports, so none is dropped without being asked.
         if self.objectives is not None:
             return select_objectives(evaluator, list(self.objectives))
-        available = {o.name for o in evaluator.objectives}
-        if set(DEFAULT_OBJECTIVES) <= available:
-            return select_objectives(evaluator, list(DEFAULT_OBJECTIVES))
         return evaluator.objectives
 
     def _validate(self, evaluator: Evaluator) -> tuple[tuple[Objective, ...], list[Constraint]]:
+        check_evaluator(evaluator)
         make_sampler(self.sampler, self.seed)  # unknown names fail here, before any work
         if self.n_trials is None and self.timeout_s is None:
             raise NMSearchError("set n_trials and/or timeout_s: an unbounded search never ends")
@@ -207,7 +207,7 @@ class OptunaStrategy(StrategyBase):
                 evaluation = Evaluation(earlier.values, info={**earlier.info, "duplicate_of": number})
             else:
                 with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
-                    evaluation = evaluator.evaluate(scheme)
+                    evaluation = evaluate_safely(evaluator, scheme)
                 if self.reuse_evaluations and not evaluation.failed:
                     done[key] = (trial.number, evaluation)
             return self._record(trial, evaluation, objectives, constraints)
