@@ -40,13 +40,21 @@ from evaluators import (
     build_evaluator,
     find_part,
 )
-from evaluators.pareto import plot_pareto
 from experiments.config import EvaluatorConfig, register_configs
 from experiments.errors import USAGE, error_line, run_cli
+from experiments.report import plot_result, summary
 from experiments.runs import claim_run_dir, defining_config
 from experiments.tasks import instantiate_task
 from nmsearch import CONFIG_PACKAGE
-from search_space import NMSearchError, RecipeConfig, Scheme, SearchSpace, atomic_write_text, check_writable_dir
+from search_space import (
+    NMSearchError,
+    RecipeConfig,
+    Scheme,
+    SearchSpace,
+    atomic_write,
+    atomic_write_text,
+    check_writable_dir,
+)
 from strategies import SearchResult, Strategy
 
 register_configs()
@@ -123,17 +131,6 @@ def chosen_trial(result: SearchResult, cfg: DictConfig) -> int:
     return result.knee()
 
 
-def plot_result(result: SearchResult, title: str) -> plt.Figure:
-    """One panel per cost objective: accuracy against it, all candidates and the front."""
-    accuracy, *costs = result.objectives
-    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.0), squeeze=False)
-    for ax, cost in zip(axes[0], costs, strict=True):
-        plot_pareto({result.strategy: result.completed}, cost, accuracy, ax=ax)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
 def write_outputs(result: SearchResult, job: Job, cfg: DictConfig, out: Path) -> tuple[int, Scheme]:
     """Save the result and pick ``scheme.json``; returns the chosen trial and its scheme."""
     result.save(out)
@@ -155,25 +152,14 @@ def write_outputs(result: SearchResult, job: Job, cfg: DictConfig, out: Path) ->
     scheme.save(out / "scheme.json")
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     figure = plot_result(
-        result, f"{result.strategy} on {cfg.task.get('_target_', 'task').rsplit('.', 1)[-1]}, {job.hardware}"
+        result,
+        f"{result.strategy} on {cfg.task.get('_target_', 'task').rsplit('.', 1)[-1]}, {job.hardware}",
+        chosen=trial,
+        space=job.space,
     )
-    figure.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
+    atomic_write(out / "pareto.png", lambda handle: figure.savefig(handle, format="png", dpi=120, bbox_inches="tight"))
     plt.close(figure)
     return trial, scheme
-
-
-def summary(result: SearchResult, trial: int, out: Path) -> str:
-    columns = ["trial", *(o.name for o in result.objectives), "summary"]
-    front = result.front[columns].copy()
-    front.insert(0, "", ["*" if t == trial else "" for t in front["trial"]])
-    lines = [
-        f"{result.strategy}: {len(result.trials)} candidates, {len(front)} on the Pareto front "
-        f"({', '.join(f'{o.name} {o.direction}' for o in result.objectives)})",
-        front.to_markdown(index=False, floatfmt=".4g"),
-        f"* = scheme.json (trial {trial})",
-        f"results: {out}",
-    ]
-    return "\n".join(lines)
 
 
 def check_selection(cfg: DictConfig) -> None:

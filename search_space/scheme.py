@@ -204,8 +204,11 @@ class Scheme:
         return pd.DataFrame(rows, columns=["layer", "target", "weights", "activations"])
 
     def summary(self) -> str:
-        counts = Counter(o.target for _, o in self.layers)
-        return ", ".join(f"{target}: {counts.get(target, 0)}" for target in TARGETS)
+        """Layers per option, dense first, e.g. ``"1 dense, 2 w2:4"``: the N:M stays visible
+        (counting targets only would not tell 2:4 from 1:8)."""
+        counts = Counter(o.name for _, o in self.layers)
+        order = sorted(counts, key=lambda name: (name != DENSE.name, name))
+        return ", ".join(f"{counts[name]} {name}" for name in order)
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -270,9 +273,11 @@ class Scheme:
         """Read and validate a scheme file against the shipped JSON Schema."""
         source = f"scheme file '{path}'"
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes().decode("utf-8")
         except OSError as error:
             raise SchemeError(f"{source}: cannot be read ({error.strerror})") from error
+        except UnicodeDecodeError:
+            raise SchemeError(f"{source} is not a JSON text file (it holds binary data); pass a scheme .json") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:

@@ -193,7 +193,7 @@ def test_default_main_job_end_to_end(tmp_path: Path) -> None:
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 100 and trials["state"].eq("COMPLETE").all()
     dense = trials.iloc[0]
-    assert dense["summary"].startswith("dense: 5,") and dense["accuracy"] > 0.95  # the pre-trained model
+    assert dense["summary"] == "5 dense" and dense["accuracy"] > 0.95  # the pre-trained model
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 3 and front["bytes_mb"].min() < 0.5 * dense["bytes_mb"]  # sparse points on the front
     scheme = Scheme.load(out / "scheme.json")
