@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from evaluators.pareto import hypervolume, plot_pareto, reference_point
-from experiments.errors import run_cli
+from experiments.errors import OneLineParser, run_cli
 from experiments.runs import Run, find_runs
 from search_space import NMSearchError, atomic_write, atomic_write_text, check_writable_dir
 
@@ -74,7 +74,7 @@ def compare(runs: list[Run], x_name: str | None = None) -> tuple[pd.DataFrame, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("compare"))
     parser.add_argument("--x", help="cost objective on the x axis (default: the first one)")

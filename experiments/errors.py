@@ -9,16 +9,18 @@ for a full disk. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sqlite3
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from optuna.exceptions import StorageInternalError
 
 from search_space import NMSearchError
 from search_space.io import os_error_reason
 
-__all__ = ["INTERRUPTED", "USAGE", "error_line", "run_cli"]
+__all__ = ["INTERRUPTED", "USAGE", "OneLineParser", "error_line", "run_cli"]
 
 USAGE = 2  # exit status for bad input or an environment the run cannot use
 INTERRUPTED = 130  # Ctrl-C, as shells report it
@@ -88,3 +90,11 @@ def run_cli(prog: str, body: Callable[[], int | None], *, on_interrupt: str = ""
             raise
         print(f"{prog}: {line}", file=sys.stderr)
         return USAGE
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``prog: message; see --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}; see --help", file=sys.stderr)
+        sys.exit(USAGE)

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.errors import run_cli
+from experiments.errors import OneLineParser, run_cli
 from experiments.runs import load_run
 from search_space import NMSearchError, Scheme, check_writable_dir
 from strategies.base import RESULT_FILE
@@ -70,7 +70,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--knee", action="store_true", help="the knee of the front (default)")

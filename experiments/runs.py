@@ -108,7 +108,9 @@ def _short(value: Any) -> str:
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two defining configs, in a stable order."""
     old, new = _flatten(recorded), _flatten(current)
-    return [key for key in dict.fromkeys([*old, *new]) if old.get(key, "<absent>") != new.get(key, "<absent>")]
+    keys = [key for key in dict.fromkeys([*old, *new]) if old.get(key, "<absent>") != new.get(key, "<absent>")]
+    # shallow keys and names (hardware.name, strategy.name) before deep details
+    return sorted(keys, key=lambda key: (key.count("."), not key.endswith(".name")))
 
 
 def _recorded_config(run_dir: Path) -> dict[str, Any] | None:

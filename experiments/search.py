@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -211,6 +211,12 @@ def main(cfg: DictConfig) -> Any:
 
 def config_error_line(error: Exception) -> str:
     """A Hydra / OmegaConf composition error (a typo in a key, an unknown group option) as one line."""
+    if isinstance(error, OverrideParseException):
+        override = str(error).strip().splitlines()[0].split(": ", 1)[-1]
+        return (
+            f"cannot parse the override {override}: quote values holding <, >, = or spaces, "
+            "e.g. \"select.constraints=['latency_ms<=0.1']\""
+        )
     first = [str(e).strip().splitlines()[0].rstrip(".") for e in (error, error.__cause__) if e and str(e).strip()]
     line = ": ".join(dict.fromkeys(first))
     options = [o for o in getattr(error, "options", None) or [] if not o.endswith("_schema")]
@@ -231,6 +237,8 @@ def cli() -> None:
     except OSError as error:  # Hydra creating the run directory or writing its .hydra files
         print(f"nmsearch: {error_line(error)}; set hydra.run.dir to a writable folder", file=sys.stderr)
         sys.exit(USAGE)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How the search space is explored (strategies import search_space, never the reverse)."""
 
-from strategies.base import Candidate, SearchResult, Strategy, accuracy_part, trials_frame
+from strategies.base import Candidate, ResultFileError, SearchResult, Strategy, accuracy_part, trials_frame
 from strategies.baselines import RandomStrategy, UniformStrategy
 from strategies.domino import DominoStrategy
 from strategies.gumbel import GumbelStrategy
@@ -14,6 +14,7 @@ __all__ = [
     "GumbelStrategy",
     "OptunaStrategy",
     "RandomStrategy",
+    "ResultFileError",
     "SearchResult",
     "StorageError",
     "Strategy",

@@ -368,6 +368,16 @@ class SearchResult:
         one ``NAME.csv`` per strategy log in ``tables`` and ``result.json`` (strategy, objectives,
         metadata) into ``run_dir``, each atomically."""
         run_dir = Path(run_dir)
+        existing = run_dir / RESULT_FILE
+        if existing.is_file():  # never overwrite another strategy's results
+            try:
+                other = json.loads(existing.read_text()).get("strategy")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                other = None
+            if other is not None and other != self.strategy:
+                raise ResultFileError(
+                    f"'{run_dir}' holds results of strategy {other!r}; save the {self.strategy!r} results elsewhere"
+                )
         front = self.front
         paths = {
             "trials": atomic_write_text(run_dir / "trials.csv", self.trials.to_csv(index=False)),
