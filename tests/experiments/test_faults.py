@@ -44,7 +44,15 @@ from experiments.runs import RUN_RECORD, RunDirError, claim_run_dir, defining_co
 from experiments.search import run
 from experiments.tasks import get_task
 from search_space import NMSearchError, OutputDirError, Scheme, SchemeError, SearchSpace, check_writable_dir
-from strategies import Candidate, OptunaStrategy, ResultFileError, SearchResult
+from strategies import (
+    Candidate,
+    DominoStrategy,
+    GumbelStrategy,
+    OptunaStrategy,
+    ResultFileError,
+    SearchResult,
+    UniformStrategy,
+)
 from strategies.storage import _is_creation_race
 from tests.strategies.toy import ToyEvaluator, toy_model, toy_space
 
@@ -465,6 +473,14 @@ def test_bad_evaluators_are_refused_before_the_search(tmp_path: Path, evaluator,
     with pytest.raises(EvaluatorError):
         OptunaStrategy(n_trials=2).search(toy_space(), evaluator, run_dir=tmp_path)
     assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.parametrize(
+    "strategy", [GumbelStrategy(epochs=1), DominoStrategy(), UniformStrategy()], ids=lambda s: s.name
+)
+def test_every_strategy_checks_the_evaluator_before_training(strategy) -> None:
+    with pytest.raises(EvaluatorError, match="must be a non-empty tuple"):
+        strategy.search(toy_space(), _Evaluator(["accuracy"]))
 
 
 def test_evaluate_returning_a_dict_stops_with_one_line(tmp_path: Path) -> None:

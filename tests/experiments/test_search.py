@@ -174,8 +174,9 @@ def test_notebook_executes_on_a_run(small_run: Path, monkeypatch) -> None:
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(ROOT / "experiments" / "notebooks" / "pareto.ipynb", as_version=4)
     monkeypatch.setenv("NMSEARCH_RUN", str(small_run))
+    folder = ROOT / "experiments" / "notebooks"  # Jupyter starts a notebook in its own folder
     nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     ).execute()
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # fronts, per-layer choice, cost breakdown
