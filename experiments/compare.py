@@ -74,7 +74,9 @@ def compare(runs: list[Run], x_name: str | None = None) -> tuple[pd.DataFrame, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog="nmsearch compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("compare"))
     parser.add_argument("--x", help="cost objective on the x axis (default: the first one)")

@@ -70,7 +70,9 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog="nmsearch export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--knee", action="store_true", help="the knee of the front (default)")

@@ -159,7 +159,7 @@ def test_export_picks_points_and_refuses_bad_requests(small_run: Path, tmp_path:
     assert export_main([str(small_run), "--max-latency", str(bound), "--out", str(tmp_path / "fast.json")]) == 0
     picked = json.loads((tmp_path / "fast.json").read_text())["metrics"]
     assert picked["latency_ms"] <= bound and picked["accuracy"] == front[front.latency_ms <= bound]["accuracy"].max()
-    assert export_main([str(small_run), "--min-accuracy", "1.5", "--out", str(tmp_path / "no.json")]) == 2
+    assert export_main([str(small_run), "--constraint", "accuracy>=1.5", "--out", str(tmp_path / "no.json")]) == 2
     assert "no Pareto point satisfies accuracy>=1.5" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
     assert export_main([str(small_run.parent), "--out", str(tmp_path / "m.json")]) == 2
