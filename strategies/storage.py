@@ -72,41 +72,22 @@ def open_storage(
             return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(_CREATE_ATTEMPTS):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are stable in practice
-                    storage = RDBStorage(
-                        url,
-                        heartbeat_interval=heartbeat_interval_s,
-                        grace_period=grace_period_s,
-                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-                    )
-                break
-            except sqlalchemy.exc.SQLAlchemyError as error:
-                # Processes creating one new database at the same instant race on its tables and
-                # version row; the loser finds them made a moment later.
-                if attempt == _CREATE_ATTEMPTS - 1 or not _is_creation_race(error):
-                    raise
-                time.sleep(0.05 * 2**attempt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are stable in practice
+            storage = RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval_s,
+                grace_period=grace_period_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            )
         if url.startswith("sqlite"):
             _use_write_ahead_log(storage)
         return storage
     except Exception as error:  # SQLAlchemy, drivers and the OS raise many kinds
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        unknown_url = isinstance(error, sqlalchemy.exc.ArgumentError | sqlalchemy.exc.NoSuchModuleError)
-        hint = "use an SQLite/PostgreSQL/MySQL URL or 'journal:PATH'" if unknown_url else "check the path or server"
-        raise StorageError(f"cannot open Optuna storage {url!r}: {detail}; {hint}") from None
-
-
-_CREATE_ATTEMPTS = 6
-_RACE_MARKERS = ("unique constraint failed", "already exists", "database is locked", "duplicate")
-
-
-def _is_creation_race(error: Exception) -> bool:
-    return isinstance(error, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.OperationalError) and any(
-        marker in str(error).lower() for marker in _RACE_MARKERS
-    )
+        raise StorageError(
+            f"cannot open Optuna storage {url!r}: {detail}; use an SQLite/PostgreSQL/MySQL URL or 'journal:PATH'"
+        ) from None
 
 
 def _use_write_ahead_log(storage: RDBStorage) -> None:

@@ -53,7 +53,6 @@ from strategies import (
     SearchResult,
     UniformStrategy,
 )
-from strategies.storage import _is_creation_race
 from tests.strategies.toy import ToyEvaluator, toy_model, toy_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -614,16 +613,9 @@ def test_from_model_names_a_wrong_example_shape() -> None:
         SearchSpace.from_model(nn.Sequential(nn.Linear(8, 8)), torch.randn(1, 8), exclude=["Conv3d"])
 
 
-def test_sqlite_creation_race_is_recognised() -> None:
-    import sqlalchemy
-
-    race = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: alembic_version"))
-    assert _is_creation_race(race)
-    assert not _is_creation_race(sqlalchemy.exc.OperationalError("x", {}, Exception("no such column")))
-
-
 @pytest.mark.slow
 def test_processes_creating_one_sqlite_study_at_once_all_succeed(tmp_path: Path) -> None:
+    """Losers of the table-creation race retry (strategies.storage.open_storage) instead of failing."""
     code = (
         "import sys, time\nfrom strategies.storage import open_storage\nimport optuna\n"
         "t = float(sys.argv[2])\nwhile time.time() < t: pass\n"
