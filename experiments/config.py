@@ -64,8 +64,9 @@ class EvaluatorConfig(AccuracyConfig, CostModelConfig):
 
 @dataclass
 class SelectConfig:
-    """Which Pareto point becomes ``scheme.json``: the best by ``objective`` (default: the first
-    objective) among those meeting ``constraints`` (e.g. ``latency_ms<=0.02``); the knee without."""
+    """Which Pareto point becomes ``scheme.json``: among those meeting ``constraints`` (e.g.
+    ``latency_ms<=0.02``), the best by ``objective``; by default the cheapest (primary cost) under
+    an accuracy floor, else the most accurate (see ``SearchResult.select``); the knee without both."""
 
     constraints: list[str] = field(default_factory=list)
     objective: str | None = None

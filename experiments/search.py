@@ -126,7 +126,8 @@ def build(cfg: DictConfig) -> Job:
 
 
 def chosen_trial(result: SearchResult, cfg: DictConfig) -> int:
-    if cfg.select.constraints:
+    """``scheme.json``'s trial: by ``select`` (the rules of :meth:`SearchResult.select`), else the knee."""
+    if cfg.select.constraints or cfg.select.objective:
         return result.select(list(cfg.select.constraints), cfg.select.objective)
     return result.knee()
 
