@@ -12,7 +12,8 @@ Every method prunes the weights a :class:`~search_space.Scheme` sparsifies, with
   ``(w_c - q_c) / U_cc`` is propagated to the block's later columns at once and, after the
   block, to all remaining columns (the lazy batched update).
 
-Layers are GEMMs ``Y = X W^T`` with groups of M along K: Linear as is, Conv2d on its im2col
+Layers are GEMMs ``Y = X W^T`` with groups of M along K: Linear as is (Hugging Face ``Conv1D``
+with its stored weight transposed), Conv2d on its im2col
 inputs with K ordered ``(kh, kw, Cin/groups)`` (the N:M layout of :mod:`search_space.masks`),
 one Hessian per conv group. A layer with activation N:M is calibrated on its *masked* inputs,
 the ones it computes with.
@@ -43,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_space.layers import SparseLayerMixin
+from search_space.layers import SparseLayerMixin, weight_group_dim
 from search_space.masks import nm_mask
 from search_space.patterns import NMPattern, NMSearchError
-from search_space.scheme import Option, Scheme, prunable_modules
+from search_space.scheme import Option, Scheme
+from search_space.surgery import prunable_modules
 
 __all__ = [
     "CALIBRATION_MODES",
@@ -111,7 +113,7 @@ def gemm_weight(module: nn.Module) -> Tensor:
         return w.permute(0, 2, 3, 1).reshape(module.groups, cout // module.groups, -1)
     if w.dim() != 2:
         raise NMSearchError(f"{type(module).__name__}: expected a 2-D weight, got shape {tuple(w.shape)}")
-    return w.unsqueeze(0)
+    return (w.T if weight_group_dim(module) == 0 else w).unsqueeze(0)
 
 
 def set_gemm_weight(module: nn.Module, weight: Tensor) -> None:
@@ -120,6 +122,8 @@ def set_gemm_weight(module: nn.Module, weight: Tensor) -> None:
     if isinstance(module, nn.Conv2d):
         cout, cpg, kh, kw = target.shape
         weight = weight.reshape(cout, kh, kw, cpg).permute(0, 3, 1, 2)
+    elif weight_group_dim(module) == 0:  # Conv1D stores (K, N)
+        weight = weight[0].T
     else:
         weight = weight.reshape(target.shape)
     with torch.no_grad():

@@ -6,8 +6,10 @@ use it); the text is the Python documentation every interpreter ships (``pydoc_d
 
 * calibration: ``calibration_sequences`` windows of ``max_length`` contiguous tokens (no padding,
   as SparseGPT/Wanda calibrate; 32 x 128 = 4096 tokens cover the widest layer's 1536 columns);
-* evaluation: ``eval_sentences`` other sentences (6 to 30 words of prose), embedded (mean pooling over real tokens, then
-  L2 normalisation, as sentence-transformers does) in length-sorted batches;
+* evaluation: ``eval_sentences`` other sentences (6 to 30 words of prose, at most
+  ``eval_max_tokens`` tokens: a search scores every scheme on them, so they are kept short),
+  embedded (mean pooling over real tokens, then L2 normalisation, as sentence-transformers
+  does) in length-sorted batches;
 * the search space and cost model see ``example_inputs()``: a full ``cost_batch x max_length``
   token batch (32 x 128 by default).
 
@@ -90,13 +92,22 @@ class MiniLMTask:
     name: ClassVar[str] = "minilm"
     seed: int = 0
     calibration_sequences: int = 32
-    eval_sentences: int = 128
+    eval_sentences: int = 64
+    eval_max_tokens: int = 40
     max_length: int = 128
     cost_batch: int = 32
     eval_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        for field in ("calibration_sequences", "eval_sentences", "max_length", "cost_batch", "eval_batch_size"):
+        fields = (
+            "calibration_sequences",
+            "eval_sentences",
+            "eval_max_tokens",
+            "max_length",
+            "cost_batch",
+            "eval_batch_size",
+        )
+        for field in fields:
             if getattr(self, field) < 1:
                 raise TaskError(f"task.{field} must be >= 1, got {getattr(self, field)}")
         if self.eval_sentences <= 10:
@@ -125,11 +136,16 @@ class MiniLMTask:
     def _split(self) -> tuple[list[str], list[str]]:
         sentences = doc_sentences()
         random.Random(self.seed).shuffle(sentences)
-        if len(sentences) < 2 * self.eval_sentences:
+        lengths = self.tokenizer(sentences, add_special_tokens=True)["input_ids"]
+        short = [s for s, ids in zip(sentences, lengths, strict=True) if len(ids) <= self.eval_max_tokens]
+        if len(short) < self.eval_sentences:
             raise TaskError(
-                f"task.eval_sentences = {self.eval_sentences} is too many: {len(sentences)} sentences exist"
+                f"task.eval_sentences = {self.eval_sentences} is too many: {len(short)} sentences of at most "
+                f"{self.eval_max_tokens} tokens exist"
             )
-        return sentences[: self.eval_sentences], sentences[self.eval_sentences :]
+        evaluation = short[: self.eval_sentences]
+        chosen = set(evaluation)
+        return evaluation, [s for s in sentences if s not in chosen]
 
     def _encode(self, texts: list[str], padding: str | bool = True) -> dict[str, Tensor]:
         batch = self.tokenizer(texts, padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -175,6 +191,7 @@ class MiniLMTask:
             "seed": self.seed,
             "calibration_sequences": self.calibration_sequences,
             "eval_sentences": self.eval_sentences,
+            "eval_max_tokens": self.eval_max_tokens,
             "max_length": self.max_length,
             "cost_batch": self.cost_batch,
         }
