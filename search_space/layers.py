@@ -612,7 +612,7 @@ def sparsify(
             )
     raise NMSearchError(
         f"layer '{name or type(module).__name__}' is a {type(module).__name__}; "
-        "only Conv2d, Linear (and subclasses) and transformers' Conv1D layers can be made N:M sparse"
+        "only Conv2d and Linear layers (and subclasses) and transformers' Conv1D can be made N:M sparse"
     )
 
 
