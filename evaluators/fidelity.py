@@ -21,12 +21,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evaluators.accuracy import FIDELITY_METRICS
 from evaluators.base import MAXIMIZE, Evaluation, Objective
 from search_space import NMSearchError, Scheme, SearchSpace
 from search_space.oneshot import CALIBRATION_MODES, ONESHOT_METHODS, Inputs, OneShotPruner, call_model, move_inputs
@@ -35,15 +36,16 @@ __all__ = [
     "FIDELITY_METRICS",
     "FidelityConfig",
     "FidelityEvaluator",
+    "PretrainedTask",
     "cosine_similarity",
     "default_outputs",
     "fidelity_metrics",
+    "is_pretrained_task",
     "kl_divergence",
     "neighbor_agreement",
     "relative_error",
 ]
 
-FIDELITY_METRICS = ("cosine", "kl", "relative_error")
 NEIGHBORS = 10
 
 
@@ -123,6 +125,32 @@ def default_outputs(model: nn.Module, inputs: Inputs) -> Tensor:
     return out
 
 
+@runtime_checkable
+class PretrainedTask(Protocol):
+    """A label-free task around a pre-trained model (``experiments/tasks/minilm.py`` is one):
+    no training, no labels; a search scores schemes with :class:`FidelityEvaluator`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def build_model(self) -> nn.Module: ...
+
+    def example_inputs(self) -> Inputs: ...
+
+    def calibration_inputs(self) -> Inputs: ...
+
+    def heldout_batches(self) -> list[Inputs]: ...
+
+    def outputs(self, model: nn.Module, batch: Inputs) -> Tensor: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def is_pretrained_task(task: object) -> bool:
+    """Whether ``task`` has the :class:`PretrainedTask` members (calibration and held-out inputs)."""
+    return all(hasattr(task, member) for member in ("build_model", "calibration_inputs", "heldout_batches", "outputs"))
+
+
 @dataclass(frozen=True)
 class FidelityConfig:
     """How :class:`FidelityEvaluator` prunes and scores. Hydra keys: ``evaluator.oneshot``,
@@ -187,6 +215,30 @@ class FidelityEvaluator:
             dampening=self.config.dampening,
         )
         self._dense = self._outputs(model)
+
+    @classmethod
+    def for_task(
+        cls,
+        task: PretrainedTask,
+        space: SearchSpace | None = None,
+        config: FidelityConfig | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> FidelityEvaluator:
+        """The evaluator of a :class:`PretrainedTask`: its model, calibration and held-out inputs.
+
+        Args:
+            task: the task.
+            space: the search space (discovered from ``task.example_inputs()`` when ``None``).
+            config: method, calibration mode and metric.
+            model: the task's model when already built (it is not modified).
+
+        Returns:
+            The evaluator.
+        """
+        model = model if model is not None else task.build_model()
+        space = space if space is not None else SearchSpace.from_model(model, task.example_inputs())
+        return cls(model, space, task.calibration_inputs(), task.heldout_batches(), config, outputs=task.outputs)
 
     def _outputs(self, model: nn.Module) -> Tensor:
         device = next(model.parameters()).device
