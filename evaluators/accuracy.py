@@ -45,7 +45,14 @@ class NoSearchableLayersError(TaskError):
 
 @dataclass(frozen=True)
 class AccuracyConfig:
-    """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name."""
+    """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name.
+
+    ``oneshot`` prunes the pre-trained model (``oneshot`` and ``finetune`` fidelities) by
+    ``magnitude``, ``wanda`` or ``sparsegpt`` on ``calibration_samples`` training inputs with
+    ``calibration_mode`` calibration (:mod:`search_space.oneshot`). ``metric`` (``cosine``, ``kl``,
+    ``relative_error``) makes the Hydra app score schemes label-free with
+    :class:`~evaluators.fidelity.FidelityEvaluator` instead; ``None`` keeps labelled accuracy.
+    """
 
     fidelity: str = "oneshot"
     finetune_epochs: int = 1
