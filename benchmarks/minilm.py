@@ -107,7 +107,7 @@ def main() -> None:
         )
         for n, m in ((2, 4), (1, 4)):
             start = time.perf_counter()
-            row = score(scorer, Scheme.uniform(space, "weights", n, m), f"{method} {n}:{m}", "method")
+            row = score(scorer, space.uniform("weights", n, m), f"{method} {n}:{m}", "method")
             row.update(method=method, pattern=f"{n}:{m}", seconds=time.perf_counter() - start, load=load())
             rows.append(row)
             print(f"  {row['label']}: cosine {row['cosine']:.4f}, neighbours {row['neighbors@10']:.3f}")
@@ -139,7 +139,7 @@ def main() -> None:
     # 3. baselines and the chosen scheme
     points = [score(scorer, scheme, label, "uniform") for label, scheme in space.uniform_schemes().items()]
     points += [score(scorer, s, f"allocation step {s.provenance['step']}", "allocation") for s in picked]
-    points += [score(scorer, Scheme.random(space, seed), f"random {seed}", "random") for seed in range(args.random)]
+    points += [score(scorer, space.random(seed), f"random {seed}", "random") for seed in range(args.random)]
     completed = result.completed
     for row in completed.to_dict("records"):
         points.append(

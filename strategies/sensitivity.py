@@ -57,8 +57,8 @@ def layer_sensitivity(
         NMSearchError: an evaluation failed, or no layer offers any of ``options``.
     """
     wanted = [Option.parse(o) for o in options] if options is not None else None
-    dense = _score(evaluator, Scheme.dense(space), objective)
-    dense_latency = cost_model.evaluate(space, Scheme.dense(space)).totals["latency_ms"] if cost_model else math.nan
+    dense = _score(evaluator, space.dense(), objective)
+    dense_latency = cost_model.evaluate(space, space.dense()).totals["latency_ms"] if cost_model else math.nan
     rows = []
     for name in space.searchable:
         layer_options = [o for o in space.options[name] if o.weight and not o.activation]

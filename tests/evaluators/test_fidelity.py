@@ -18,7 +18,7 @@ from evaluators.fidelity import (
     neighbor_agreement,
     relative_error,
 )
-from search_space import NMSearchError, Scheme, SearchSpace
+from search_space import NMSearchError, SearchSpace
 
 
 def test_metrics_on_known_cases() -> None:
@@ -77,9 +77,9 @@ def test_evaluator_scores_dense_as_one_and_sparse_lower(metric: str) -> None:
     model, x = _classifier()
     space = SearchSpace.from_model(model, x[:2], targets=["weights"])
     evaluator = FidelityEvaluator(model, space, x[:256], [x[256:328], x[328:]], FidelityConfig(metric=metric))
-    dense = evaluator.evaluate(Scheme.dense(space))
+    dense = evaluator.evaluate(space.dense())
     assert dense.values["accuracy"] == pytest.approx(1.0)
-    sparse = evaluator.evaluate(Scheme.uniform(space, "weights", 1, 4))
+    sparse = evaluator.evaluate(space.uniform("weights", 1, 4))
     assert 0 < sparse.values["accuracy"] < 1.0
     assert {"cosine", "kl", "relative_error", "neighbors@10"} <= set(sparse.info)
 
@@ -87,7 +87,7 @@ def test_evaluator_scores_dense_as_one_and_sparse_lower(metric: str) -> None:
 def test_sparsegpt_scores_higher_than_magnitude() -> None:
     model, x = _classifier()
     space = SearchSpace.from_model(model, x[:2], targets=["weights"])
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     scores = {
         method: FidelityEvaluator(model, space, x[:256], [x[256:]], FidelityConfig(oneshot=method, metric="kl"))
         .evaluate(scheme)

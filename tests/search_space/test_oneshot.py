@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from search_space import Scheme, SearchSpace
+from search_space import SearchSpace
 from search_space.masks import nm_mask
 from search_space.oneshot import (
     CalibrationError,
@@ -118,7 +118,7 @@ def test_sparsegpt_lowers_model_error_against_magnitude() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
     x = _correlated(512, 32, seed=4)
     space = SearchSpace.from_model(model, x[:2])
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     with torch.no_grad():
         reference = model(x)
         errors = {
@@ -133,7 +133,7 @@ def test_sequential_calibrates_on_pruned_inputs() -> None:
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     x = _correlated(256, 16, seed=5)
     space = SearchSpace.from_model(model, x[:2])
-    scheme = Scheme.uniform(space, "weights", 1, 4)
+    scheme = space.uniform("weights", 1, 4)
     sequential = oneshot_prune(model, scheme, x, "sparsegpt", mode="sequential")
     independent = oneshot_prune(model, scheme, x, "sparsegpt", mode="independent")
     assert torch.equal(sequential[0].weight, independent[0].weight)  # the first layer sees the same inputs
@@ -143,7 +143,7 @@ def test_sequential_calibrates_on_pruned_inputs() -> None:
 def test_too_few_tokens_names_the_layer_and_minimum() -> None:
     model = nn.Sequential(nn.Linear(64, 8))
     space = SearchSpace.from_model(model, torch.randn(2, 64))
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     with pytest.raises(CalibrationError, match=r"layer '0': SparseGPT needs at least 64 calibration tokens.*got 10"):
         oneshot_prune(model, scheme, torch.randn(10, 64), "sparsegpt")
     oneshot_prune(model, scheme, torch.randn(10, 64), "wanda")  # norms need no minimum
@@ -152,7 +152,7 @@ def test_too_few_tokens_names_the_layer_and_minimum() -> None:
 def test_non_finite_inputs_and_singular_hessians() -> None:
     model = nn.Sequential(nn.Linear(8, 4))
     space = SearchSpace.from_model(model, torch.randn(2, 8))
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     bad = torch.randn(32, 8)
     bad[3, 2] = float("nan")
     with pytest.raises(CalibrationError, match="NaN or inf"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from search_space import Scheme, SearchSpace
+from search_space import SearchSpace
 from search_space.layers import SparseConv1D, weight_group_dim
 from search_space.oneshot import oneshot_prune
 
@@ -45,7 +45,7 @@ def test_bert_from_keyword_inputs() -> None:
     names = space.layer_names
     assert "encoder.layer.0.attention.self.query" in names and "pooler.dense" in names
     assert space.info("encoder.layer.0.intermediate.dense").tokens == 16  # 2 x 8 tokens
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     sparse = scheme.apply(model)
     scheme.verify(sparse)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_gpt2_conv1d_is_a_transposed_linear_and_tied_head_is_skipped() -> None:
     assert (info.module_type, info.kind, info.channels, info.outputs) == ("Conv1D", "linear", 32, 96)
     assert space.info("transformer.h.0.mlp.c_proj").channels == 128
     conv1d = model.transformer.h[0].attn.c_attn
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     sparse = scheme.apply(model)
     layer = sparse.transformer.h[0].attn.c_attn
     assert isinstance(layer, SparseConv1D) and weight_group_dim(layer) == 0
@@ -77,7 +77,7 @@ def test_gpt2_conv1d_is_a_transposed_linear_and_tied_head_is_skipped() -> None:
     finalized = scheme.finalize(sparse)
     assert type(finalized.transformer.h[0].attn.c_attn) is type(conv1d)
     scheme.verify(finalized)
-    both = Scheme.uniform(space, "both", 2, 4).apply(model)
+    both = space.uniform("both", 2, 4).apply(model)
     with torch.no_grad():
         assert torch.isfinite(both(**inputs).logits).all()
 
@@ -86,7 +86,7 @@ def test_gpt2_conv1d_is_a_transposed_linear_and_tied_head_is_skipped() -> None:
 def test_gpt2_one_shot(method: str) -> None:
     model = _gpt2()
     space = SearchSpace.from_model(model, _tokens())
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     calibration = _tokens(16, 16)  # 256 tokens >= 128 columns of the widest layer
     pruned = oneshot_prune(model, scheme, calibration, method)
     scheme.verify(scheme.finalize(pruned))
@@ -108,7 +108,7 @@ def test_vit_patch_conv_stays_dense() -> None:
     patch = "embeddings.patch_embeddings.projection"
     assert space.info(patch).kind == "conv2d" and space.option_names(patch) == ["dense"]  # 3 input channels
     assert sum(".0." in name for name in space.searchable) == 6  # q, k, v, output and the two MLP Linears
-    scheme = Scheme.uniform(space, "weights", 2, 4)
+    scheme = space.uniform("weights", 2, 4)
     scheme.verify(scheme.apply(model))
 
 

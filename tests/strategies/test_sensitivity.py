@@ -12,7 +12,7 @@ from torch import nn
 
 from evaluators import CompositeEvaluator, CostEvaluator, HardwareCostModel
 from evaluators.fidelity import FidelityConfig, FidelityEvaluator
-from search_space import NMSearchError, Scheme, SearchSpace
+from search_space import NMSearchError, SearchSpace
 from strategies import OptunaStrategy
 from strategies.sensitivity import allocation_schemes, layer_sensitivity, plot_sensitivity
 
@@ -86,4 +86,4 @@ def test_sensitivity_needs_an_offered_option(setup) -> None:
     space, evaluator, _ = setup
     with pytest.raises(NMSearchError, match="no searchable layer offers"):
         layer_sensitivity(space, evaluator, ["w1:8"])
-    assert Scheme.dense(space) == space.scheme({})
+    assert space.dense() == space.scheme({})
