@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--random", type=int, default=12)
     parser.add_argument("--method-sentences", type=int, default=256, help="held-out sentences of the methods table")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--no-methods", dest="methods", action="store_false", help="keep minilm_methods.csv")
     parser.add_argument("--sensitivity", default="w2:4", help="options each layer is pruned to alone")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
@@ -99,8 +100,8 @@ def main() -> None:
 
     # 1. methods at uniform N:M, sequential calibration, on more held-out sentences
     rows = []
-    more = MiniLMTask(eval_sentences=args.method_sentences).heldout_batches()
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    more = MiniLMTask(eval_sentences=args.method_sentences).heldout_batches() if args.methods else []
+    for method in ("magnitude", "wanda", "sparsegpt") if args.methods else ():
         config = FidelityConfig(oneshot=method, calibration_mode="sequential", metric="cosine")
         scorer = CompositeEvaluator(
             FidelityEvaluator(model, space, calibration, more, config, outputs=task.outputs), cost
@@ -111,11 +112,14 @@ def main() -> None:
             row.update(method=method, pattern=f"{n}:{m}", seconds=time.perf_counter() - start, load=load())
             rows.append(row)
             print(f"  {row['label']}: cosine {row['cosine']:.4f}, neighbours {row['neighbors@10']:.3f}")
-    methods = pd.DataFrame(rows).drop(columns=["scheme", "kind", "label", "summary"])
-    methods.to_csv(args.out / "minilm_methods.csv", index=False)
+    if args.methods:
+        pd.DataFrame(rows).drop(columns=["scheme", "kind", "label", "summary"]).to_csv(
+            args.out / "minilm_methods.csv", index=False
+        )
+    methods = pd.read_csv(args.out / "minilm_methods.csv")
 
     # 2. the default search, timed as a whole
-    search_start = time.perf_counter()
+    search_start, search_cpu = time.perf_counter(), time.process_time()
     scorer = evaluator("sparsegpt", "independent")
     sensitivity = layer_sensitivity(space, scorer, args.sensitivity.split(","), cost_model=cost_model)
     sensitivity_s = time.perf_counter() - search_start
@@ -133,8 +137,11 @@ def main() -> None:
         warm_start_schemes=[dict(s.choices) for s in picked],
     )
     result = strategy.search(space, scorer)
-    search_s = time.perf_counter() - search_start
-    print(f"search: {search_s:.0f}s (sensitivity {sensitivity_s:.0f}s), load {load():.1f}")
+    search_s, search_cpu = time.perf_counter() - search_start, time.process_time() - search_cpu
+    print(
+        f"search: {search_s:.0f}s wall, {search_cpu:.0f}s CPU (sensitivity {sensitivity_s:.0f}s wall), "
+        f"{len(result.trials)} Optuna trials, load {load():.1f}; cache {scorer.parts[0].pruner.cache_info()}"
+    )
 
     # 3. baselines and the chosen scheme
     points = [score(scorer, scheme, label, "uniform") for label, scheme in space.uniform_schemes().items()]

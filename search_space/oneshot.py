@@ -386,17 +386,12 @@ class OneShotPruner:
         def weight_key(name: str) -> tuple:
             return ("weight", self.method, name, scheme[name].name)
 
-        def stats_key(name: str) -> tuple:
-            return ("stats", self.method == "sparsegpt", name, str(scheme[name].activation or "dense"))
-
         weights = {name: self._get(weight_key(name)) for name in layers}
         missing = {name for name, w in weights.items() if w is None}
-        stats = {name: self._get(stats_key(name)) for name in missing}
+        stats = {name: self._get(self._stats_key(name, scheme[name])) for name in missing}
         needed = {name for name, s in stats.items() if s is None}
         if needed:
             self._collect_dense(layers, needed, stats, calibration)
-            for name in needed:
-                self._put(stats_key(name), stats[name])
         for name in missing:
             weights[name] = self._pruned(layers[name], stats[name], scheme[name], name)
             self._put(weight_key(name), weights[name])
@@ -410,15 +405,25 @@ class OneShotPruner:
         out: dict[str, LayerStatistics | None],
         calibration: Inputs,
     ) -> None:
-        """One pass through the dense model; each needed layer's input masked as its wrapper would."""
+        """One pass through the dense model: each needed layer's input masked as its wrapper would, and
+        -- since the pass runs anyway -- the dense-input statistics of every other layer not cached yet,
+        so a search (or a sensitivity sweep) pays for one calibration pass, not one per layer."""
         dense_modules = prunable_modules(self.model)
+        extra = {
+            name: module
+            for name, module in dense_modules.items()
+            if name not in needed and self._cache.get(self._stats_key(name, None)) is None
+        }
         handles = []
 
         def hook(name: str, args: tuple) -> None:
-            if out.get(name) is None:
+            if name in needed and out.get(name) is None:
                 out[name] = self._statistics(layers[name], args[0], name)
+                self._put(self._stats_key(name, layers[name]), out[name])
+            elif name in extra and self._cache.get(self._stats_key(name, None)) is None:
+                self._put(self._stats_key(name, None), self._statistics(extra[name], args[0], name))
 
-        for name in needed:
+        for name in needed | set(extra):
             handles.append(dense_modules[name].register_forward_pre_hook(lambda m, a, name=name: hook(name, a)))
         try:
             self._run(self.model, calibration)
@@ -426,6 +431,12 @@ class OneShotPruner:
             for handle in handles:
                 handle.remove()
         self._check_ran_names(needed, {name for name in needed if out.get(name) is not None})
+
+    def _stats_key(self, name: str, option: Option | nn.Module | None) -> tuple:
+        """Cache key of a layer's dense-input statistics under its activation choice (an option, a
+        sparse wrapper, or ``None`` for dense activations)."""
+        activation = option.activation if isinstance(option, Option) else getattr(option, "activation_pattern", None)
+        return ("stats", self.method == "sparsegpt", name, str(activation or "dense"))
 
     # -- shared steps ----------------------------------------------------------------------
     @staticmethod
