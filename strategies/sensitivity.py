@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from evaluators import Evaluator, HardwareCostModel
 from search_space import DENSE, NMSearchError, Option, Scheme, SearchSpace
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 __all__ = ["allocation_schemes", "layer_sensitivity", "plot_sensitivity"]
 
@@ -124,6 +127,8 @@ def allocation_schemes(space: SearchSpace, sensitivity: pd.DataFrame, *, min_dam
 
 def plot_sensitivity(sensitivity: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Figure:
     """Damage per layer (one bar group per layer, one bar per option)."""
+    import matplotlib.pyplot as plt  # here: importing strategies does not load matplotlib
+
     pivot = sensitivity.pivot_table(index="layer", columns="option", values="damage", sort=False)
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(pivot)), 3.6))
