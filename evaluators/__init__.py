@@ -25,6 +25,7 @@ from evaluators.composite import (
     find_part_or_none,
 )
 from evaluators.cost import COST_METRICS, CostEvaluator, CostModelError, CostReport, CostTable, HardwareCostModel
+from evaluators.fidelity import FIDELITY_METRICS, FidelityConfig, FidelityEvaluator, PretrainedTask
 from evaluators.hardware import HardwareProfile, HardwareProfileError, available_profiles, load_profile
 from evaluators.task import Task, TaskError, TensorTask, TrainingSchedule
 from evaluators.training import (
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_COST_METRICS",
     "DEFAULT_HARDWARE",
     "FIDELITIES",
+    "FIDELITY_METRICS",
     "MAXIMIZE",
     "MINIMIZE",
     "AccuracyConfig",
@@ -54,11 +56,14 @@ __all__ = [
     "Evaluation",
     "Evaluator",
     "EvaluatorError",
+    "FidelityConfig",
+    "FidelityEvaluator",
     "HardwareCostModel",
     "HardwareProfile",
     "HardwareProfileError",
     "NoSearchableLayersError",
     "Objective",
+    "PretrainedTask",
     "Task",
     "TaskError",
     "TensorTask",

@@ -1,8 +1,10 @@
 """Accuracy of a scheme at one of three fidelities, as an :class:`~evaluators.base.Evaluator`.
 
-* ``oneshot``  -- mask the pre-trained dense model (``scheme.apply``), re-estimate BatchNorm
-  statistics on a few training batches, evaluate. No training: milliseconds to seconds.
-* ``finetune`` -- the masked pre-trained model trained for ``finetune_epochs`` with the recipe
+* ``oneshot``  -- mask the pre-trained dense model (``scheme.apply``; with ``oneshot=wanda`` or
+  ``sparsegpt`` pruned by that method on ``calibration_samples`` training inputs, see
+  :mod:`search_space.oneshot`), re-estimate BatchNorm statistics on a few training batches,
+  evaluate. No training: milliseconds to seconds.
+* ``finetune`` -- the masked (one-shot pruned) pre-trained model trained for ``finetune_epochs`` with the recipe
   at the schedule's ``finetune_lr``.
 * ``full``     -- a freshly initialised model, masked from the first step, trained with the
   recipe for the task's whole schedule (the SR-STE setting); independent of pre-training.
@@ -29,6 +31,10 @@ from evaluators.base import MAXIMIZE, Evaluation, Objective
 from evaluators.task import SPLITS, TaskError
 from evaluators.training import Trainer, TrainingDivergedError, seed_everything
 from search_space import DEFAULT_ROW_CANDIDATES, RecipeConfig, Scheme, SearchSpace, select_row_masks
+from search_space.oneshot import CALIBRATION_MODES, ONESHOT_METHODS, OneShotPruner
+
+# The label-free objectives of evaluators.fidelity (kept here so this module does not import it).
+FIDELITY_METRICS = ("cosine", "kl", "relative_error")
 
 FIDELITIES = ("oneshot", "finetune", "full")
 
@@ -39,7 +45,14 @@ class NoSearchableLayersError(TaskError):
 
 @dataclass(frozen=True)
 class AccuracyConfig:
-    """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name."""
+    """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name.
+
+    ``oneshot`` prunes the pre-trained model (``oneshot`` and ``finetune`` fidelities) by
+    ``magnitude``, ``wanda`` or ``sparsegpt`` on ``calibration_samples`` training inputs with
+    ``calibration_mode`` calibration (:mod:`search_space.oneshot`). ``metric`` (``cosine``, ``kl``,
+    ``relative_error``) makes the Hydra app score schemes label-free with
+    :class:`~evaluators.fidelity.FidelityEvaluator` instead; ``None`` keeps labelled accuracy.
+    """
 
     fidelity: str = "oneshot"
     finetune_epochs: int = 1
@@ -47,8 +60,24 @@ class AccuracyConfig:
     bn_batches: int = 8
     split: str = "val"
     row_candidates: int = DEFAULT_ROW_CANDIDATES
+    oneshot: str = "magnitude"
+    calibration_mode: str = "independent"
+    calibration_samples: int = 512
+    metric: str | None = None
 
     def __post_init__(self) -> None:
+        if self.oneshot not in ONESHOT_METHODS:
+            raise TaskError(f"evaluator.oneshot = {self.oneshot!r} is not one of {', '.join(ONESHOT_METHODS)}")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise TaskError(
+                f"evaluator.calibration_mode = {self.calibration_mode!r} is not one of {', '.join(CALIBRATION_MODES)}"
+            )
+        if self.metric is not None and self.metric not in FIDELITY_METRICS:
+            raise TaskError(
+                f"evaluator.metric = {self.metric!r} is not one of {', '.join(FIDELITY_METRICS)} (or null: accuracy)"
+            )
+        if self.calibration_samples < 1:
+            raise TaskError(f"evaluator.calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.fidelity not in FIDELITIES:
             raise TaskError(f"accuracy.fidelity = {self.fidelity!r} is not one of {', '.join(FIDELITIES)}")
         if self.split not in SPLITS:
@@ -81,6 +110,7 @@ class AccuracyEvaluator:
                 f"(layers: {layers}{more}); searchable layers need input channels divisible by M"
             )
         self.space = space
+        self._pruner: OneShotPruner | None = None
 
     def evaluate(self, scheme: Scheme) -> Evaluation:
         """Accuracy on the configured split (validation by default)."""
@@ -125,7 +155,7 @@ class AccuracyEvaluator:
                 description="full training",
             )
             return model
-        model = scheme.apply(trainer.pretrained(), inplace=True)
+        model = self._masked_pretrained(scheme)
         self._select_row_masks(scheme, model)
         if config.fidelity == "oneshot":
             trainer.reestimate_batchnorm(model, config.bn_batches)
@@ -138,6 +168,34 @@ class AccuracyEvaluator:
                 description="finetune",
             )
         return model
+
+    def _masked_pretrained(self, scheme: Scheme) -> nn.Module:
+        """The pre-trained model under ``scheme``, pruned by the configured one-shot method."""
+        if self.config.oneshot == "magnitude":  # the sparse wrappers' own masks
+            return self.scheme_model(scheme)
+        if self._pruner is None:
+            self._pruner = OneShotPruner(
+                self.trainer.pretrained(),
+                self.calibration_inputs(),
+                self.config.oneshot,
+                mode=self.config.calibration_mode,
+            )
+        return self._pruner.prune(scheme)
+
+    def scheme_model(self, scheme: Scheme) -> nn.Module:
+        """``scheme`` applied to a fresh copy of the pre-trained model (magnitude masks)."""
+        return scheme.apply(self.trainer.pretrained(), inplace=True)
+
+    def calibration_inputs(self) -> torch.Tensor:
+        """``calibration_samples`` training inputs (no augmentation) for the one-shot methods."""
+        trainer, wanted = self.trainer, self.config.calibration_samples
+        batches, count = [], 0
+        for inputs, _ in trainer.task.loader("train", shuffle=True, augment=False, seed=trainer.seed):
+            batches.append(inputs)
+            count += len(inputs)
+            if count >= wanted:
+                break
+        return torch.cat(batches)[:wanted].to(trainer.device)
 
     def _select_row_masks(self, scheme: Scheme, model: nn.Module) -> None:
         """Keep the best of ``row_candidates`` random row masks on one training batch."""

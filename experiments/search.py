@@ -31,6 +31,8 @@ from omegaconf.errors import OmegaConfBaseException
 import evaluators
 from evaluators import (
     COST_METRICS,
+    AccuracyEvaluator,
+    CompositeEvaluator,
     Constraint,
     CostEvaluator,
     CostModelConfig,
@@ -40,6 +42,8 @@ from evaluators import (
     build_evaluator,
     find_part,
 )
+from evaluators.fidelity import FidelityConfig, FidelityEvaluator, is_pretrained_task
+from evaluators.training import resolve_device
 from experiments.config import EvaluatorConfig, register_configs
 from experiments.errors import USAGE, error_line, run_cli
 from experiments.report import plot_result, summary
@@ -55,6 +59,7 @@ from search_space import (
     atomic_write_text,
     check_writable_dir,
 )
+from search_space.oneshot import move_inputs
 from strategies import SearchResult, Strategy
 
 register_configs()
@@ -91,13 +96,34 @@ def build_cost_model(cfg: DictConfig) -> HardwareCostModel:
     return evaluators.build_cost_model(hardware, CostModelConfig(cfg.evaluator.dtype, cfg.evaluator.batch_size))
 
 
-def build_space(cfg: DictConfig) -> tuple[Trainer, SearchSpace]:
+def build_space(cfg: DictConfig, task: Any = None) -> tuple[Trainer, SearchSpace]:
     """The task's trainer (nothing is trained yet) and the search space of its model."""
-    task = instantiate_task(cfg.task)
+    task = task if task is not None else instantiate_task(cfg.task)
     trainer = Trainer(task, seed=cfg.seed, device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)
     space_cfg = OmegaConf.to_container(cfg.space, resolve=True)
     space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs().to(trainer.device), **space_cfg)
     return trainer, space
+
+
+def build_fidelity(cfg: DictConfig, task: Any, evaluator_cfg: EvaluatorConfig) -> tuple[SearchSpace, FidelityEvaluator]:
+    """The search space and label-free fidelity evaluator: of a pre-trained task (``task=minilm``), or
+    of a trained task's pre-trained model when ``evaluator.metric`` is set (held out: ``evaluator.split``)."""
+    fidelity = FidelityConfig(
+        oneshot=evaluator_cfg.oneshot,
+        calibration_mode=evaluator_cfg.calibration_mode,
+        metric=evaluator_cfg.metric or "cosine",
+    )
+    space_cfg = OmegaConf.to_container(cfg.space, resolve=True)
+    if is_pretrained_task(task):
+        device = resolve_device(cfg.device or None)
+        model = task.build_model().to(device)
+        space = SearchSpace.from_model(model, move_inputs(task.example_inputs(), device), **space_cfg)
+        return space, FidelityEvaluator.for_task(task, space, fidelity, model=model)
+    trainer, space = build_space(cfg, task)
+    accuracy = AccuracyEvaluator(trainer, space, evaluator_cfg.accuracy)
+    heldout = [inputs.to(trainer.device) for inputs, _ in task.loader(evaluator_cfg.split)]
+    evaluator = FidelityEvaluator(trainer.pretrained(), space, accuracy.calibration_inputs(), heldout, fidelity)
+    return space, evaluator
 
 
 def build(cfg: DictConfig) -> Job:
@@ -113,7 +139,13 @@ def build(cfg: DictConfig) -> Job:
         strategy = dataclasses.replace(strategy, objectives=list(cfg.objectives))
     evaluator_cfg: EvaluatorConfig = OmegaConf.to_object(cfg.evaluator)
     hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
-    trainer, space = build_space(cfg)
+    task = instantiate_task(cfg.task)
+    if is_pretrained_task(task) or evaluator_cfg.metric:
+        cost_model = build_cost_model(cfg)  # a bad profile fails before the model is loaded
+        space, fidelity = build_fidelity(cfg, task, evaluator_cfg)
+        evaluator = CompositeEvaluator(fidelity, CostEvaluator(space, cost_model, cost_metrics))
+        return Job(space, evaluator, strategy, cost_model.profile.name)
+    trainer, space = build_space(cfg, task)
     evaluator = build_evaluator(
         trainer,
         space,

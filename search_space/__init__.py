@@ -3,6 +3,7 @@
 from search_space.io import OutputDirError, atomic_write, atomic_write_text, check_writable_dir
 from search_space.layers import (
     MaskState,
+    SparseConv1D,
     SparseConv2d,
     SparseLayerMixin,
     SparseLinear,
@@ -19,6 +20,7 @@ from search_space.masks import (
     weight_column_norms,
     weight_nm_mask,
 )
+from search_space.oneshot import CALIBRATION_MODES, ONESHOT_METHODS, CalibrationError, OneShotPruner, oneshot_prune
 from search_space.patterns import (
     IneligibleLayerError,
     InvalidPatternError,
@@ -78,12 +80,15 @@ from search_space.surgery import (
 )
 
 __all__ = [
+    "CALIBRATION_MODES",
     "DEFAULT_RATIOS",
     "DEFAULT_ROW_CANDIDATES",
     "DEFAULT_ROW_SPARSITIES",
     "DEFAULT_TARGETS",
     "DENSE",
+    "ONESHOT_METHODS",
     "SPACE_TARGETS",
+    "CalibrationError",
     "IneligibleLayerError",
     "InvalidPatternError",
     "InvalidSparsityError",
@@ -91,6 +96,7 @@ __all__ = [
     "MaskState",
     "NMPattern",
     "NMSearchError",
+    "OneShotPruner",
     "Option",
     "OutputDirError",
     "Recipe",
@@ -106,6 +112,7 @@ __all__ = [
     "SchemeMismatchError",
     "SearchSpace",
     "SkippedLayer",
+    "SparseConv1D",
     "SparseConv2d",
     "SparseLayerMixin",
     "SparseLinear",
@@ -124,6 +131,7 @@ __all__ = [
     "mask_flip_frame",
     "model_fingerprint",
     "nm_mask",
+    "oneshot_prune",
     "output_positions",
     "prunable_modules",
     "pruned_rows",

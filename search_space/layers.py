@@ -169,6 +169,7 @@ class SparseLayerMixin:
 
     dense_base: type[nn.Module]
     input_dim: int  # dimension of the input holding the reduction channels
+    weight_group_dim: int = 1  # dimension of the weight N:M groups run along (K)
     supports_rows: bool  # whether row masks (skipped output positions) apply
 
     weight: nn.Parameter
@@ -189,11 +190,9 @@ class SparseLayerMixin:
         name = name or type(module).__name__
         if isinstance(module, SparseLayerMixin):
             raise NMSearchError(f"layer '{name}' is already sparse; call .to_dense() first")
-        if not isinstance(module, cls.dense_base):
-            raise NMSearchError(
-                f"layer '{name}': {cls.__name__} wraps {cls.dense_base.__name__}, got {type(module).__name__}"
-            )
-        if type(module).forward is not cls.dense_base.forward:
+        if not cls._wraps(module):
+            raise NMSearchError(f"layer '{name}': {cls.__name__} wraps {cls._base_name()}, got {type(module).__name__}")
+        if not cls._keeps_forward(module):
             raise NMSearchError(
                 f"layer '{name}' ({type(module).__name__}) overrides forward(), so masking it could change "
                 "what it computes; exclude it from the search"
@@ -237,6 +236,18 @@ class SparseLayerMixin:
         return layer
 
     @classmethod
+    def _wraps(cls, module: nn.Module) -> bool:
+        return isinstance(module, cls.dense_base)
+
+    @classmethod
+    def _base_name(cls) -> str:
+        return cls.dense_base.__name__
+
+    @classmethod
+    def _keeps_forward(cls, module: nn.Module) -> bool:
+        return type(module).forward is cls.dense_base.forward
+
+    @classmethod
     def _reduction_channels(cls, module: nn.Module) -> tuple[int, str]:
         raise NotImplementedError
 
@@ -264,6 +275,8 @@ class SparseLayerMixin:
                 f"layer '{self.layer_name}' scores weights by |w|*||x_col|| but was never calibrated; "
                 "run search_space.calibrate_input_norms(model, batches) first"
             )
+        if self.weight_group_dim == 0:  # (K, N) storage: score the (N, K) view
+            return activation_weighted_scores(self.weight.T, self.input_sq_sum.sqrt()).T
         return activation_weighted_scores(self.weight, self.input_sq_sum.sqrt(), self.groups)
 
     def _forward_weight_mask(self) -> Tensor | None:
@@ -278,7 +291,7 @@ class SparseLayerMixin:
         key = (w._version, w.data_ptr(), w.device, nm, self.weight_score)
         if key == self._mask_cache_key:
             return self._mask_cache
-        mask = nm_mask(self._weight_scores(), nm[0], nm[1], dim=1, dtype=w.dtype)
+        mask = nm_mask(self._weight_scores(), nm[0], nm[1], dim=self.weight_group_dim, dtype=w.dtype)
         keep = mask.bool()
         self._count_flips(keep, nm)
         self._mask_cache, self._mask_cache_key = keep, key
@@ -351,7 +364,10 @@ class SparseLayerMixin:
         if isinstance(pattern, RowPattern):
             self._check_rows(self.layer_name, self.dense_type)
             return self._row_mask(x, pattern.sparsity, torch.bool)
-        scale = weight_column_norms(self.weight, self.groups) if self.activation_score == "weight" else None
+        scale = None
+        if self.activation_score == "weight":
+            weight = self.weight.T if self.weight_group_dim == 0 else self.weight
+            scale = weight_column_norms(weight, self.groups)
         return activation_nm_mask(x, pattern.n, pattern.m, self.input_dim, scale, layer=self.layer_name)
 
     @property
@@ -438,7 +454,8 @@ class SparseLayerMixin:
         return layer
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr()]  # type: ignore[misc]
+        base = super().extra_repr()  # type: ignore[misc]
+        parts = [base] if base else [f"in_features={self.weight.shape[0]}, out_features={self.weight.shape[1]}"]
         parts.append(f"weight_nm={self.weight_pattern or 'dense'}")
         activation = self.activation_pattern
         if isinstance(activation, RowPattern):
@@ -515,7 +532,62 @@ class SparseLinear(SparseLayerMixin, nn.Linear):
         self.input_sq_sum = sums if self.input_sq_sum is None else self.input_sq_sum + sums
 
 
-SPARSE_TYPES: tuple[type[SparseLayerMixin], ...] = (SparseConv2d, SparseLinear)
+def transposed_linear_type(module: nn.Module) -> type | None:
+    """The Hugging Face ``Conv1D`` class (GPT-2 family) in ``module``'s MRO, if any: a Linear whose
+    weight is stored transposed, ``(in_features, out_features)``. Found by name and shape, so
+    ``transformers`` stays optional. For a :class:`SparseConv1D`, the class it wraps."""
+    if isinstance(module, SparseConv1D):
+        return module.dense_type
+    for klass in type(module).__mro__:
+        if klass.__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+            weight = getattr(module, "weight", None)
+            return klass if isinstance(weight, Tensor) and weight.dim() == 2 else None
+    return None
+
+
+def weight_group_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` that N:M groups run along: 0 for a ``Conv1D`` (dense or
+    sparse), else 1."""
+    return 0 if transposed_linear_type(module) is not None else getattr(module, "weight_group_dim", 1)
+
+
+class SparseConv1D(SparseLayerMixin, nn.Module):
+    """Hugging Face ``Conv1D`` (GPT-2's attention and MLP projections) as a sparse Linear: its
+    weight is stored ``(in, out)``, so N:M groups run along dimension 0 (K) of the stored weight.
+    ``to_dense`` gives back the original ``Conv1D``; ``state_dict`` keys and shapes do not change."""
+
+    dense_base = nn.Module
+    input_dim = -1
+    supports_rows = False
+    groups = 1
+    weight_group_dim = 0
+
+    @classmethod
+    def _wraps(cls, module: nn.Module) -> bool:
+        return transposed_linear_type(module) is not None and not isinstance(module, SparseLayerMixin)
+
+    @classmethod
+    def _base_name(cls) -> str:
+        return "transformers' Conv1D"
+
+    @classmethod
+    def _keeps_forward(cls, module: nn.Module) -> bool:
+        base = transposed_linear_type(module)
+        return base is not None and type(module).forward is base.forward
+
+    @classmethod
+    def _reduction_channels(cls, module: nn.Module) -> tuple[int, str]:
+        return module.weight.shape[0], "in_features"
+
+    def _dense_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight.T, self.bias)
+
+    def _observe_input(self, x: Tensor) -> None:
+        sums = input_column_sq_sums(x)
+        self.input_sq_sum = sums if self.input_sq_sum is None else self.input_sq_sum + sums
+
+
+SPARSE_TYPES: tuple[type[SparseLayerMixin], ...] = (SparseConv2d, SparseLinear, SparseConv1D)
 
 
 def sparsify(
@@ -529,7 +601,7 @@ def sparsify(
 ) -> SparseLayerMixin:
     """Wrap a ``Conv2d`` or ``Linear`` (or a subclass) into the matching sparse layer."""
     for sparse_type in SPARSE_TYPES:
-        if isinstance(module, sparse_type.dense_base):
+        if sparse_type._wraps(module):
             return sparse_type.from_dense(
                 module,
                 weight,
@@ -540,7 +612,7 @@ def sparsify(
             )
     raise NMSearchError(
         f"layer '{name or type(module).__name__}' is a {type(module).__name__}; "
-        "only Conv2d and Linear layers (and subclasses) can be made N:M sparse"
+        "only Conv2d and Linear layers (and subclasses) and transformers' Conv1D can be made N:M sparse"
     )
 
 

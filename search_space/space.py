@@ -3,8 +3,11 @@
 ``SearchSpace.from_model`` runs one forward pass with hooks on example inputs. Every Conv2d /
 Linear (subclasses included) that ran through its ``forward`` is *modelled* (its cost counts);
 it is *searchable* when it has more than the dense option. Layers whose weights a model uses
-functionally (``nn.MultiheadAttention``'s packed ``in_proj_weight`` and ``out_proj``) or that
-never ran are listed in ``skipped`` with the reason.
+functionally (``nn.MultiheadAttention``'s packed ``in_proj_weight`` and ``out_proj``), whose
+weight another module shares (tied embeddings such as GPT-2's ``lm_head``), embedding tables,
+and layers that never ran are listed in ``skipped`` with the reason. Example inputs may be a
+tensor, a tuple of positional arguments or a dict of keyword arguments (Hugging Face
+``input_ids`` + ``attention_mask``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from search_space.layers import SparseLayerMixin
+from search_space.layers import SparseLayerMixin, transposed_linear_type, weight_group_dim
 from search_space.patterns import NMPattern, NMSearchError
 from search_space.rows import DEFAULT_ROW_SPARSITIES, RowPattern, pruned_rows
 from search_space.scheme import DENSE, TARGETS, Option, Scheme, SchemeError, SchemeMismatchError
@@ -83,7 +86,7 @@ class _Record:
 def _gemm_tokens(kind: str, x: torch.Tensor, y: torch.Tensor, module: nn.Module) -> int:
     if kind == "conv2d":
         return y.shape[0] * y.shape[2] * y.shape[3] if y.dim() == 4 else y.shape[1] * y.shape[2]
-    return x.numel() // module.in_features
+    return x.numel() // x.shape[-1]
 
 
 def _matches(name: str, module: nn.Module, patterns: Iterable[str | type]) -> str | None:
@@ -249,17 +252,25 @@ class SearchSpace:
                         "packed q/k/v projection used functionally by nn.MultiheadAttention; not searchable",
                     )
                 )
+        for owner_name, owner in model.named_modules():
+            if isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+                skipped.append(
+                    SkippedLayer(
+                        owner_name, type(owner).__name__, "embedding table (a lookup, not a GEMM): not searchable"
+                    )
+                )
+        sharers = _weight_sharers(model)
         for name, module in modules.items():
-            reason = functional_use_reason(model, name)
+            reason = functional_use_reason(model, name) or _shared_weight_reason(module, sharers)
             if name not in records:
                 reason = reason or "never ran through forward() in the example pass (used functionally or bypassed)"
             if reason:
                 skipped.append(SkippedLayer(name, type(module).__name__, reason))
                 records.pop(name, None)
                 continue
-            if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward) and not isinstance(
-                module, SparseLayerMixin
-            ):
+            transposed = transposed_linear_type(module)
+            base_forwards = (nn.Conv2d.forward, nn.Linear.forward, *((transposed.forward,) if transposed else ()))
+            if type(module).forward not in base_forwards and not isinstance(module, SparseLayerMixin):
                 skipped.append(
                     SkippedLayer(
                         name, type(module).__name__, "overrides forward(); masking could change what it computes"
@@ -553,6 +564,24 @@ class SearchSpace:
         return self.scheme(choices, **metadata_fields)
 
 
+def _weight_sharers(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, qualified parameter name) holding each parameter, by the parameter's id."""
+    sharers: dict[int, list[tuple[nn.Module, str]]] = {}
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        for param_name, param in owner.named_parameters(recurse=False):
+            qualified = f"{owner_name}.{param_name}" if owner_name else param_name
+            sharers.setdefault(id(param), []).append((owner, qualified))
+    return sharers
+
+
+def _shared_weight_reason(module: nn.Module, sharers: Mapping[int, list[tuple[nn.Module, str]]]) -> str | None:
+    """Why a layer whose weight another module also uses (tied embeddings, e.g. GPT-2's lm_head) is skipped."""
+    others = [name for owner, name in sharers.get(id(module.weight), []) if owner is not module]
+    if not others:
+        return None
+    return f"weight shared with {', '.join(repr(o) for o in others)} (tied): pruning it would prune that too"
+
+
 def output_positions(info: LayerInfo) -> int | None:
     """Output positions per image of a conv (its GEMM rows per image); ``None`` for other layers."""
     shape = info.output_shape
@@ -587,8 +616,10 @@ def _layer_info(name: str, record: _Record) -> LayerInfo:
         outputs = weight_shape[0] // groups
         channels, kind = weight_shape[1], "conv2d"
     else:
-        groups, reduction, outputs = 1, module.in_features, module.out_features
-        channels, kind = module.in_features, "linear"
+        # (out, in) for Linear; Hugging Face Conv1D stores (in, out)
+        in_features, out_features = weight_shape if weight_group_dim(module) == 0 else weight_shape[::-1]
+        groups, reduction, outputs = 1, in_features, out_features
+        channels, kind = in_features, "linear"
     dense_type = getattr(module, "dense_type", type(module))
     return LayerInfo(
         name=name,

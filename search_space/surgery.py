@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from search_space.layers import SparseLayerMixin, set_submodule, sparsify
+from search_space.layers import SparseLayerMixin, set_submodule, sparsify, transposed_linear_type, weight_group_dim
 from search_space.rows import share_row_scores
 from search_space.scheme import DENSE, Scheme, SchemeMismatchError
 
@@ -34,13 +34,14 @@ __all__ = [
 def _conv_or_linear(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d):
         return "conv2d"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or transposed_linear_type(module) is not None:
         return "linear"
     return None
 
 
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``Conv2d`` / ``Linear`` (subclasses and sparse wrappers included), by qualified name."""
+    """Every ``Conv2d`` / ``Linear`` (subclasses and sparse wrappers included) and Hugging Face ``Conv1D``
+    (a Linear with its weight stored transposed), by qualified name."""
     return {name: m for name, m in model.named_modules() if name and _conv_or_linear(m)}
 
 
@@ -223,8 +224,9 @@ def verify_model(scheme: Scheme, model: nn.Module) -> pd.DataFrame:
         max_nonzeros = None
         weights_ok = True
         if option.weight:
-            groups = weight.detach().unflatten(1, (-1, option.weight.m))
-            max_nonzeros = int((groups != 0).sum(2).max())
+            dim = weight_group_dim(module)
+            groups = weight.detach().unflatten(dim, (-1, option.weight.m))
+            max_nonzeros = int((groups != 0).sum(dim + 1).max())
             weights_ok = max_nonzeros <= option.weight.n
         actual_activation = module.activation_pattern if isinstance(module, SparseLayerMixin) else None
         activations_ok = actual_activation == option.activation

@@ -5,6 +5,7 @@ from strategies.baselines import RandomStrategy, UniformStrategy
 from strategies.domino import DominoStrategy
 from strategies.gumbel import GumbelStrategy
 from strategies.optuna_strategy import SAMPLERS, OptunaStrategy, make_sampler
+from strategies.sensitivity import allocation_schemes, layer_sensitivity, plot_sensitivity
 from strategies.storage import StorageError, open_storage
 
 __all__ = [
@@ -20,7 +21,10 @@ __all__ = [
     "Strategy",
     "UniformStrategy",
     "accuracy_part",
+    "allocation_schemes",
+    "layer_sensitivity",
     "make_sampler",
     "open_storage",
+    "plot_sensitivity",
     "trials_frame",
 ]

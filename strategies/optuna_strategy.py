@@ -84,7 +84,9 @@ class OptunaStrategy(StrategyBase):
     """Search with an Optuna sampler. Budget: ``n_trials`` finished evaluations and/or
     ``timeout_s`` of wall time (per call). ``constraints`` (``"latency_ms<=0.5"``) become
     ``trial.set_constraint`` values the samplers respect; ``warm_start`` enqueues the dense and
-    every uniform scheme first. ``worker_index`` offsets the seed, so parallel workers differ;
+    every uniform scheme first, then ``warm_start_schemes`` (``{layer: option}`` dicts, e.g. the
+    sensitivity allocations of :func:`strategies.sensitivity.allocation_schemes`).
+    ``worker_index`` offsets the seed, so parallel workers differ;
     worker 0 alone enqueues the warm start. ``reuse_evaluations``: a scheme the study already
     completed (samplers do propose repeats) is not evaluated again; its trial records the same
     values with ``info.duplicate_of`` (evaluators are deterministic for a scheme)."""
@@ -98,6 +100,7 @@ class OptunaStrategy(StrategyBase):
     storage: str | None = None
     study_name: str = "nmsearch"
     warm_start: bool = True
+    warm_start_schemes: list[dict[str, str]] = field(default_factory=list)
     worker_index: int = 0
     population_size: int | None = None
     heartbeat_interval_s: int = 10
@@ -174,7 +177,10 @@ class OptunaStrategy(StrategyBase):
             if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
             or t.user_attrs.get(_FAIL_REASON)
         }
-        for label, scheme in space.uniform_schemes().items():
+        extra = {
+            f"warm_start_schemes[{i}]": space.scheme(choices) for i, choices in enumerate(self.warm_start_schemes)
+        }
+        for label, scheme in {**space.uniform_schemes(), **extra}.items():
             params = {name: scheme[name].name for name in space.searchable}
             if json.dumps(params, sort_keys=True) not in taken:
                 study.enqueue_trial(params, user_attrs={"warm_start": label})

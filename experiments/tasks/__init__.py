@@ -2,7 +2,9 @@
 
 * ``digits``    -- scikit-learn's bundled 8x8 digits and a small CNN (the default; no download);
 * ``cifar10``   -- CIFAR-10 (downloaded with md5 verification) with ResNet-20 or CIFAR ResNet-18;
-* ``synthetic`` -- noisy prototypes and a tiny CNN, for fast tests.
+* ``synthetic`` -- noisy prototypes and a tiny CNN, for fast tests;
+* ``minilm``    -- the pre-trained sentence encoder all-MiniLM-L6-v2, label-free (one-shot pruning
+  scored by embedding fidelity; needs ``pip install 'nmsearch[transformers]'``).
 
 A task of your own is any object with the :class:`evaluators.task.Task` interface; name its
 factory with ``_target_`` in a Hydra config (see ``example_user_task.py`` and
@@ -19,13 +21,15 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from evaluators.fidelity import PretrainedTask, is_pretrained_task
 from evaluators.task import Task, TaskError, TrainingSchedule, check_task
 from experiments.tasks.cifar10 import Cifar10Task
 from experiments.tasks.datasets import ChecksumError, DatasetError
 from experiments.tasks.digits import DigitsTask
+from experiments.tasks.minilm import MiniLMTask
 from experiments.tasks.synthetic import SyntheticTask
 
-TASKS: dict[str, type] = {task.name: task for task in (DigitsTask, Cifar10Task, SyntheticTask)}
+TASKS: dict[str, type] = {task.name: task for task in (DigitsTask, Cifar10Task, SyntheticTask, MiniLMTask)}
 DEFAULT_TASK = "digits"
 
 
@@ -52,6 +56,8 @@ def get_task(name: str = DEFAULT_TASK, **overrides: Any) -> Task:
     if unknown:
         raise TaskError(f"task {name!r} has no field {unknown[0]!r}; its fields: {', '.join(fields)}")
     schedule = overrides.get("schedule")
+    if schedule is not None and "schedule" not in fields:
+        raise TaskError(f"task {name!r} is not trained: it has no schedule")
     if isinstance(schedule, Mapping):
         valid = [f.name for f in dataclasses.fields(TrainingSchedule)]
         wrong = sorted(set(schedule) - set(valid))
@@ -61,14 +67,15 @@ def get_task(name: str = DEFAULT_TASK, **overrides: Any) -> Task:
     return task_type(**overrides)
 
 
-def instantiate_task(config: Any) -> Task:
-    """A task from a Hydra config (a mapping with ``_target_``), checked against the Task interface."""
+def instantiate_task(config: Any) -> Task | PretrainedTask:
+    """A task from a Hydra config (a mapping with ``_target_``), checked against the Task interface
+    (or recognised as a label-free :class:`~evaluators.fidelity.PretrainedTask`)."""
     try:
         task = instantiate(config, _convert_="all")
     except InstantiationException as error:
         first_line = str(error).strip().splitlines()[0]
         raise TaskError(f"cannot instantiate the task config: {first_line}") from error
-    return check_task(task)
+    return task if is_pretrained_task(task) else check_task(task)
 
 
 __all__ = [
@@ -78,6 +85,7 @@ __all__ = [
     "Cifar10Task",
     "DatasetError",
     "DigitsTask",
+    "MiniLMTask",
     "SyntheticTask",
     "UnknownTaskError",
     "get_task",
