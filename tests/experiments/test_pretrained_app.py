@@ -40,7 +40,7 @@ def test_label_free_search_on_a_trained_task(tmp_path: Path, cache: Path) -> Non
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
     assert {"info.kl", "info.cosine", "info.oneshot"} <= set(trials.columns)
     assert (trials["info.oneshot"] == "sparsegpt").all()
-    dense = trials[trials["summary"].str.startswith("dense: 3")]
+    dense = trials[trials["summary"].str.fullmatch("3 dense")]
     assert dense["accuracy"].iloc[0] == pytest.approx(1.0)
 
 
