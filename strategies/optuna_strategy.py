@@ -32,6 +32,7 @@ from strategies.storage import (
     fail_stale_trials,
     has_native_heartbeat,
     open_storage,
+    public_url,
     resolve_storage,
     retry_trial,
 )
@@ -53,9 +54,9 @@ class Sampler(Choice):
         return f"unknown sampler {value!r}; choose one of {cls.values()}"
 
 
-_FAIL_REASON = "fail_reason"
+FAIL_REASON_ATTR = "fail_reason"
 _WARM_START_ATTR = "nmsearch.warm_start_enqueued"
-_SKIPPED = "nmsearch.skipped"
+SKIPPED_ATTR = "nmsearch.skipped"
 _SURPLUS = "not evaluated: the budget was already filled (by other workers)"
 _YIELDED = "not evaluated: yields its budget slot to a queued (retried) trial"
 _POLL_S = 0.1
@@ -67,7 +68,7 @@ class _EvaluationFailed(Exception):
 
 def _skip(trial: optuna.Trial, reason: str) -> NoReturn:
     """End a trial unevaluated (state PRUNED), the reason recorded."""
-    trial.set_user_attr(_SKIPPED, reason)
+    trial.set_user_attr(SKIPPED_ATTR, reason)
     raise optuna.TrialPruned(reason)
 
 
@@ -169,7 +170,7 @@ class OptunaStrategy(StrategyBase):
         wanted = list(zip(names, directions, strict=True))
         if found != wanted:
             raise StorageError(
-                f"study {self.study_name!r} in {storage_url} optimises "
+                f"study {self.study_name!r} in {public_url(storage_url)} optimises "
                 + ", ".join(f"{n} ({d})" for n, d in found)
                 + f"; this search asks for {', '.join(f'{n} ({d})' for n, d in wanted)}: use another study_name"
             )
@@ -189,7 +190,7 @@ class OptunaStrategy(StrategyBase):
             return
         taken = set()
         for t in study.get_trials(deepcopy=False):
-            if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or t.user_attrs.get(_FAIL_REASON):
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or t.user_attrs.get(FAIL_REASON_ATTR):
                 taken.add(json.dumps(t.params, sort_keys=True))
             elif t.state == TrialState.WAITING:  # queued trials hold their parameters apart
                 taken.add(json.dumps(t.system_attrs.get("fixed_params") or t.params, sort_keys=True))
@@ -326,7 +327,7 @@ class OptunaStrategy(StrategyBase):
         values = [evaluation.values.get(o.name, math.nan) for o in objectives]
         if evaluation.failed or not all(math.isfinite(v) for v in values):
             reason = evaluation.reason or "non-finite objective value"
-            trial.set_user_attr(_FAIL_REASON, reason)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
             raise _EvaluationFailed(reason)
         for constraint in constraints:
             trial.set_constraint(str(constraint), constraint.violation(evaluation.values))
@@ -345,7 +346,7 @@ class OptunaStrategy(StrategyBase):
     def _finished(trials: Sequence[FrozenTrial]) -> int:
         """Evaluations that count against the budget: completed, or failed by the evaluator
         (not trials of workers that died; those are retried)."""
-        return sum(t.state == TrialState.COMPLETE or bool(t.user_attrs.get(_FAIL_REASON)) for t in trials)
+        return sum(t.state == TrialState.COMPLETE or bool(t.user_attrs.get(FAIL_REASON_ATTR)) for t in trials)
 
     def result(
         self, study: optuna.Study, space: SearchSpace, objectives: Sequence[Objective], storage_url: str | None
@@ -372,7 +373,7 @@ class OptunaStrategy(StrategyBase):
                 if trial.datetime_complete and trial.datetime_start
                 else math.nan
             )
-            reason = trial.user_attrs.get(_FAIL_REASON) or trial.user_attrs.get(_SKIPPED, "")
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR) or trial.user_attrs.get(SKIPPED_ATTR, "")
             if trial.state == TrialState.FAIL and not reason:
                 reason = "interrupted: the worker stopped or died during this trial"
             candidates.append(
@@ -390,7 +391,7 @@ class OptunaStrategy(StrategyBase):
             "sampler": self.sampler,
             "seed": self.seed,
             "study_name": self.study_name,
-            "storage": storage_url,
+            "storage": public_url(storage_url),
             "constraints": [str(Constraint.parse(c)) for c in self.constraints],
             "fingerprint": space.fingerprint,
             "n_trials": self.n_trials,

@@ -16,7 +16,9 @@ have none in Optuna, so a :class:`TrialLease` thread records one as a user attri
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import socket
 import threading
 import time
@@ -77,23 +79,60 @@ def open_storage(
             return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        driver_url = postgres_driver_url(url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are stable in practice
             storage = RDBStorage(
-                url,
+                driver_url,
                 heartbeat_interval=heartbeat_interval_s,
                 grace_period=grace_period_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-                engine_kwargs=_engine_kwargs(url),
+                engine_kwargs=_engine_kwargs(driver_url),
             )
         if url.startswith("sqlite"):
             _use_write_ahead_log(storage)
         return storage
+    except StorageError:
+        raise
     except Exception as error:  # SQLAlchemy, drivers and the OS raise many kinds
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # SQLAlchemy prefixes "(driver.ErrorClass) " and appends a background link on later lines
+        detail = re.sub(r"^\([\w.]+\) ", "", str(error).splitlines()[0]) if str(error) else type(error).__name__
         raise StorageError(
-            f"cannot open Optuna storage {url!r}: {detail}; use an SQLite/PostgreSQL/MySQL URL or 'journal:PATH'"
+            f"cannot open Optuna storage {public_url(url)!r}: {detail.strip()}; check the URL, that the server "
+            "is up and the credentials (PGPASSWORD or ~/.pgpass), or use sqlite:///FILE or journal:PATH"
         ) from None
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without its password (for messages and result files; libpq then reads
+    ``PGPASSWORD`` or ``~/.pgpass``)."""
+    if url is None or "://" not in url or "@" not in url:
+        return url
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+    # URL.set() ignores None: rebuild the URL without the password
+    bare = sqlalchemy.engine.URL.create(
+        parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, parsed.query
+    )
+    return bare.render_as_string(hide_password=False) if parsed.password else url
+
+
+def postgres_driver_url(url: str) -> str:
+    """``postgresql://`` (or ``postgres://``) with the driver that is installed: psycopg2 where it
+    is (SQLAlchemy's default), else psycopg 3 (``postgresql+psycopg://``); other URLs unchanged.
+
+    Raises:
+        StorageError: a PostgreSQL URL and neither driver installed.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    for module, dialect in (("psycopg2", "postgresql"), ("psycopg", "postgresql+psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}://{rest}"
+    raise StorageError("a PostgreSQL storage needs a driver: pip install 'nmsearch[postgres]' (psycopg 3)")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
