@@ -229,7 +229,10 @@ class OptunaStrategy(StrategyBase):
             self._enqueue_warm_start(study, space)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
+        current: list[optuna.Trial] = []  # the trial being run, for _taken_over
+
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
+            current[:] = [trial]
             try:
                 return evaluate(trial)
             except (_EvaluationFailed, optuna.TrialPruned):
@@ -259,15 +262,27 @@ class OptunaStrategy(StrategyBase):
             if self.n_trials is not None and self._finished(study.get_trials(deepcopy=False)) >= self.n_trials:
                 study.stop()
 
-        if self.n_trials is None or self._finished(study.get_trials(deepcopy=False)) < self.n_trials:
-            study.optimize(
-                objective,
-                timeout=self.timeout_s,
-                callbacks=[stop_at_budget],
-                catch=(_EvaluationFailed,),
-                show_progress_bar=self.show_progress_bar,
-            )
+        while self.n_trials is None or self._finished(study.get_trials(deepcopy=False)) < self.n_trials:
+            try:
+                study.optimize(
+                    objective,
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                    callbacks=[stop_at_budget],
+                    catch=(_EvaluationFailed,),
+                    show_progress_bar=self.show_progress_bar,
+                )
+                break
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial": see _taken_over
+                if not self._taken_over(study, current):
+                    raise
         return self.result(study, space, objectives, storage_url)
+
+    @staticmethod
+    def _taken_over(study: optuna.Study, current: list[optuna.Trial]) -> bool:
+        """Whether this worker's trial was failed (and re-enqueued) by another worker while it ran,
+        as happens when its heartbeats were late past the grace period: the retry redoes the
+        trial, and this worker goes on with the next one."""
+        return bool(current) and study._storage.get_trial(current[-1]._trial_id).state.is_finished()
 
     def _wait_for_turn(
         self,

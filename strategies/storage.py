@@ -17,6 +17,7 @@ have none in Optuna, so a :class:`TrialLease` thread records one as a user attri
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import socket
@@ -37,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_space import NMSearchError
 
+_logger = logging.getLogger("nmsearch.storage")
 LEASE_ATTR = "nmsearch.heartbeat"
 OWNER_ATTR = "nmsearch.owner"
 _JOURNAL_SUFFIXES = (".log", ".journal")
@@ -306,7 +308,8 @@ def fail_stale_trials(study: optuna.Study, grace_period_s: float, max_retry: int
     now = time.time()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not owner_is_gone(trial) and not (leases and _lease_expired(trial, now, grace_period_s)):
+        gone = owner_is_gone(trial)
+        if not gone and not (leases and _lease_expired(trial, now, grace_period_s)):
             continue
         try:
             changed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
@@ -315,4 +318,6 @@ def fail_stale_trials(study: optuna.Study, grace_period_s: float, max_retry: int
         if changed:
             retry(study, storage.get_trial(trial._trial_id))
             failed.append(trial.number)
+            why = "its process on this machine ended" if gone else f"no heartbeat for over {grace_period_s} s"
+            _logger.warning(f"trial {trial.number} failed and re-enqueued: {why}")
     return failed

@@ -116,9 +116,7 @@ def _check_totals(study: optuna.Study, budget: int, markers: list[Path], killed:
     assert len(evaluated) == len(set(evaluated)), "a scheme was scored twice without reuse"
     started = Counter(line for marker in markers for line in _lines(marker))
     interrupted = {
-        str(dict(sorted(t.params.items(), key=lambda kv: int(kv[0]))))
-        for t in trials
-        if t.state == TrialState.FAIL
+        str(dict(sorted(t.params.items(), key=lambda kv: int(kv[0])))) for t in trials if t.state == TrialState.FAIL
     }
     assert {s for s, n in started.items() if n > 1} <= interrupted
     assert sum(started.values()) == len(evaluated) + killed
@@ -155,14 +153,17 @@ def test_kill_9_at_three_points_and_resume_loses_and_repeats_nothing(space, tmp_
 
 def _many_workers(storage: str, tmp_path: Path, kill: int) -> tuple[optuna.Study, dict[str, int]]:
     """4 workers, 200-trial budget; ``kill`` of them (pretending to run on other machines, so only
-    the heartbeat can tell) are SIGKILLed mid-trial."""
+    the heartbeat can tell) are SIGKILLed mid-trial. The grace period is long (20 s) because
+    heartbeats come late on a loaded 2-core machine."""
     budget, processes, markers = 200, [], []
     for index in range(4):
         doomed = index < kill
         markers.append(tmp_path / f"started_{index}")
         env = {HOST_ENV: f"remote-{index}"} if doomed else {}
         processes.append(
-            worker(storage, budget, index, sleep_s=0.5 if doomed else 0.01, marker=markers[-1], env=env)
+            worker(
+                storage, budget, index, sleep_s=0.5 if doomed else 0.01, marker=markers[-1], env=env, grace_period_s=20
+            )
         )
     for index in range(kill):
         _wait_for_lines(markers[index], 2, processes[index])
