@@ -195,7 +195,7 @@ def test_postgresql_bad_input_is_one_line_before_any_work(space, postgres_url: s
         OptunaStrategy(n_trials=2, storage=wrong).search(space, evaluator)
     assert "wrong" not in str(info.value) and "\n" not in str(info.value)
     closed = f"postgresql://postgres@127.0.0.1:{postgres_server['port'] + 1}/none"
-    with pytest.raises(StorageError, match="cannot open Optuna storage 'postgresql://postgres@127.0.0.1") as info:
+    with pytest.raises(StorageError, match=r"cannot open Optuna storage 'postgresql://postgres@127.0.0.1") as info:
         OptunaStrategy(n_trials=2, storage=closed).search(space, evaluator)
     assert "\n" not in str(info.value)
     OptunaStrategy(n_trials=2, storage=postgres_url, warm_start=False).search(space, evaluator)
