@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import random
 import re
 import socket
 import threading
@@ -42,6 +43,7 @@ _logger = logging.getLogger("nmsearch.storage")
 LEASE_ATTR = "nmsearch.heartbeat"
 OWNER_ATTR = "nmsearch.owner"
 _JOURNAL_SUFFIXES = (".log", ".journal")
+_CREATE_ATTEMPTS = 5
 
 
 class StorageError(NMSearchError):
@@ -82,15 +84,24 @@ def open_storage(
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         driver_url = postgres_driver_url(url)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are stable in practice
-            storage = RDBStorage(
-                driver_url,
-                heartbeat_interval=heartbeat_interval_s,
-                grace_period=grace_period_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-                engine_kwargs=_engine_kwargs(driver_url),
-            )
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are stable in practice
+                    storage = RDBStorage(
+                        driver_url,
+                        heartbeat_interval=heartbeat_interval_s,
+                        grace_period=grace_period_s,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                        engine_kwargs=_engine_kwargs(driver_url),
+                    )
+                break
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers creating the tables of a new database at the same instant collide in
+                # PostgreSQL's catalog ("duplicate key ... pg_type_typname_nsp_index"): try again
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 + random.random())
         if url.startswith("sqlite"):
             _use_write_ahead_log(storage)
         return storage
@@ -289,8 +300,11 @@ def _retry_callback(max_retry: int) -> RetryHeartbeatStaleTrialCallback:
 
 def retry_trial(study: optuna.Study, trial: optuna.Trial, max_retry: int) -> None:
     """Queue a copy of ``trial`` (same parameters) before the search stops inside it, as if its
-    worker had died, so the next run evaluates it first."""
-    _retry_callback(max_retry)(study, study._storage.get_trial(trial._trial_id))
+    worker had died, so the next run evaluates it first; not when another worker has already
+    failed it (and queued its retry)."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state == TrialState.RUNNING:
+        _retry_callback(max_retry)(study, frozen)
 
 
 def fail_stale_trials(study: optuna.Study, grace_period_s: float, max_retry: int, *, leases: bool) -> list[int]:

@@ -93,10 +93,14 @@ def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout_s
         time.sleep(0.005)
 
 
-def _finish(processes: list[subprocess.Popen], timeout_s: float = 300.0) -> None:
+def _finish(processes: list[subprocess.Popen], timeout_s: float = 300.0) -> str:
+    """Wait for the workers; their output (logs of trials failed for dead workers) on success."""
+    outputs = []
     for process in processes:
         output, _ = process.communicate(timeout=timeout_s)
         assert process.returncode == 0, output.decode()[-3000:]
+        outputs.append(output.decode())
+    return "\n".join(outputs)
 
 
 def _check_totals(study: optuna.Study, budget: int, markers: list[Path], killed: int) -> dict[str, int]:
@@ -169,9 +173,12 @@ def _many_workers(storage: str, tmp_path: Path, kill: int) -> tuple[optuna.Study
         _wait_for_lines(markers[index], 2, processes[index])
         os.kill(processes[index].pid, signal.SIGKILL)  # mid-evaluation: each sleeps 0.5 s in it
         processes[index].wait()
-    _finish(processes[kill:])
+    logs = _finish(processes[kill:])
     study = load_study(storage)
-    return study, _check_totals(study, budget, markers, killed=kill)
+    try:
+        return study, _check_totals(study, budget, markers, killed=kill)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nworker logs:\n{logs[-3000:]}") from None
 
 
 @pytest.mark.slow
