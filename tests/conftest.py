@@ -1,20 +1,16 @@
-import importlib.util
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import matplotlib
 import pytest
 import torch
 
+from tests.postgres import PostgresUnavailable, create_database, postgres_server
+
 matplotlib.use("Agg")
+
+REQUIRE_POSTGRES = "NMSEARCH_REQUIRE_POSTGRES"  # set by CI: a missing server fails instead of skipping
 
 
 @pytest.fixture(autouse=True)
@@ -22,77 +18,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-# -- a throwaway PostgreSQL server ------------------------------------------------------------------
-# Debian's postgresql package (installed by .ci/run where missing). The server refuses to run as
-# root, so as root its programs run as the `postgres` user. It listens on 127.0.0.1 at a free port
-# and on a Unix socket in its own temporary folder, with password authentication over TCP.
-POSTGRES_PASSWORD = "nmsearch-test"
-REQUIRE_POSTGRES = "NMSEARCH_REQUIRE_POSTGRES"  # set by CI: a missing server fails instead of skipping
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
-    return versions[-1].parent if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[dict[str, Any]]:
-    """A PostgreSQL server for this test session: ``{"host", "port", "user", "password"}``."""
-    bin_dir = _postgres_bin()
-    reason = (
-        "psycopg is not installed (pip install 'nmsearch[postgres]')"
-        if importlib.util.find_spec("psycopg") is None
-        else "no PostgreSQL server programs (apt-get install postgresql)" if bin_dir is None else ""
-    )
-    if reason:
-        if os.environ.get(REQUIRE_POSTGRES):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="nmsearch-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        account = pwd.getpwnam("postgres")
-        os.chown(root, account.pw_uid, account.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    (root / "pw").write_text(POSTGRES_PASSWORD)
-    os.chmod(root / "pw", 0o644)
-    port = _free_port()
-
-    def run(*command: str) -> None:
-        done = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed: {done.stderr.strip() or done.stdout.strip()}")
-
-    run(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "postgres", f"--pwfile={root / 'pw'}",
-        "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")  # fmt: skip
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    run(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-o", options, "-l", str(root / "log"), "-w", "start")
+def postgres() -> Iterator[dict[str, Any]]:
+    """A PostgreSQL server on loopback for this test session (see tests/postgres.py)."""
     try:
-        yield {"host": "127.0.0.1", "port": port, "user": "postgres", "password": POSTGRES_PASSWORD}
-    finally:
-        run(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as error:
+        if os.environ.get(REQUIRE_POSTGRES):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
 
 
 @pytest.fixture
-def postgres_url(postgres_server: dict[str, Any]) -> str:
+def postgres_url(postgres: dict[str, Any]) -> str:
     """A fresh, empty database on the session's server, as a ``postgresql://`` URL."""
-    import psycopg
-
-    name = f"nmsearch_{uuid.uuid4().hex[:12]}"
-    server = postgres_server
-    with psycopg.connect(
-        host=server["host"], port=server["port"], user=server["user"], password=server["password"],
-        dbname="postgres", autocommit=True,
-    ) as connection:  # fmt: skip
-        connection.execute(f"CREATE DATABASE {name}")
-    return f"postgresql://{server['user']}:{server['password']}@{server['host']}:{server['port']}/{name}"
+    return create_database(postgres)

@@ -1,11 +1,7 @@
 """Storages and dead workers: owner records, kill -9 and resume, many workers on Journal and PostgreSQL."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +10,6 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from experiments.status import load_study, progress
 from strategies import OptunaStrategy, StorageError
 from strategies.storage import (
     HOST_ENV,
@@ -24,7 +19,8 @@ from strategies.storage import (
     owner_is_gone,
     public_url,
 )
-from tests.strategies.toy import ToyEvaluator, toy_space, worker
+from tests.strategies.faults import kill_and_resume, many_workers
+from tests.strategies.toy import ToyEvaluator, toy_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -77,76 +73,26 @@ def test_public_url_drops_the_password() -> None:
     assert public_url(None) is None
 
 
-# -- helpers for the worker tests ------------------------------------------------------------------
+# -- workers killed mid-trial (tests/strategies/faults.py) ----------------------------------------
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.time() + timeout_s
-    while len(_lines(path)) < count:
-        if process.poll() is not None:
-            raise AssertionError(f"worker ended early: {process.communicate()[0].decode()[-2000:]}")
-        assert time.time() < deadline, f"no {count} evaluations in {timeout_s} s"
-        time.sleep(0.005)
-
-
-def _finish(processes: list[subprocess.Popen], timeout_s: float = 300.0) -> str:
-    """Wait for the workers; their output (logs of trials failed for dead workers) on success."""
-    outputs = []
-    for process in processes:
-        output, _ = process.communicate(timeout=timeout_s)
-        assert process.returncode == 0, output.decode()[-3000:]
-        outputs.append(output.decode())
-    return "\n".join(outputs)
-
-
-def _check_totals(study: optuna.Study, budget: int, markers: list[Path], killed: int) -> dict[str, int]:
-    """Exactly ``budget`` finished trials, none running or lost, each scheme evaluated once (a
-    repeat reuses the earlier evaluation) except the schemes of the ``killed`` trials, which were
-    started twice (the kill, then the retry)."""
-    counts = progress(study)
-    assert (counts.finished, counts.running, counts.lost, counts.failed) == (budget, 0, 0, 0), counts
-    assert counts.interrupted == counts.re_enqueued == killed, counts
-    assert counts.waiting == 0, counts
-    trials = study.get_trials(deepcopy=False)
-    evaluated = [
-        json.dumps(t.params, sort_keys=True)
-        for t in trials
-        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs["evaluation"]["info"]
-    ]
-    assert len(evaluated) == len(set(evaluated)), "a scheme was scored twice without reuse"
-    started = Counter(line for marker in markers for line in _lines(marker))
-    interrupted = {
-        str(dict(sorted(t.params.items(), key=lambda kv: int(kv[0])))) for t in trials if t.state == TrialState.FAIL
-    }
-    assert {s for s, n in started.items() if n > 1} <= interrupted
-    assert sum(started.values()) == len(evaluated) + killed
-    return {
-        "launched": counts.launched,
-        "finished": counts.finished,
-        "failed": counts.interrupted,
-        "re-enqueued": counts.re_enqueued,
-        "lost": counts.lost,
-    }
+def _check(counts: dict, budget: int, killed: int, logs: str = "") -> None:
+    """Exactly ``budget`` finished, none running, queued or lost; each killed trial failed and
+    re-enqueued once; no scheme scored twice (a repeat reuses the earlier evaluation); the only
+    evaluations begun twice are the killed ones."""
+    expected = {"finished": budget, "running": 0, "waiting": 0, "lost": 0, "failed": 0, "scored_twice": 0,
+                "interrupted": killed, "re_enqueued": killed, "restarted": killed}  # fmt: skip
+    assert {k: counts[k] for k in expected} == expected, f"{counts}\nworker logs:\n{logs[-3000:]}"
+    assert counts["started"] == counts["evaluated"] + killed
 
 
 @pytest.mark.slow
 def test_kill_9_at_three_points_and_resume_loses_and_repeats_nothing(space, tmp_path: Path) -> None:
-    """The issue-17 case: restarts come within the heartbeat grace period (60 s here), so only the
+    """The issue-17 case: restarts come within the heartbeat grace period (60 s), so only the
     owner record can tell that the killed trials are dead; the warm start is queued once."""
-    storage, marker, budget = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "started", 60
-    for point in (5, 25, 45):  # evaluations started when the kill comes; 5 is inside the warm start
-        process = worker(storage, budget, sleep_s=0.2, marker=marker, run_dir=tmp_path, grace_period_s=60)
-        _wait_for_lines(marker, point, process)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    _finish([worker(storage, budget, sleep_s=0.2, marker=marker, run_dir=tmp_path, grace_period_s=60)])
-
-    study = load_study(storage)
-    _check_totals(study, budget, [marker], killed=3)
+    storage, budget = f"sqlite:///{tmp_path / 'optuna.db'}", 60
+    study, counts = kill_and_resume(storage, tmp_path, (5, 25, 45), budget)  # 5: inside the warm start
+    _check(counts, budget, killed=3)
     warm = Counter(t.user_attrs.get("warm_start") for t in study.trials if t.state == TrialState.COMPLETE)
     assert {label: warm[label] for label in space.uniform_schemes()} == dict.fromkeys(space.uniform_schemes(), 1)
     # trials.csv has one row per stored trial, in the same state
@@ -155,53 +101,29 @@ def test_kill_9_at_three_points_and_resume_loses_and_repeats_nothing(space, tmp_
     assert dict(zip(frame["trial"], frame["state"], strict=True)) == stored
 
 
-def _many_workers(storage: str, tmp_path: Path, kill: int) -> tuple[optuna.Study, dict[str, int]]:
-    """4 workers, 200-trial budget; ``kill`` of them (pretending to run on other machines, so only
-    the heartbeat can tell) are SIGKILLed mid-trial. The grace period is long (20 s) because
-    heartbeats come late on a loaded 2-core machine."""
-    budget, processes, markers = 200, [], []
-    for index in range(4):
-        doomed = index < kill
-        markers.append(tmp_path / f"started_{index}")
-        env = {HOST_ENV: f"remote-{index}"} if doomed else {}
-        processes.append(
-            worker(
-                storage, budget, index, sleep_s=0.5 if doomed else 0.01, marker=markers[-1], env=env, grace_period_s=20
-            )
-        )
-    for index in range(kill):
-        _wait_for_lines(markers[index], 2, processes[index])
-        os.kill(processes[index].pid, signal.SIGKILL)  # mid-evaluation: each sleeps 0.5 s in it
-        processes[index].wait()
-    logs = _finish(processes[kill:])
-    study = load_study(storage)
-    try:
-        return study, _check_totals(study, budget, markers, killed=kill)
-    except AssertionError as error:
-        raise AssertionError(f"{error}\nworker logs:\n{logs[-3000:]}") from None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [0, 2])
 def test_four_workers_share_a_journal_file_budget(tmp_path: Path, kill: int) -> None:
-    _many_workers(f"journal:{tmp_path / 'study.journal'}", tmp_path, kill)
+    _, counts, logs = many_workers(f"journal:{tmp_path / 'study.journal'}", tmp_path, kill)
+    _check(counts, 200, kill, logs)
 
 
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [0, 2])
 def test_four_workers_share_a_postgresql_study(postgres_url: str, tmp_path: Path, kill: int) -> None:
-    _many_workers(postgres_url, tmp_path, kill)
+    _, counts, logs = many_workers(postgres_url, tmp_path, kill)
+    _check(counts, 200, kill, logs)
 
 
 @pytest.mark.postgres
-def test_postgresql_bad_input_is_one_line_before_any_work(space, postgres_url: str, postgres_server) -> None:
+def test_postgresql_bad_input_is_one_line_before_any_work(space, postgres_url: str, postgres) -> None:
     evaluator = ToyEvaluator(space)
-    wrong = postgres_url.replace(f":{postgres_server['password']}@", ":wrong@")
+    wrong = postgres_url.replace(f":{postgres['password']}@", ":wrong@")
     with pytest.raises(StorageError, match=r"cannot open Optuna storage 'postgresql://postgres@.*password") as info:
         OptunaStrategy(n_trials=2, storage=wrong).search(space, evaluator)
     assert "wrong" not in str(info.value) and "\n" not in str(info.value)
-    closed = f"postgresql://postgres@127.0.0.1:{postgres_server['port'] + 1}/none"
+    closed = f"postgresql://postgres@127.0.0.1:{postgres['port'] + 1}/none"
     with pytest.raises(StorageError, match=r"cannot open Optuna storage 'postgresql://postgres@127.0.0.1") as info:
         OptunaStrategy(n_trials=2, storage=closed).search(space, evaluator)
     assert "\n" not in str(info.value)
