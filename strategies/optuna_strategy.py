@@ -59,6 +59,7 @@ _WARM_START_ATTR = "nmsearch.warm_start_enqueued"
 SKIPPED_ATTR = "nmsearch.skipped"
 _SURPLUS = "not evaluated: the budget was already filled (by other workers)"
 _YIELDED = "not evaluated: yields its budget slot to a queued (retried) trial"
+_TIMED_OUT = "not evaluated: timeout_s ran out while it waited for its turn"
 _POLL_S = 0.1
 
 
@@ -245,8 +246,8 @@ class OptunaStrategy(StrategyBase):
             with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
                 if shared:
                     claim_trial(study, trial, token)
-                stored = study._storage.get_trial(trial._trial_id)
-                queued = bool(stored.system_attrs.get("fixed_params") or stored.params)  # enqueued or a retry
+                frozen = study._storage.get_trial(trial._trial_id)
+                queued = bool(frozen.system_attrs.get("fixed_params") or frozen.params)  # enqueued or a retry
                 choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
                 scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
                 trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
@@ -321,7 +322,7 @@ class OptunaStrategy(StrategyBase):
             if not blocked:
                 return self._earlier_evaluation(trials, choices) if self.reuse_evaluations else None
             if deadline is not None and time.monotonic() > deadline:
-                _skip(trial, _SURPLUS)
+                _skip(trial, _TIMED_OUT)
             time.sleep(_POLL_S)
             if shared:
                 fail_stale_trials(study, self.grace_period_s, self.max_retry, leases=leases)

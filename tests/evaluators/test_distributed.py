@@ -51,6 +51,14 @@ def test_two_gloo_ranks_match_one_process_and_only_rank_0_writes(tmp_path: Path)
         text = [c for c in a.columns if a[c].dtype == object]
         pd.testing.assert_frame_equal(a[text], b[text], obj=name)
 
+    # the same job again resumes on both ranks from rank 0's last checkpoint: no epoch is retrained
+    checkpoint = next((two / "gumbel").glob("*.pt"))
+    written = checkpoint.stat().st_mtime_ns
+    again = _torchrun("-m", "tests.evaluators.ddp_job", str(tmp_path / "ddp"), cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert checkpoint.stat().st_mtime_ns == written and not (tmp_path / "ddp" / "rank1").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(two / "gumbel_log.csv"), pd.read_csv(one / "gumbel_log.csv"), rtol=1e-4)
+
 
 @pytest.mark.slow
 def test_ranks_that_disagree_on_the_config_stop_before_any_work(tmp_path: Path) -> None:
