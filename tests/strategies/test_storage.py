@@ -77,13 +77,15 @@ def test_public_url_drops_the_password() -> None:
 
 
 def _check(counts: dict, budget: int, killed: int, logs: str = "") -> None:
-    """Exactly ``budget`` finished, none running, queued or lost; each killed trial failed and
-    re-enqueued once; no scheme scored twice (a repeat reuses the earlier evaluation); the only
-    evaluations begun twice are the killed ones."""
-    expected = {"finished": budget, "running": 0, "waiting": 0, "lost": 0, "failed": 0, "scored_twice": 0,
-                "interrupted": killed, "re_enqueued": killed, "restarted": killed}  # fmt: skip
+    """Exactly ``budget`` finished, none running, queued or lost; no scheme scored twice (a repeat
+    reuses the earlier evaluation); each killed trial failed and re-enqueued once. On a loaded
+    machine a live worker's heartbeat can come later than the grace period: its trial is then
+    failed and re-enqueued too (more interrupted than killed), never lost or scored twice."""
+    expected = {"finished": budget, "running": 0, "waiting": 0, "lost": 0, "failed": 0, "scored_twice": 0}
     assert {k: counts[k] for k in expected} == expected, f"{counts}\nworker logs:\n{logs[-3000:]}"
-    assert counts["started"] == counts["evaluated"] + killed
+    assert counts["interrupted"] >= killed and counts["re_enqueued"] == counts["interrupted"], counts
+    assert killed <= counts["restarted"] <= counts["interrupted"], counts  # begun again: the retries
+    assert counts["evaluated"] + killed <= counts["started"] <= counts["evaluated"] + counts["interrupted"], counts
 
 
 @pytest.mark.slow
