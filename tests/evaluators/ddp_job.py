@@ -1,14 +1,17 @@
 """A Gumbel search with the ``finetune`` fidelity, run alone or as one rank of ``torchrun``
-(``python -m tests.evaluators.ddp_job OUT``): each rank writes into ``OUT/rank<RANK>``, so the
-test can tell that only rank 0 wrote. The model has no BatchNorm (its statistics are per rank)."""
+(``python -m tests.evaluators.ddp_job OUT``) in ``OUT/run``. Every file the library writes (the
+pre-training cache, the supernet checkpoints) is logged with the writing rank in
+``OUT/writes.log``, so the test can tell that only rank 0 wrote. The model has no BatchNorm (its
+statistics are per rank)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,10 +24,11 @@ from evaluators import (
     HardwareCostModel,
     Trainer,
     distributed,
+    training,
 )
 from experiments.tasks.synthetic import SyntheticTask
 from search_space import RecipeConfig, SearchSpace
-from strategies import GumbelStrategy
+from strategies import GumbelStrategy, gumbel
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,22 @@ class PlainSyntheticTask(SyntheticTask):
         )  # fmt: skip
 
 
+def _logged(write: Callable[..., Any], log: Path) -> Callable[..., Any]:
+    def wrapper(path: Any, *args: Any, **kwargs: Any) -> Any:
+        with open(log, "a") as handle:  # O_APPEND: whole lines from both ranks
+            handle.write(f"{os.environ.get('RANK', '0')} {Path(path).name}\n")
+        return write(path, *args, **kwargs)
+
+    return wrapper
+
+
 def main(out: Path) -> None:
+    log = out / "writes.log"
+    gumbel.save_checkpoint = _logged(gumbel.save_checkpoint, log)
+    training.atomic_write = _logged(training.atomic_write, log)
+    training.atomic_write_text = _logged(training.atomic_write_text, log)
     distributed.init_from_env("cpu")
-    run_dir = out / f"rank{os.environ.get('RANK', '0')}"
+    run_dir = out / "run"
     task = PlainSyntheticTask()
     trainer = Trainer(task, seed=0, device="cpu", cache_dir=out / "cache", progress=False)
     space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs())
@@ -59,4 +76,5 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     main(Path(sys.argv[1]))
