@@ -133,7 +133,8 @@ def test_postgresql_bad_input_is_one_line_before_any_work(space, postgres_url: s
     calls = evaluator.calls
     with pytest.raises(
         StorageError,
-        match=r"optimises accuracy \(maximize\), latency_ms \(minimize\), bytes_mb \(minimize\); this search asks for accuracy \(maximize\), bytes_mb",
+        match=r"optimises accuracy \(maximize\), latency_ms \(minimize\), bytes_mb \(minimize\); "
+        r"this search asks for accuracy \(maximize\), bytes_mb",
     ):
         OptunaStrategy(n_trials=4, storage=postgres_url, objectives=["accuracy", "bytes_mb"]).search(space, evaluator)
     assert evaluator.calls == calls
