@@ -8,6 +8,9 @@
   seed, written atomically, verified by sha256 when read), sparse fine-tuning with a recipe,
   and evaluation on a split. Deterministic under its seed; uses CUDA when present.
 
+Under ``torchrun`` all of these run data-parallel once :func:`evaluators.distributed.init_from_env`
+has joined the process group: same steps and results as one process, rank 0 writes the cache.
+
 A non-finite training loss raises :class:`TrainingDivergedError`; evaluators turn it into a
 failed evaluation.
 """
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from evaluators import distributed
 from evaluators.task import Batch, Task, TaskError, TrainingSchedule, check_split, check_task
 from search_space import Recipe, RecipeConfig, atomic_write, atomic_write_text, check_writable_dir
 
@@ -144,27 +148,33 @@ def train_one_epoch(
     model.train()
     step, total_loss, correct, samples = start_step, 0.0, 0, 0
     bar = tqdm(batches, desc=description, leave=False, disable=not progress, dynamic_ncols=True)
-    for inputs, targets in bar:
+    # Under torchrun each rank takes its slice of every global batch and the gradients of all
+    # the optimizer's parameters are averaged: the same steps as one process (evaluators.distributed).
+    for inputs, targets, total in distributed.shard(bar):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if before_step is not None:
             before_step(step)
         outputs = model(inputs)
         loss = loss_fn(outputs, targets)
         value = loss.item()
+        if distributed.is_distributed():  # the global batch's mean loss: the same decision on every rank
+            (value,) = distributed.sum_across(value * len(targets) / total, device=device)
         if not math.isfinite(value):
             raise TrainingDivergedError(f"training loss became {value} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(optimizer, len(targets), total)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += value * len(targets)
+        total_loss += value * total
         correct += int((outputs.detach().argmax(1) == targets).sum())
-        samples += len(targets)
+        samples += total
         step += 1
         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     if samples == 0:
         raise TaskError("the training loader yielded no batches (is the training split smaller than a batch?)")
+    (correct,) = distributed.sum_across(correct, device=device)
     return EpochStats(total_loss / samples, correct / samples, samples, step)
 
 
@@ -182,7 +192,7 @@ def evaluate_model(
     model.eval()
     total_loss, correct, samples = 0.0, 0, 0
     try:
-        for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress):
+        for inputs, targets, _ in distributed.shard(tqdm(batches, desc=description, leave=False, disable=not progress)):
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             outputs = model(inputs)
             total_loss += float(F.cross_entropy(outputs.float(), targets, reduction="sum"))
@@ -190,7 +200,8 @@ def evaluate_model(
             samples += len(targets)
     finally:
         model.train(was_training)
-    return EvalResult(correct / max(samples, 1), total_loss / max(samples, 1), samples)
+    correct, total_loss, samples = distributed.sum_across(correct, total_loss, samples, device=device)
+    return EvalResult(int(correct) / max(samples, 1), total_loss / max(samples, 1), int(samples))
 
 
 @torch.no_grad()
@@ -294,7 +305,10 @@ class Trainer:
         """A fresh copy of the dense pre-trained model (trained once, then read from the cache)."""
         if self._pretrained_state is None:
             cached = self._read_cache()
-            self._pretrained_state = cached if cached is not None else self._pretrain_and_cache()
+            (found,) = distributed.sum_across(float(cached is not None), device=self.device)
+            # under torchrun every rank must take the same path (pre-training is collective)
+            usable = cached is not None and found == distributed.world_size()
+            self._pretrained_state = cached if usable else self._pretrain_and_cache()
         model = self.fresh_model()
         model.load_state_dict(self._pretrained_state)
         return model.eval()
@@ -343,6 +357,7 @@ class Trainer:
             except TrainingDivergedError as error:
                 raise TrainingDivergedError(f"{description} of task {self.task.name!r} diverged: {error}") from None
             step = stats.end_step
+            distributed.average_buffers(model)
             bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", refresh=False)
         loss, accuracy = (stats.loss, stats.accuracy) if stats is not None else (math.nan, math.nan)
         return FitResult(epochs, step, loss, accuracy, driver)
@@ -408,6 +423,8 @@ class Trainer:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
+        if not distributed.is_main():
+            return state  # rank 0 alone writes the cache
         atomic_write(self.checkpoint_path, lambda handle: handle.write(payload))
         meta: dict[str, Any] = {
             "sha256": hashlib.sha256(payload).hexdigest(),

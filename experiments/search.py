@@ -40,6 +40,7 @@ from evaluators import (
     HardwareCostModel,
     Trainer,
     build_evaluator,
+    distributed,
     find_part,
 )
 from evaluators.fidelity import FidelityConfig, FidelityEvaluator, is_pretrained_task
@@ -64,6 +65,9 @@ from strategies import SearchResult, Strategy
 
 register_configs()
 log = logging.getLogger(__name__)
+
+# strategies whose every step is the same on all ranks, so their training can be data-parallel
+DATA_PARALLEL_STRATEGIES = ("gumbel", "uniform")
 
 
 @dataclass
@@ -213,18 +217,31 @@ def check_selection(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path) -> SearchResult:
-    """Validate everything, then search and write the run directory ``out``."""
+    """Validate everything, then search and write the run directory ``out``. Under ``torchrun``
+    (see :mod:`evaluators.distributed`) every rank trains its share and rank 0 alone writes."""
+    device = distributed.init_from_env(cfg.device)
+    distributed.check_same_config(OmegaConf.to_container(cfg, resolve=True))
+    if distributed.is_distributed():
+        cfg.device = device
     defining = defining_config(OmegaConf.to_container(cfg, resolve=True))
     claim_run_dir(out, defining, force_new=cfg.force_new, write=False)  # refuse a mixed run before any work
     check_writable_dir(out, "run directory", "set hydra.run.dir to a writable folder")
     check_selection(cfg)
     job = build(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if claim_run_dir(out, defining, force_new=cfg.force_new) == "replaced":
-        log.warning("%s held a search with another config: its files moved to %s/replaced-*", out, out)
+    if distributed.is_distributed() and job.strategy.name not in DATA_PARALLEL_STRATEGIES:
+        raise NMSearchError(
+            f"strategy {job.strategy.name!r} does not run under torchrun (only {', '.join(DATA_PARALLEL_STRATEGIES)} "
+            "train data-parallel); run Optuna workers with python -m experiments.workers instead"
+        )
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if claim_run_dir(out, defining, force_new=cfg.force_new) == "replaced":
+            log.warning("%s held a search with another config: its files moved to %s/replaced-*", out, out)
     result = job.strategy.search(job.space, job.evaluator, run_dir=out)
-    trial, _ = write_outputs(result, job, cfg, out)
-    print(summary(result, trial, out))
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        trial, _ = write_outputs(result, job, cfg, out)
+        print(summary(result, trial, out))
     return result
 
 
@@ -234,7 +251,10 @@ def main(cfg: DictConfig) -> Any:
     out = Path(HydraConfig.get().runtime.output_dir)
 
     def body() -> int:
-        run(cfg, out)
+        try:
+            run(cfg, out)
+        finally:
+            distributed.shutdown()
         return 0
 
     status = run_cli("nmsearch", body, on_interrupt=f"run it again with hydra.run.dir={out} to resume")

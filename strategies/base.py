@@ -141,7 +141,7 @@ class Candidate:
     """One evaluated (or attempted) scheme, as strategies report it."""
 
     trial: int
-    scheme: Scheme
+    scheme: Scheme | None  # None: the worker died before the trial drew all its choices
     evaluation: Evaluation | None
     state: str = COMPLETE
     duration_s: float = 0.0
@@ -211,8 +211,8 @@ def trials_frame(candidates: Iterable[Candidate], objectives: Sequence[Objective
             feasible=c.feasible,
             duration_s=c.duration_s,
             reason=reason,
-            summary=c.scheme.summary(),
-            scheme=json.dumps(c.scheme.choices, separators=(",", ":")),
+            summary=c.scheme.summary() if c.scheme is not None else "",
+            scheme=json.dumps(c.scheme.choices, separators=(",", ":")) if c.scheme is not None else "",
         )
         rows.append(row)
     base = ["trial", "state", *(o.name for o in objectives)]
@@ -267,7 +267,7 @@ class SearchResult:
             strategy,
             tuple(objectives),
             trials_frame(candidates, objectives),
-            {c.trial: c.scheme for c in candidates},
+            {c.trial: c.scheme for c in candidates if c.scheme is not None},
             dict(metadata or {}),
             dict(tables or {}),
         )
@@ -420,6 +420,7 @@ class SearchResult:
             schemes = {
                 int(row.trial): Scheme.from_choices(json.loads(row.scheme), fingerprint=fingerprint)
                 for row in trials.itertuples()
+                if isinstance(row.scheme, str) and row.scheme  # "": the worker died before drawing it
             }
         except (ValueError, TypeError, AttributeError) as error:  # json and Scheme errors
             raise ResultFileError(f"'{trials_path}': a scheme column entry is not a scheme ({error})") from None

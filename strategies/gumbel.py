@@ -56,6 +56,7 @@ from evaluators import (
     HardwareCostModel,
     Objective,
     check_evaluator,
+    distributed,
     evaluate_safely,
     find_part_or_none,
 )
@@ -629,6 +630,7 @@ class _SupernetRun:
                 for p in model.parameters():
                     p.requires_grad_(True)
                 row.update(arch_loss=arch_stats.loss, arch_accuracy=arch_stats.accuracy)
+            distributed.average_buffers(model)  # BatchNorm statistics of the ranks' slices
             with torch.no_grad():
                 probs = self._probabilities(logits)
                 ratio = float(self.table.expected(probs, strategy.cost_metric)) / self.dense_cost
@@ -638,7 +640,7 @@ class _SupernetRun:
                 p = logits[name].detach().softmax(-1)
                 for option, value in zip(space.options[name], p.tolist(), strict=True):
                     prob_rows.append({"epoch": epoch, "layer": name, "option": option.name, "probability": value})
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and distributed.is_main():  # rank 0 alone writes
                 state = {
                     "epoch": epoch, "model": model.state_dict(), "logits": {k: v.detach() for k, v in logits.items()},
                     "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": torch.get_rng_state(),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -23,14 +23,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluators import Constraint, Evaluation, Evaluator, Objective, check_evaluator, evaluate_safely, select_objectives
 from search_space import NMSearchError, SearchSpace
-from strategies.base import COMPLETE, FAIL, Candidate, Choice, SearchResult, StrategyBase
+from strategies.base import Candidate, Choice, SearchResult, StrategyBase
 from strategies.storage import (
+    SearchToken,
     StorageError,
     TrialLease,
-    fail_stale_leases,
+    claim_trial,
+    fail_stale_trials,
     has_native_heartbeat,
     open_storage,
+    public_url,
     resolve_storage,
+    retry_trial,
 )
 
 SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
@@ -50,11 +54,23 @@ class Sampler(Choice):
         return f"unknown sampler {value!r}; choose one of {cls.values()}"
 
 
-_FAIL_REASON = "fail_reason"
+FAIL_REASON_ATTR = "fail_reason"
+_WARM_START_ATTR = "nmsearch.warm_start_enqueued"
+SKIPPED_ATTR = "nmsearch.skipped"
+_SURPLUS = "not evaluated: the budget was already filled (by other workers)"
+_YIELDED = "not evaluated: yields its budget slot to a queued (retried) trial"
+_TIMED_OUT = "not evaluated: timeout_s ran out while it waited for its turn"
+_POLL_S = 0.1
 
 
 class _EvaluationFailed(Exception):
     """Raised inside the Optuna objective so the trial is recorded as failed (and caught)."""
+
+
+def _skip(trial: optuna.Trial, reason: str) -> NoReturn:
+    """End a trial unevaluated (state PRUNED), the reason recorded."""
+    trial.set_user_attr(SKIPPED_ATTR, reason)
+    raise optuna.TrialPruned(reason)
 
 
 def make_sampler(name: str, seed: int | None, population_size: int | None = None) -> optuna.samplers.BaseSampler:
@@ -158,7 +174,7 @@ class OptunaStrategy(StrategyBase):
         wanted = list(zip(names, directions, strict=True))
         if found != wanted:
             raise StorageError(
-                f"study {self.study_name!r} in {storage_url} optimises "
+                f"study {self.study_name!r} in {public_url(storage_url)} optimises "
                 + ", ".join(f"{n} ({d})" for n, d in found)
                 + f"; this search asks for {', '.join(f'{n} ({d})' for n, d in wanted)}: use another study_name"
             )
@@ -171,12 +187,17 @@ class OptunaStrategy(StrategyBase):
         return study
 
     def _enqueue_warm_start(self, study: optuna.Study, space: SearchSpace) -> None:
-        taken = {
-            json.dumps(t.params, sort_keys=True)
-            for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-            or t.user_attrs.get(_FAIL_REASON)
-        }
+        """Enqueue the dense and uniform schemes (and ``warm_start_schemes``) once per study: the study
+        records that it did (a resumed or second worker does not queue them again); schemes already
+        queued, running, done or failed by the evaluator are skipped should an earlier run die half-way."""
+        if study.user_attrs.get(_WARM_START_ATTR):
+            return
+        taken = set()
+        for t in study.get_trials(deepcopy=False):
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or t.user_attrs.get(FAIL_REASON_ATTR):
+                taken.add(json.dumps(t.params, sort_keys=True))
+            elif t.state == TrialState.WAITING:  # queued trials hold their parameters apart
+                taken.add(json.dumps(t.system_attrs.get("fixed_params") or t.params, sort_keys=True))
         extra = {
             f"warm_start_schemes[{i}]": space.scheme(choices) for i, choices in enumerate(self.warm_start_schemes)
         }
@@ -184,6 +205,7 @@ class OptunaStrategy(StrategyBase):
             params = {name: scheme[name].name for name in space.searchable}
             if json.dumps(params, sort_keys=True) not in taken:
                 study.enqueue_trial(params, user_attrs={"warm_start": label})
+        study.set_user_attr(_WARM_START_ATTR, time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     def search(
         self, space: SearchSpace, evaluator: Evaluator, *, run_dir: str | os.PathLike | None = None
@@ -193,44 +215,123 @@ class OptunaStrategy(StrategyBase):
             raise NMSearchError("the search space has no layer with a choice: nothing to search")
         storage_url = resolve_storage(self.storage, Path(run_dir) if run_dir is not None else None)
         study = self._open_study(storage_url, objectives, space)
-        leases = not has_native_heartbeat(study._storage) and storage_url is not None
-        if leases:
-            fail_stale_leases(study, self.grace_period_s, self.max_retry)
+        with SearchToken() as token:
+            return self._search(study, space, evaluator, objectives, constraints, storage_url, token)
+
+    def _search(
+        self,
+        study: optuna.Study,
+        space: SearchSpace,
+        evaluator: Evaluator,
+        objectives: Sequence[Objective],
+        constraints: Sequence[Constraint],
+        storage_url: str | None,
+        token: str,
+    ) -> SearchResult:
+        shared = storage_url is not None
+        leases = shared and not has_native_heartbeat(study._storage)
+        if shared:  # trials of dead runs come back before anything new starts
+            fail_stale_trials(study, self.grace_period_s, self.max_retry, leases=leases)
         if self.warm_start and self.worker_index == 0:
             self._enqueue_warm_start(study, space)
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
-        done = self._completed_evaluations(study, space) if self.reuse_evaluations else {}
+        current: list[optuna.Trial] = []  # the trial being run, for _taken_over
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
-            if leases:
-                fail_stale_leases(study, self.grace_period_s, self.max_retry)
-            choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
-            scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
-            trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
-            key = tuple(choices.values())
-            if key in done:
-                number, earlier = done[key]
-                evaluation = Evaluation(earlier.values, info={**earlier.info, "duplicate_of": number})
-            else:
-                with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
+            current[:] = [trial]
+            try:
+                return evaluate(trial)
+            except (_EvaluationFailed, optuna.TrialPruned):
+                raise
+            except BaseException:  # the search stops here (Ctrl-C, a crash): queue this trial's retry
+                retry_trial(study, trial, self.max_retry)
+                raise
+
+        def evaluate(trial: optuna.Trial) -> tuple[float, ...]:
+            with TrialLease(trial, self.heartbeat_interval_s) if leases else nullcontext():
+                if shared:
+                    claim_trial(study, trial, token)
+                frozen = study._storage.get_trial(trial._trial_id)
+                queued = bool(frozen.system_attrs.get("fixed_params") or frozen.params)  # enqueued or a retry
+                choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
+                scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
+                trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
+                earlier = self._wait_for_turn(study, trial, choices, queued, shared, leases, deadline)
+                if earlier is not None:
+                    number, stored = earlier
+                    evaluation = Evaluation(stored.values, info={**stored.info, "duplicate_of": number})
+                else:
                     evaluation = evaluate_safely(evaluator, scheme)
-                if self.reuse_evaluations and not evaluation.failed:
-                    done[key] = (trial.number, evaluation)
-            return self._record(trial, evaluation, objectives, constraints)
+                return self._record(trial, evaluation, objectives, constraints)
 
         def stop_at_budget(study: optuna.Study, _: FrozenTrial) -> None:
-            if self.n_trials is not None and self._finished(study) >= self.n_trials:
+            if self.n_trials is not None and self._finished(study.get_trials(deepcopy=False)) >= self.n_trials:
                 study.stop()
 
-        if self.n_trials is None or self._finished(study) < self.n_trials:
-            study.optimize(
-                objective,
-                timeout=self.timeout_s,
-                callbacks=[stop_at_budget],
-                catch=(_EvaluationFailed,),
-                show_progress_bar=self.show_progress_bar,
-            )
+        while self.n_trials is None or self._finished(study.get_trials(deepcopy=False)) < self.n_trials:
+            try:
+                study.optimize(
+                    objective,
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                    callbacks=[stop_at_budget],
+                    catch=(_EvaluationFailed,),
+                    show_progress_bar=self.show_progress_bar,
+                )
+                break
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial": see _taken_over
+                if not self._taken_over(study, current):
+                    raise
         return self.result(study, space, objectives, storage_url)
+
+    @staticmethod
+    def _taken_over(study: optuna.Study, current: list[optuna.Trial]) -> bool:
+        """Whether this worker's trial was failed (and re-enqueued) by another worker while it ran,
+        as happens when its heartbeats were late past the grace period: the retry redoes the
+        trial, and this worker goes on with the next one."""
+        return bool(current) and study._storage.get_trial(current[-1]._trial_id).state.is_finished()
+
+    def _wait_for_turn(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        choices: dict[str, str],
+        queued: bool,
+        shared: bool,
+        leases: bool,
+        deadline: float | None,
+    ) -> tuple[int, Evaluation] | None:
+        """Hold a trial whose scheme is drawn until it may be evaluated, so that workers sharing a
+        study neither overrun the budget nor score one scheme twice. Trials only wait for trials
+        with lower numbers (no deadlock): until each has drawn its scheme, one with the same scheme
+        has finished (then its evaluation is reused), and until the budget has room. A trial of a
+        dead worker stops counting once it is failed. Returns ``(trial number, evaluation)`` to
+        reuse, or ``None`` to evaluate; raises ``TrialPruned`` when the budget is full (or, for a
+        fresh draw, when queued retries fill what is left of it)."""
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            ahead = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number]
+            finished = self._finished(trials)
+            if self.n_trials is not None and finished >= self.n_trials:
+                _skip(trial, _SURPLUS)
+            waiting = sum(t.state == TrialState.WAITING for t in trials)
+            if (
+                self.n_trials is not None
+                and not queued
+                and waiting
+                and finished + len(ahead) + waiting >= self.n_trials
+            ):
+                _skip(trial, _YIELDED)
+            blocked = (self.n_trials is not None and finished + len(ahead) >= self.n_trials) or any(
+                set(t.params) != set(choices) or (self.reuse_evaluations and t.params == choices) for t in ahead
+            )
+            if not blocked:
+                return self._earlier_evaluation(trials, choices) if self.reuse_evaluations else None
+            if deadline is not None and time.monotonic() > deadline:
+                _skip(trial, _TIMED_OUT)
+            time.sleep(_POLL_S)
+            if shared:
+                fail_stale_trials(study, self.grace_period_s, self.max_retry, leases=leases)
 
     @staticmethod
     def _record(
@@ -248,44 +349,42 @@ class OptunaStrategy(StrategyBase):
         values = [evaluation.values.get(o.name, math.nan) for o in objectives]
         if evaluation.failed or not all(math.isfinite(v) for v in values):
             reason = evaluation.reason or "non-finite objective value"
-            trial.set_user_attr(_FAIL_REASON, reason)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
             raise _EvaluationFailed(reason)
         for constraint in constraints:
             trial.set_constraint(str(constraint), constraint.violation(evaluation.values))
         return tuple(values)
 
     @staticmethod
-    def _completed_evaluations(
-        study: optuna.Study, space: SearchSpace
-    ) -> dict[tuple[str, ...], tuple[int, Evaluation]]:
-        """Evaluations of the study's completed trials (of earlier runs and workers), by choices."""
-        done = {}
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            record = trial.user_attrs.get("evaluation")
-            if record and "duplicate_of" not in record["info"] and set(trial.params) == set(space.searchable):
-                evaluation = Evaluation(record["metrics"], info=record["info"], duration_s=record["duration_s"])
-                done[tuple(trial.params[name] for name in space.searchable)] = (trial.number, evaluation)
-        return done
+    def _earlier_evaluation(trials: Sequence[FrozenTrial], choices: dict[str, str]) -> tuple[int, Evaluation] | None:
+        """The evaluation of a completed trial (of any run or worker) with the same choices."""
+        for trial in trials:
+            record = trial.user_attrs.get("evaluation") if trial.state == TrialState.COMPLETE else None
+            if record and "duplicate_of" not in record["info"] and trial.params == choices:
+                return trial.number, Evaluation(record["metrics"], info=record["info"], duration_s=record["duration_s"])
+        return None
 
     @staticmethod
-    def _finished(study: optuna.Study) -> int:
+    def _finished(trials: Sequence[FrozenTrial]) -> int:
         """Evaluations that count against the budget: completed, or failed by the evaluator
         (not trials of workers that died; those are retried)."""
-        return sum(
-            1
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            if t.state == TrialState.COMPLETE or t.user_attrs.get(_FAIL_REASON)
-        )
+        return sum(t.state == TrialState.COMPLETE or bool(t.user_attrs.get(FAIL_REASON_ATTR)) for t in trials)
 
     def result(
         self, study: optuna.Study, space: SearchSpace, objectives: Sequence[Objective], storage_url: str | None
     ) -> SearchResult:
-        """Every trial of the study as a :class:`SearchResult`."""
+        """Every trial of the study but the queued ones as a :class:`SearchResult` (one row per
+        trial in the storage, so ``trials.csv`` and the storage agree); a trial whose worker died
+        before it drew all its choices has no scheme."""
         candidates = []
         for trial in study.get_trials(deepcopy=False):
-            if trial.state in (TrialState.WAITING, TrialState.PRUNED) or set(trial.params) != set(space.searchable):
+            if trial.state == TrialState.WAITING:
                 continue
-            scheme = space.scheme(trial.params, provenance={"strategy": self.name, "trial": trial.number})
+            scheme = (
+                space.scheme(trial.params, provenance={"strategy": self.name, "trial": trial.number})
+                if set(trial.params) == set(space.searchable)
+                else None
+            )
             stored = trial.user_attrs.get("evaluation")
             evaluation = None
             if stored is not None:
@@ -296,7 +395,7 @@ class OptunaStrategy(StrategyBase):
                 if trial.datetime_complete and trial.datetime_start
                 else math.nan
             )
-            reason = trial.user_attrs.get(_FAIL_REASON, "")
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR) or trial.user_attrs.get(SKIPPED_ATTR, "")
             if trial.state == TrialState.FAIL and not reason:
                 reason = "interrupted: the worker stopped or died during this trial"
             candidates.append(
@@ -304,7 +403,7 @@ class OptunaStrategy(StrategyBase):
                     trial=trial.number,
                     scheme=scheme,
                     evaluation=evaluation,
-                    state={TrialState.COMPLETE: COMPLETE, TrialState.FAIL: FAIL}.get(trial.state, trial.state.name),
+                    state=trial.state.name,
                     duration_s=duration,
                     feasible=all(v <= 0 for v in trial.constraints.values()),
                     reason=reason,
@@ -314,7 +413,7 @@ class OptunaStrategy(StrategyBase):
             "sampler": self.sampler,
             "seed": self.seed,
             "study_name": self.study_name,
-            "storage": storage_url,
+            "storage": public_url(storage_url),
             "constraints": [str(Constraint.parse(c)) for c in self.constraints],
             "fingerprint": space.fingerprint,
             "n_trials": self.n_trials,

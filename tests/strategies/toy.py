@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
+import optuna
 import torch
 from torch import nn
 
 from evaluators import Evaluation, Objective
 from search_space import Scheme, SearchSpace
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def toy_model() -> nn.Module:
@@ -60,18 +67,52 @@ class ToyEvaluator:
         )
 
 
-if __name__ == "__main__":  # a worker process: python -m tests.strategies.toy STORAGE N_TRIALS WORKER SLEEP MARKER
+def worker(
+    storage: str,
+    n_trials: int,
+    index: int = 0,
+    *,
+    sleep_s: float = 0.0,
+    marker: str | os.PathLike = "",
+    run_dir: str | os.PathLike = "",
+    grace_period_s: int = 3,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """A worker process running an Optuna search of the toy space on ``storage`` (see ``main``)."""
+    command = [
+        sys.executable, "-m", "tests.strategies.toy", storage, str(n_trials), str(index),
+        "--sleep", str(sleep_s), "--marker", str(marker), "--run-dir", str(run_dir), "--grace", str(grace_period_s),
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One worker: search the toy space on a shared storage; with ``--run-dir`` save the result."""
     from strategies import OptunaStrategy
 
-    storage, n_trials, worker, sleep_s, marker = (
-        sys.argv[1],
-        int(sys.argv[2]),
-        int(sys.argv[3]),
-        float(sys.argv[4]),
-        sys.argv[5],
-    )
+    parser = argparse.ArgumentParser()
+    parser.add_argument("storage")
+    parser.add_argument("n_trials", type=int)
+    parser.add_argument("worker", type=int)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--marker", default="")
+    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--grace", type=int, default=3)
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = toy_space()
     strategy = OptunaStrategy(
-        n_trials=n_trials, storage=storage, worker_index=worker, heartbeat_interval_s=1, grace_period_s=3
+        n_trials=args.n_trials,
+        storage=args.storage,
+        worker_index=args.worker,
+        heartbeat_interval_s=1,
+        grace_period_s=args.grace,
     )
-    strategy.search(space, ToyEvaluator(space, sleep_s=sleep_s, marker=marker or None))
+    result = strategy.search(space, ToyEvaluator(space, sleep_s=args.sleep, marker=args.marker or None))
+    if args.run_dir:
+        result.save(args.run_dir)
+
+
+if __name__ == "__main__":
+    main()
