@@ -1,0 +1,92 @@
+"""Every ```python block of the docs site runs: one namespace per page, top to bottom, in a
+temporary working directory. A page marked ``<!-- docs-test: slow ... -->`` runs under
+``pytest -m slow`` (CI runs both); ``--8<-- "path"`` lines include a repository file, as the
+site's snippets extension does, so the code shown is the code tested."""
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)
+SLOW = "<!-- docs-test: slow"
+
+
+def python_blocks(text: str) -> list[str]:
+    """The page's ```python blocks with their snippet lines replaced by the included files."""
+    return [SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), block) for block in BLOCK.findall(text)]
+
+
+def pages() -> list:
+    params = []
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text()
+        if python_blocks(text):
+            marks = [pytest.mark.slow] if SLOW in text else []
+            params.append(pytest.param(page, marks=marks, id=str(page.relative_to(DOCS))))
+    return params
+
+
+@pytest.fixture(scope="session")
+def docs_cache(tmp_path_factory) -> Path:
+    """One pre-training cache for all pages, never the user's ~/.cache."""
+    return tmp_path_factory.mktemp("nmsearch-cache")
+
+
+def run_page(page: Path) -> dict:
+    # A real module, so dataclasses and pickling defined on the page resolve their module.
+    module = types.ModuleType("docs_page_" + re.sub(r"\W", "_", page.stem))
+    sys.modules[module.__name__] = module
+    try:
+        for number, block in enumerate(python_blocks(page.read_text()), start=1):
+            exec(compile(block, f"{page.name} (python block {number})", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module.__dict__
+
+
+@pytest.mark.parametrize("page", pages())
+def test_page_python_blocks_run(page: Path, tmp_path, monkeypatch, docs_cache) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NMSEARCH_CACHE_DIR", str(docs_cache))
+    run_page(page)
+
+
+def test_blocks_are_found_and_snippets_exist() -> None:
+    found = [param.values[0] for param in pages()]
+    assert DOCS / "getting-started" / "your-own-model.md" in found
+    for page in DOCS.rglob("*.md"):
+        for path in SNIPPET.findall(page.read_text()):
+            assert (ROOT / path).is_file(), f"{page.relative_to(ROOT)} includes {path}, which does not exist"
+
+
+def test_a_failing_block_fails(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nvalue = 1\n```\n\ntext\n\n```python\nassert value == 2, 'blocks share a namespace'\n```\n")
+    with pytest.raises(AssertionError, match="blocks share a namespace"):
+        run_page(page)
+
+
+def test_every_config_key_is_documented() -> None:
+    """reference/config.md names every key of every file in conf/ (as `key` or `group.key`)."""
+    documented = (DOCS / "reference" / "config.md").read_text()
+
+    def keys(node: object) -> set[str]:
+        if not isinstance(node, dict):
+            return set()
+        own = {k for k in node if k not in ("defaults", "hydra") and not k.startswith("_")}
+        return own | {key for k in own for key in keys(node[k])}
+
+    missing = {
+        f"{path.relative_to(ROOT)}: {key}"
+        for path in (ROOT / "conf").rglob("*.yaml")
+        for key in keys(yaml.safe_load(path.read_text()))
+        if not re.search(rf"`([\w.]+\.)?{re.escape(key)}`", documented)
+    }
+    assert not missing, f"add these keys to docs/reference/config.md: {sorted(missing)}"
