@@ -68,8 +68,8 @@ def test_blocks_are_found_and_snippets_exist() -> None:
 
 def test_a_failing_block_fails(tmp_path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("```python\nvalue = 1\n```\n\ntext\n\n```python\nassert value == 2, 'blocks share a namespace'\n```\n")
-    with pytest.raises(AssertionError, match="blocks share a namespace"):
+    page.write_text("```python\nvalue = 1\n```\n\ntext\n\n```python\nassert value == 2, 'one namespace'\n```\n")
+    with pytest.raises(AssertionError, match="one namespace"):
         run_page(page)
 
 
