@@ -40,7 +40,16 @@ class StorageError(NMSearchError):
 
 
 def resolve_storage(storage: str | None, run_dir: Path | None) -> str | None:
-    """The storage URL a search uses (``None`` means in-memory: no run directory, no storage)."""
+    """The storage URL a search uses.
+
+    Args:
+        storage: The configured storage, or ``None``.
+        run_dir: The run directory, or ``None``.
+
+    Returns:
+        ``storage`` when given; else ``sqlite:///RUN_DIR/optuna.db``; ``None`` (in memory) when
+        there is neither.
+    """
     if storage:
         return storage
     if run_dir is None:
@@ -49,6 +58,14 @@ def resolve_storage(storage: str | None, run_dir: Path | None) -> str | None:
 
 
 def journal_path(url: str | None) -> Path | None:
+    """The Journal file a storage URL names.
+
+    Args:
+        url: A storage URL, ``journal:PATH``, a path ending in ``.log``, or ``None``.
+
+    Returns:
+        The file's path for a Journal storage, else ``None``.
+    """
     if url is None:
         return None
     if url.startswith("journal:"):
@@ -61,7 +78,21 @@ def journal_path(url: str | None) -> Path | None:
 def open_storage(
     url: str | None, *, heartbeat_interval_s: int = 10, grace_period_s: int = 30, max_retry: int = 3
 ) -> BaseStorage:
-    """Open (creating when needed) the storage at ``url``; a clear error when that fails."""
+    """Open the storage at ``url``, creating it (and its folder) when needed.
+
+    Args:
+        url: ``None`` (in memory), ``journal:PATH`` or a path ending in ``.log`` (a Journal file),
+            or an RDB URL (``sqlite:///...`` in WAL mode, ``postgresql://...``, ``mysql://...``).
+        heartbeat_interval_s: RDB storages: seconds between a running trial's heartbeats.
+        grace_period_s: RDB storages: a trial without a heartbeat this long is failed.
+        max_retry: How often a failed stale trial is enqueued again.
+
+    Returns:
+        The Optuna storage.
+
+    Raises:
+        StorageError: If the storage cannot be opened (bad URL, missing driver, unreachable server).
+    """
     if url is None:
         return InMemoryStorage()
     path = journal_path(url)
@@ -106,11 +137,20 @@ def _use_write_ahead_log(storage: RDBStorage) -> None:
 
 
 def has_native_heartbeat(storage: BaseStorage) -> bool:
+    """Whether Optuna heartbeats the storage's trials itself (RDB storages do; Journal files do not)."""
     return isinstance(storage, RDBStorage)
 
 
 class TrialLease:
-    """While a trial runs, record a heartbeat in its user attributes every ``interval_s``."""
+    """While a trial runs, record a heartbeat in its user attributes every ``interval_s``.
+
+    A context manager, for storages without Optuna's own heartbeat (Journal files); see
+    :func:`fail_stale_leases`.
+
+    Args:
+        trial: The running trial.
+        interval_s: Seconds between heartbeats.
+    """
 
     def __init__(self, trial: optuna.Trial, interval_s: float) -> None:
         self.trial, self.interval_s = trial, interval_s
@@ -133,8 +173,18 @@ class TrialLease:
 
 
 def fail_stale_leases(study: optuna.Study, grace_period_s: float, max_retry: int) -> list[int]:
-    """Fail RUNNING trials whose last heartbeat (or start) is older than the grace period and
-    re-enqueue them; only the worker whose state change succeeds re-enqueues. Returns their numbers."""
+    """Fail RUNNING trials whose last heartbeat (or start) is older than the grace period, and re-enqueue them.
+
+    Only the worker whose state change succeeds re-enqueues, so a trial comes back once.
+
+    Args:
+        study: The study.
+        grace_period_s: Seconds without a heartbeat after which a running trial counts as dead.
+        max_retry: How often one scheme is enqueued again at most.
+
+    Returns:
+        The numbers of the trials this call failed.
+    """
     storage = study._storage  # Optuna's own fail_stale_trials works on the storage the same way
     now = time.time()
     failed = []
