@@ -90,3 +90,18 @@ def test_every_config_key_is_documented() -> None:
         if not re.search(rf"`([\w.]+\.)?{re.escape(key)}`", documented)
     }
     assert not missing, f"add these keys to docs/reference/config.md: {sorted(missing)}"
+
+
+def test_every_module_has_an_api_page() -> None:
+    """reference/api/<package>.md renders every module of the package (``::: package.module``)."""
+    missing = []
+    for package in ("search_space", "evaluators", "strategies", "experiments"):
+        page = (DOCS / "reference" / "api" / f"{package}.md").read_text()
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            module = ".".join(parts)
+            if module != package and not parts[-1].startswith("_") and f"::: {module}\n" not in page:
+                missing.append(module)
+    assert not missing, f"add '::: MODULE' lines to docs/reference/api/ for: {missing}"
