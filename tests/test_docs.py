@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -74,7 +78,8 @@ def test_a_failing_block_fails(tmp_path) -> None:
 
 
 def test_every_config_key_is_documented() -> None:
-    """reference/config.md names every key of every file in conf/ (as `key` or `group.key`)."""
+    """reference/config.md names every key of every file in conf/ and of the composed config (as
+    `key` or `group.key`)."""
     documented = (DOCS / "reference" / "config.md").read_text()
 
     def keys(node: object) -> set[str]:
@@ -83,10 +88,16 @@ def test_every_config_key_is_documented() -> None:
         own = {k for k in node if k not in ("defaults", "hydra") and not k.startswith("_")}
         return own | {key for k in own for key in keys(node[k])}
 
+    sources = {str(p.relative_to(ROOT)): yaml.safe_load(p.read_text()) for p in (ROOT / "conf").rglob("*.yaml")}
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for strategy in sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")):
+            config = compose("config", overrides=[f"strategy={strategy}"])  # the schemas' keys too
+            sources[f"composed config, strategy={strategy}"] = OmegaConf.to_container(config)
     missing = {
-        f"{path.relative_to(ROOT)}: {key}"
-        for path in (ROOT / "conf").rglob("*.yaml")
-        for key in keys(yaml.safe_load(path.read_text()))
+        f"{source}: {key}"
+        for source, node in sources.items()
+        for key in keys(node)
         if not re.search(rf"`([\w.]+\.)?{re.escape(key)}`", documented)
     }
     assert not missing, f"add these keys to docs/reference/config.md: {sorted(missing)}"
