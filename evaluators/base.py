@@ -34,7 +34,16 @@ class EvaluatorError(NMSearchError):
 
 @dataclass(frozen=True)
 class Objective:
-    """A named quantity a strategy optimises, with its direction and display unit."""
+    """A named quantity a strategy optimises, with its direction and display unit.
+
+    Attributes:
+        name: The metric's name, e.g. ``"accuracy"``, ``"latency_ms"``.
+        direction: ``"maximize"`` or ``"minimize"``.
+        unit: Display unit, e.g. ``"ms"`` (may be empty).
+
+    Raises:
+        NMSearchError: If ``direction`` is neither.
+    """
 
     name: str
     direction: str
@@ -51,12 +60,21 @@ class Objective:
 
     @property
     def label(self) -> str:
+        """The name with its unit, e.g. ``"latency_ms [ms]"``, for axes and tables."""
         return f"{self.name} [{self.unit}]" if self.unit else self.name
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Objective values of one scheme (``values``), plus extra measurements (``info``)."""
+    """Objective values of one scheme, plus extra measurements. Immutable.
+
+    Attributes:
+        values: Objective name to value (NaN for a failed evaluation).
+        failed: Whether the evaluation failed (e.g. training diverged).
+        reason: Why it failed, one line.
+        info: Other measurements (``loss``, ``fidelity``, every cost metric, ...).
+        duration_s: Wall time of the evaluation.
+    """
 
     values: Mapping[str, float]
     failed: bool = False
@@ -70,17 +88,42 @@ class Evaluation:
 
     @classmethod
     def failure(cls, objectives: Sequence[Objective], reason: str, **kwargs: Any) -> Evaluation:
+        """A failed evaluation: every objective NaN.
+
+        Args:
+            objectives: The evaluator's objectives.
+            reason: Why it failed, one line.
+            **kwargs: Other fields (``info``, ``duration_s``).
+
+        Returns:
+            The evaluation with ``failed=True``.
+        """
         return cls({o.name: math.nan for o in objectives}, failed=True, reason=reason, **kwargs)
 
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Maps a scheme to named objectives. Implementations are bound to one search space."""
+    """Maps a scheme to named objectives. Implementations are bound to one search space.
+
+    Any object with these two members is an evaluator (nothing to inherit);
+    ``isinstance(obj, Evaluator)`` checks for them.
+    """
 
     @property
-    def objectives(self) -> tuple[Objective, ...]: ...
+    def objectives(self) -> tuple[Objective, ...]:
+        """The objectives ``evaluate`` reports, in order."""
+        ...
 
-    def evaluate(self, scheme: Scheme) -> Evaluation: ...
+    def evaluate(self, scheme: Scheme) -> Evaluation:
+        """Score one scheme.
+
+        Args:
+            scheme: A scheme of the evaluator's search space.
+
+        Returns:
+            Its evaluation; a failure is an ``Evaluation`` with ``failed=True``, not an exception.
+        """
+        ...
 
 
 def check_evaluator(evaluator: object) -> tuple[Objective, ...]:
@@ -169,11 +212,23 @@ def _describe(value: object) -> str:
 
 
 def objective_names(evaluator: Evaluator) -> list[str]:
+    """The names of an evaluator's objectives, in order."""
     return [objective.name for objective in evaluator.objectives]
 
 
 def select_objectives(evaluator: Evaluator, names: Sequence[str] | None) -> tuple[Objective, ...]:
-    """The evaluator's objectives named in ``names`` (all when ``None``), in that order."""
+    """Pick some of an evaluator's objectives.
+
+    Args:
+        evaluator: Any evaluator.
+        names: Objective names, or ``None`` for all.
+
+    Returns:
+        The objectives named, in the order of ``names``.
+
+    Raises:
+        NMSearchError: If a name is not one of the evaluator's objectives.
+    """
     if names is None:
         return evaluator.objectives
     by_name = {o.name: o for o in evaluator.objectives}
@@ -188,7 +243,16 @@ _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|
 
 @dataclass(frozen=True)
 class Constraint:
-    """A bound on a metric, e.g. ``latency_ms <= 0.5`` or ``accuracy >= 0.95``."""
+    """A bound on a metric, e.g. ``latency_ms <= 0.5`` or ``accuracy >= 0.95``.
+
+    Attributes:
+        metric: The metric's name.
+        op: ``"<="`` or ``">="``.
+        bound: The bound.
+
+    Raises:
+        NMSearchError: If ``op`` is neither.
+    """
 
     metric: str
     op: str
@@ -200,6 +264,17 @@ class Constraint:
 
     @classmethod
     def parse(cls, text: str | Constraint) -> Constraint:
+        """Read a constraint from text.
+
+        Args:
+            text: ``"metric<=value"`` or ``"metric>=value"`` (spaces allowed), or a ``Constraint``.
+
+        Returns:
+            The constraint.
+
+        Raises:
+            NMSearchError: If the text is not of that form.
+        """
         if isinstance(text, Constraint):
             return text
         match = _CONSTRAINT.match(str(text))
@@ -208,7 +283,17 @@ class Constraint:
         return cls(match.group(1), match.group(2), float(match.group(3)))
 
     def violation(self, values: Mapping[str, float]) -> float:
-        """How far ``values`` break the bound: <= 0 when satisfied (Optuna's convention)."""
+        """How far ``values`` break the bound (Optuna's convention).
+
+        Args:
+            values: Metric values, including this constraint's metric.
+
+        Returns:
+            <= 0 when satisfied, else by how much the bound is exceeded.
+
+        Raises:
+            NMSearchError: If the metric is not in ``values``.
+        """
         if self.metric not in values:
             raise NMSearchError(f"constraint on {self.metric!r}, but the evaluator reports only: {', '.join(values)}")
         value = float(values[self.metric])

@@ -33,10 +33,20 @@ def _as_minimization(values: np.ndarray, directions: Sequence[str]) -> np.ndarra
 
 
 def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``values`` (points x objectives).
+    """Boolean mask of the non-dominated rows of ``values``.
 
-    Identical points are all kept. O(P² K), in chunks, which is fine for the thousands of
-    candidates a search produces.
+    Identical points are all kept; rows with a NaN are never on the front. O(P² K), in chunks,
+    which is fine for the thousands of candidates a search produces.
+
+    Args:
+        values: ``(points, objectives)`` array.
+        directions: ``"maximize"`` or ``"minimize"`` per objective.
+
+    Returns:
+        A ``bool`` array of length ``points``.
+
+    Raises:
+        NMSearchError: If the shape does not match ``directions`` or a direction is unknown.
     """
     losses = _as_minimization(values, directions)
     valid = ~np.isnan(losses).any(axis=1)
@@ -56,7 +66,18 @@ def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
 
 
 def pareto_front(frame: pd.DataFrame, objectives: Sequence[Objective]) -> pd.DataFrame:
-    """The non-dominated rows of ``frame`` (one column per objective), sorted by the first objective."""
+    """The non-dominated rows of a table of candidates.
+
+    Args:
+        frame: One row per candidate, one column per objective (other columns are kept).
+        objectives: The objectives to compare on.
+
+    Returns:
+        The front's rows (index preserved), sorted best first by the first objective.
+
+    Raises:
+        NMSearchError: If an objective has no column.
+    """
     missing = [o.name for o in objectives if o.name not in frame.columns]
     if missing:
         raise NMSearchError(f"no column {missing[0]!r} to compute a Pareto front over")
@@ -94,10 +115,21 @@ def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
 
 
 def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
-    """Volume of objective space dominated by ``values`` and bounded by ``reference`` (in the
-    objectives' own units and directions: e.g. ``(accuracy=0.0, latency=dense latency)``).
+    """Volume of objective space dominated by ``values`` and bounded by ``reference``.
 
     2-D is exact in O(P log P); more objectives are exact by slicing, meant for small fronts.
+
+    Args:
+        values: ``(points, objectives)`` array; rows with a NaN are ignored.
+        directions: ``"maximize"`` or ``"minimize"`` per objective.
+        reference: The bounding point in the objectives' own units and directions, e.g.
+            ``(accuracy=0.0, latency=dense latency)``; see :func:`reference_point`.
+
+    Returns:
+        The hypervolume (0 when no point is better than the reference).
+
+    Raises:
+        NMSearchError: If the shape does not match ``directions`` or a direction is unknown.
     """
     directions = list(directions)
     losses = _as_minimization(values, directions)
@@ -112,8 +144,19 @@ def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequen
 def reference_point(
     frames: Sequence[pd.DataFrame], objectives: Sequence[Objective], margin: float = 0.1
 ) -> list[float]:
-    """A reference point shared by several results: each objective's worst value over all of
-    them, pushed ``margin`` of its range further out, so fronts compare on equal terms."""
+    """A reference point shared by several results, so their hypervolumes compare on equal terms.
+
+    Args:
+        frames: The results' candidate tables.
+        objectives: The objectives.
+        margin: How far past each objective's worst value, as a fraction of its range.
+
+    Returns:
+        Per objective, its worst value over all frames pushed ``margin`` of its range further out.
+
+    Raises:
+        NMSearchError: If an objective has no finite value.
+    """
     values = pd.concat([f[[o.name for o in objectives]] for f in frames], ignore_index=True).astype(float)
     reference = []
     for objective in objectives:
@@ -127,11 +170,21 @@ def reference_point(
 
 
 def knee_index(front: pd.DataFrame, objectives: Sequence[Objective]) -> int:
-    """Row label of the front's knee.
+    """Row label of the front's knee: the balanced point of the trade-off.
 
     Objectives are normalised to [0, 1] over the front (0 = best). With two objectives the knee
     is the point farthest from the chord joining the two extremes (the bend of the trade-off);
     with more, the point closest to the ideal point.
+
+    Args:
+        front: A Pareto front (see :func:`pareto_front`).
+        objectives: Its objectives.
+
+    Returns:
+        The index label of the knee's row.
+
+    Raises:
+        NMSearchError: If the front is empty.
     """
     if front.empty:
         raise NMSearchError("the Pareto front is empty: no candidate completed")
@@ -162,6 +215,17 @@ def plot_pareto(
     """Overlay several results' fronts (e.g. one per strategy) in the ``x``-``y`` plane.
 
     Each result's candidates are drawn faintly and its 2-D front as a staircase.
+
+    Args:
+        results: Label to candidate table (e.g. ``SearchResult.trials``).
+        x: The objective on the horizontal axis.
+        y: The objective on the vertical axis.
+        ax: Draw into these axes; default a new figure.
+        show_all: Also draw every candidate, not only the fronts.
+        title: The axes' title.
+
+    Returns:
+        The axes (``ax.figure.savefig(...)`` saves it).
     """
     if ax is None:
         import matplotlib.pyplot as plt  # here, so importing the package does not load matplotlib

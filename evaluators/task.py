@@ -41,6 +41,21 @@ class TrainingSchedule:
     """How a task's model is trained: dense pre-training and, with ``finetune_lr``, sparse fine-tuning.
 
     The learning rate warms up linearly for ``warmup_epochs``, then follows a cosine to zero.
+
+    Attributes:
+        epochs: Pre-training epochs (and ``full`` evaluations).
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size.
+        optimizer: ``"sgd"`` (Nesterov when momentum > 0) or ``"adamw"``.
+        lr: Pre-training learning rate.
+        momentum: SGD momentum.
+        weight_decay: Weight decay.
+        warmup_epochs: Linear learning-rate warm-up.
+        label_smoothing: Of the cross-entropy loss, in [0, 1).
+        finetune_lr: Learning rate of ``finetune`` evaluations and DominoSearch.
+
+    Raises:
+        TaskError: If a value is out of range or the optimizer unknown.
     """
 
     epochs: int = 30
@@ -88,25 +103,57 @@ class Batches(Protocol):
 
 @runtime_checkable
 class Task(Protocol):
-    """What evaluators need from a task (see the module docstring)."""
+    """What evaluators need from a task. Any object with these six members is one; nothing to inherit."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """A short label (cache file names, logs)."""
+        ...
 
     @property
-    def schedule(self) -> TrainingSchedule: ...
+    def schedule(self) -> TrainingSchedule:
+        """How the task's model is trained."""
+        ...
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self) -> nn.Module:
+        """A freshly initialised dense model (the trainer seeds torch before calling it)."""
+        ...
 
-    def loader(self, split: str, *, shuffle: bool = False, augment: bool = False, seed: int = 0) -> Batches: ...
+    def loader(self, split: str, *, shuffle: bool = False, augment: bool = False, seed: int = 0) -> Batches:
+        """Batches of one split.
 
-    def example_inputs(self) -> Tensor: ...
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            shuffle: Shuffle (training); the order is fixed by ``seed``.
+            augment: Apply training augmentation.
+            seed: Seeds the order and the augmentation.
 
-    def config(self) -> dict[str, Any]: ...
+        Returns:
+            A sized, re-iterable collection of ``(inputs, targets)`` batches.
+        """
+        ...
+
+    def example_inputs(self) -> Tensor:
+        """A small batch for ``SearchSpace.from_model``."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-able dict of everything that changes the pre-trained model; its hash keys the cache."""
+        ...
 
 
 def check_task(task: object) -> Task:
-    """``task`` itself if it has every :class:`Task` member, else a one-line :class:`TaskError`."""
+    """Check an object against the :class:`Task` interface.
+
+    Args:
+        task: Any object.
+
+    Returns:
+        ``task`` itself.
+
+    Raises:
+        TaskError: If a member is missing or ``schedule`` is not a :class:`TrainingSchedule`.
+    """
     members = ("name", "schedule", "build_model", "loader", "example_inputs", "config")
     missing = [member for member in members if not hasattr(task, member)]
     if missing:
@@ -120,16 +167,32 @@ def check_task(task: object) -> Task:
 
 
 def check_split(split: str) -> None:
+    """Check a split name.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+
+    Raises:
+        TaskError: If it is none of them.
+    """
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
 class TensorBatches:
-    """Batches of in-memory tensors; ``prepare(inputs, generator)`` turns each raw batch into model inputs.
+    """Batches of in-memory tensors.
 
     Iterating twice gives the same batches: a shuffled order and random augmentations are drawn
     from a generator seeded with ``seed``. Shuffled loaders drop a last incomplete batch (a
     one-sample batch breaks BatchNorm in training mode).
+
+    Args:
+        inputs: All inputs of the split, raw.
+        targets: Their class labels.
+        batch_size: Samples per batch.
+        shuffle: Shuffle (and drop the last incomplete batch).
+        seed: Seeds the order and ``prepare``'s randomness.
+        prepare: ``prepare(inputs, generator)`` turns each raw batch into model inputs.
     """
 
     def __init__(
@@ -164,12 +227,18 @@ class TensorBatches:
 
 @dataclass(frozen=True)
 class TensorTask:
-    """A task whose splits fit in memory. Subclass it as a dataclass and implement
-    :meth:`load_splits` and :meth:`build_model`; override :meth:`prepare` to normalise or augment.
+    """A task whose splits fit in memory.
 
-    Every dataclass field enters :meth:`config` (the pre-training cache key) unless declared
-    with ``field(metadata={"cache_key": False})`` (e.g. where the data lives, not what it is).
-    Data are loaded on first use, not when the task is constructed.
+    Subclass it as a frozen dataclass and implement :meth:`load_splits` and :meth:`build_model`;
+    override :meth:`prepare` to normalise or augment. Every dataclass field enters :meth:`config`
+    (the pre-training cache key) unless declared with ``field(metadata={"cache_key": False})``
+    (e.g. where the data lives, not what it is). Data are loaded on first use, not when the task
+    is constructed.
+
+    Attributes:
+        name: A short label (a class attribute).
+        seed: Seeds the data split of subclasses that draw one.
+        schedule: How the model is trained.
     """
 
     name: ClassVar[str] = "tensor"
@@ -177,18 +246,37 @@ class TensorTask:
     schedule: TrainingSchedule = field(default_factory=TrainingSchedule)
 
     def load_splits(self) -> Mapping[str, tuple[Tensor, Tensor]]:
-        """``{"train": (inputs, targets), "val": ..., "test": ...}``, raw (before :meth:`prepare`)."""
+        """Load the data.
+
+        Returns:
+            ``{"train": (inputs, targets), "val": ..., "test": ...}``, raw (before :meth:`prepare`).
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement load_splits()")
 
     def build_model(self) -> nn.Module:
+        """A freshly initialised dense model; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_model()")
 
     def prepare(self, inputs: Tensor, augment: bool, generator: torch.Generator) -> Tensor:
-        """Raw batch to model inputs (``augment`` only for training batches); default: as float."""
+        """Turn a raw batch into model inputs; default: as float.
+
+        Args:
+            inputs: A raw batch from :meth:`load_splits`.
+            augment: Whether to augment (training batches only).
+            generator: The source of randomness, seeded by the loader.
+
+        Returns:
+            The model inputs.
+        """
         return inputs.float()
 
     @cached_property
     def splits(self) -> Mapping[str, tuple[Tensor, Tensor]]:
+        """The loaded splits, checked (loaded once, on first use).
+
+        Raises:
+            TaskError: If a split is missing, empty, or its inputs and targets differ in length.
+        """
         splits = self.load_splits()
         missing = [split for split in SPLITS if split not in splits]
         if missing:
@@ -201,6 +289,11 @@ class TensorTask:
         return splits
 
     def loader(self, split: str, *, shuffle: bool = False, augment: bool = False, seed: int = 0) -> TensorBatches:
+        """Batches of one split (see :meth:`Task.loader`).
+
+        Raises:
+            TaskError: If ``split`` is unknown or the splits are invalid.
+        """
         check_split(split)
         inputs, targets = self.splits[split]
         batch_size = self.schedule.batch_size if shuffle else self.schedule.eval_batch_size
@@ -219,6 +312,7 @@ class TensorTask:
         return self.prepare(inputs[:2], False, torch.Generator().manual_seed(0))
 
     def config(self) -> dict[str, Any]:
+        """The class's qualified name and every cache-key field: keys the pre-training cache."""
         values = {}
         for f in dataclasses.fields(self):
             if f.metadata.get("cache_key", True):

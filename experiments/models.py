@@ -12,6 +12,14 @@ from torch import Tensor, nn
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (a 1x1 conv-BN when the shape changes).
+
+    Args:
+        in_planes: Input channels.
+        planes: Output channels.
+        stride: Stride of the first conv and of the shortcut.
+    """
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -29,7 +37,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A ResNet of :class:`BasicBlock` stages."""
+    """A ResNet of :class:`BasicBlock` stages.
+
+    Args:
+        blocks_per_stage: Blocks in each stage; every stage after the first halves the resolution.
+        widths: Channels of each stage.
+        num_classes: Outputs of the final linear layer.
+        in_channels: Input channels.
+        imagenet_stem: A 7x7 stride-2 conv and a max-pool (ImageNet) instead of one 3x3 conv (CIFAR).
+    """
 
     def __init__(
         self,
@@ -70,10 +86,32 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 10, variant: str = "cifar", in_channels: int = 3) -> ResNet:
+    """ResNet-18 (He et al., 2016): four stages of two blocks, 64 to 512 channels.
+
+    Args:
+        num_classes: Outputs of the classifier.
+        variant: ``"cifar"`` (3x3 stem, for 32x32 inputs) or ``"imagenet"`` (7x7 stem and max-pool).
+        in_channels: Input channels.
+
+    Returns:
+        The model, freshly initialised.
+
+    Raises:
+        ValueError: If ``variant`` is neither.
+    """
     if variant not in ("cifar", "imagenet"):
         raise ValueError(f"resnet18 variant must be 'cifar' or 'imagenet', got {variant!r}")
     return ResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels, imagenet_stem=variant == "imagenet")
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    """ResNet-20 for CIFAR (He et al., 2016): three stages of three blocks, 16 to 64 channels.
+
+    Args:
+        num_classes: Outputs of the classifier.
+        in_channels: Input channels.
+
+    Returns:
+        The model, freshly initialised.
+    """
     return ResNet([3, 3, 3], [16, 32, 64], num_classes, in_channels)

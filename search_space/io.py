@@ -20,7 +20,21 @@ class OutputDirError(NMSearchError):
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    """Write a file so that readers see the old content or the new one, never half of either.
+
+    ``write(file)`` fills a temporary file next to ``path``, which is fsynced and renamed over
+    ``path``; on any error the temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path: The file to write; missing parent folders are created.
+        write: Called once with the temporary file, opened for binary writing.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: If the folder or the file cannot be written (whatever ``write`` raises propagates too).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -44,7 +58,15 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`).
+
+    Args:
+        path: The file to write.
+        text: Its new content.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 

@@ -45,11 +45,17 @@ ESTIMATORS = ("ste", "srste", "fixed")
 class MaskState:
     """How the weight mask is applied right now; set per step by a :class:`Recipe`.
 
-    ``enabled=False`` runs the layer dense (warm-up). ``decay_beta`` lets pruned weights
-    through scaled by beta (mask decay). ``weight_nm`` overrides the target ``(n, m)``
-    (structure decay). ``row_sparsity`` overrides a row mask's target sparsity (its ramp).
-    ``estimator`` picks the backward: ``ste`` passes the dense gradient,
-    ``srste`` adds ``srste_lambda * (1 - E) * W``, ``fixed`` masks the gradient too.
+    Attributes:
+        enabled: ``False`` runs the layer dense (warm-up).
+        estimator: The backward: ``ste`` passes the dense gradient, ``srste`` adds
+            ``srste_lambda * (1 - E) * W``, ``fixed`` masks the gradient too.
+        srste_lambda: SR-STE's lambda_w.
+        decay_beta: Lets pruned weights through scaled by beta (mask decay); 0 is the binary mask.
+        weight_nm: Overrides the target ``(n, m)`` (a structure-decay stage).
+        row_sparsity: Overrides a row mask's target sparsity (its ramp).
+
+    Raises:
+        NMSearchError: If ``estimator`` is unknown, or SR-STE is combined with ``decay_beta > 0``.
     """
 
     enabled: bool = True
@@ -186,7 +192,29 @@ class SparseLayerMixin:
         weight_score: str = "magnitude",
         activation_score: str = "magnitude",
     ) -> SparseLayerMixin:
-        """Wrap ``module`` (left untouched) into a sparse layer sharing its parameters."""
+        """Wrap ``module`` (left untouched) into a sparse layer sharing its parameters.
+
+        Args:
+            module: A dense layer of this class's ``dense_base`` (``nn.Conv2d`` or ``nn.Linear``,
+                or a subclass that keeps its ``forward``).
+            weight: The weight's N:M pattern (``"2:4"``, ``(2, 4)``, an ``NMPattern``) or ``None``.
+            activation: The input's N:M pattern, a row pattern (``"r0.2"``, ``RowPattern(0.2)``,
+                Conv2d only) or ``None``.
+            name: The layer's name in the model, for messages and SAD records.
+            weight_score: ``"magnitude"`` (``|w|``) or ``"activation"`` (``|w| * ||x_col||``, needs
+                :func:`calibrate_input_norms`).
+            activation_score: ``"magnitude"`` (``|x|``) or ``"weight"`` (``|x| * ||w_col||``).
+
+        Returns:
+            The sparse layer, holding the same ``Parameter`` objects under the same names.
+
+        Raises:
+            NMSearchError: If ``module`` is already sparse, of another type, overrides ``forward``,
+                or a score name is unknown.
+            InvalidPatternError: If a pattern is invalid.
+            IneligibleLayerError: If the grouped channels are not divisible by M, or a row pattern
+                is put on a Linear.
+        """
         name = name or type(module).__name__
         if isinstance(module, SparseLayerMixin):
             raise NMSearchError(f"layer '{name}' is already sparse; call .to_dense() first")
@@ -298,7 +326,14 @@ class SparseLayerMixin:
         return mask
 
     def weight_mask(self) -> Tensor | None:
-        """The boolean weight mask for the current weights and stage (``None`` when dense)."""
+        """The boolean weight mask for the current weights and stage.
+
+        Returns:
+            A ``bool`` tensor of the weight's shape, or ``None`` when the weights stay dense.
+
+        Raises:
+            NMSearchError: If the layer scores by activations and was never calibrated.
+        """
         if self._forward_weight_mask() is None:
             return None
         if self.fixed_weight_mask is not None and self.mask_state.estimator == "fixed":
@@ -317,7 +352,11 @@ class SparseLayerMixin:
         self._flip_reference = (nm, mask)
 
     def read_mask_flips(self) -> tuple[int, int]:
-        """Flips and mask updates since the last read (then reset); drives SAD history."""
+        """Count the mask flips since the last read, then reset the count (drives SAD history).
+
+        Returns:
+            ``(flips, updates)``: entries whose keep/prune decision changed, and mask recomputations.
+        """
         flips, updates = int(self._unread_flips), self._unread_updates
         self._unread_flips, self._unread_updates = 0, 0
         return flips, updates
@@ -332,7 +371,12 @@ class SparseLayerMixin:
             self.weight.mul_(self.fixed_weight_mask)
 
     def sparse_weight(self) -> Tensor:
-        """The weight as the forward pass uses it (masked, decayed, or dense)."""
+        """The weight as the forward pass uses it: masked, decayed, or dense.
+
+        Returns:
+            A tensor of the weight's shape; differentiable with the recipe's estimator in the
+            backward when gradients are enabled.
+        """
         state = self.mask_state
         mask = self._forward_weight_mask() if state.enabled else None
         if mask is None:
@@ -345,13 +389,21 @@ class SparseLayerMixin:
 
     # -- activations -----------------------------------------------------------------------
     def input_mask(self, x: Tensor, pattern: NMPattern | RowPattern | None = None) -> Tensor | None:
-        """The activation mask of ``x`` under ``pattern`` (default: the layer's own; ``None``
-        when activations stay dense). Supernets call it with every activation choice.
+        """The activation mask of ``x`` under ``pattern``. Supernets call it with every activation choice.
 
-        For a :class:`~search_space.rows.RowPattern` it is the ``(Ho, Wo)`` bool mask of the
-        *output* positions (GEMM rows) kept for an input like ``x``: multiply the layer's output
-        by it (``None`` when no row is skipped). The layer's own row pattern uses the sparsity
-        its recipe set (the ramp); an explicit one its own sparsity.
+        Args:
+            x: An input of this layer.
+            pattern: An N:M or row pattern; default the layer's own (whose row sparsity is the
+                one its recipe set, e.g. the ramp).
+
+        Returns:
+            For N:M, a ``bool`` mask of the shape of ``x``. For a
+            :class:`~search_space.rows.RowPattern`, the ``(Ho, Wo)`` ``bool`` mask of the *output*
+            positions (GEMM rows) kept for an input like ``x``: multiply the layer's output by it.
+            ``None`` when nothing is masked (dense activations, masks off, or no row skipped).
+
+        Raises:
+            IneligibleLayerError: If the channels are not divisible by M, or rows are asked of a Linear.
         """
         if pattern is None:
             if not self.mask_state.enabled:
@@ -398,6 +450,7 @@ class SparseLayerMixin:
         return mask
 
     def forward(self, x: Tensor) -> Tensor:
+        """The wrapped layer's output with the current weight and activation masks applied."""
         if self._calibrating:  # calibration observes the dense model's inputs
             self._observe_input(x)
             return self._dense_forward(x, self.weight)
@@ -424,7 +477,11 @@ class SparseLayerMixin:
 
     # -- conversions -----------------------------------------------------------------------
     def to_dense(self) -> nn.Module:
-        """A module of the original type sharing this layer's parameters (no mask applied)."""
+        """Unwrap the layer.
+
+        Returns:
+            A module of the original type sharing this layer's parameters (no mask applied).
+        """
         dense = self.dense_type.__new__(self.dense_type)
         dense.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in self.__dict__.items()})
         for attr in _SPARSE_ATTRS:
@@ -439,7 +496,19 @@ class SparseLayerMixin:
         weight: NMPattern | str | tuple[int, int] | None,
         activation: ActivationChoice,
     ) -> SparseLayerMixin:
-        """A new wrapper over the same parameters with other patterns (validated first)."""
+        """A new wrapper over the same parameters with other patterns (validated first).
+
+        Args:
+            weight: The new weight pattern, or ``None``.
+            activation: The new activation choice, or ``None``.
+
+        Returns:
+            The new sparse layer; it keeps the calibration and the row field of this one.
+
+        Raises:
+            InvalidPatternError: If a pattern is invalid.
+            IneligibleLayerError: If the layer is not eligible for a pattern.
+        """
         layer = type(self).from_dense(
             self.to_dense(),
             weight,
@@ -599,7 +668,24 @@ def sparsify(
     weight_score: str = "magnitude",
     activation_score: str = "magnitude",
 ) -> SparseLayerMixin:
-    """Wrap a ``Conv2d`` or ``Linear`` (or a subclass) into the matching sparse layer."""
+    """Wrap a ``Conv2d`` or ``Linear`` (or a subclass) into the matching sparse layer.
+
+    Args:
+        module: The dense layer (left untouched; the wrapper shares its parameters).
+        weight: The weight's N:M pattern (``"2:4"``, ``(2, 4)``, an ``NMPattern``) or ``None``.
+        activation: The input's N:M pattern, a row pattern (``"r0.2"``, Conv2d only) or ``None``.
+        name: The layer's name in the model, for messages.
+        weight_score: ``"magnitude"`` or ``"activation"`` (see :meth:`SparseLayerMixin.from_dense`).
+        activation_score: ``"magnitude"`` or ``"weight"``.
+
+    Returns:
+        A :class:`SparseConv2d` or :class:`SparseLinear`.
+
+    Raises:
+        NMSearchError: If ``module`` is neither a Conv2d nor a Linear, or cannot be wrapped.
+        InvalidPatternError: If a pattern is invalid.
+        IneligibleLayerError: If the layer's grouped channels are not divisible by M.
+    """
     for sparse_type in SPARSE_TYPES:
         if sparse_type._wraps(module):
             return sparse_type.from_dense(
@@ -617,14 +703,30 @@ def sparsify(
 
 
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayerMixin]]:
-    """``(qualified name, layer)`` of every sparse layer in ``model``."""
+    """Find the sparse layers of a model.
+
+    Args:
+        model: Any module.
+
+    Yields:
+        ``(qualified name, layer)`` of every sparse layer, in ``named_modules`` order.
+    """
     for name, module in model.named_modules():
         if isinstance(module, SparseLayerMixin):
             yield name, module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` (e.g. ``layer1.0.conv1``)."""
+    """Replace the submodule at a dotted path.
+
+    Args:
+        model: The model, modified in place.
+        name: The dotted path, e.g. ``"layer1.0.conv1"``.
+        module: The new submodule.
+
+    Raises:
+        AttributeError: If the parent of ``name`` does not exist.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -645,8 +747,14 @@ def _calibration_mode(model: nn.Module) -> Iterator[list[SparseLayerMixin]]:
 
 @torch.no_grad()
 def calibrate_input_norms(model: nn.Module, batches: Iterable[Tensor | tuple | list]) -> None:
-    """Run calibration batches through the dense model (eval mode, masks off) to record each
-    sparse layer's input column norms, used by ``weight_score="activation"`` (|w| * ||x_col||)."""
+    """Record each sparse layer's input column norms for ``weight_score="activation"`` (``|w| * ||x_col||``).
+
+    The batches run through the dense model (eval mode, masks off); the training mode is restored.
+
+    Args:
+        model: A model with sparse layers.
+        batches: Inputs, or ``(inputs, targets)`` pairs, e.g. a few training batches.
+    """
     was_training = model.training
     model.eval()
     try:

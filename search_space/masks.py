@@ -56,10 +56,21 @@ def _threshold_keep(groups: Tensor, n: int, dim: int) -> Tensor:
 def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype = torch.bool) -> Tensor:
     """Mask keeping the ``n`` largest of every ``m`` consecutive ``scores`` along ``dim``.
 
-    The mask is ``bool`` by default; ``dtype`` returns it as 0/1 values of another type.
-    ``scores.shape[dim]`` must be divisible by ``m``. ``n == m`` returns an all-true mask.
-    Any ``m`` works here (structure decay uses e.g. 8:64); user-facing patterns are capped
-    by :class:`NMPattern`.
+    Ties go to the lowest index. Any ``m`` works here (structure decay uses e.g. 8:64);
+    user-facing patterns are capped by :class:`NMPattern`.
+
+    Args:
+        scores: Scores of any shape, device and floating dtype (not differentiated).
+        n: Entries kept per group.
+        m: Group size; ``scores.shape[dim]`` must be divisible by it.
+        dim: The dimension groups run along.
+        dtype: ``bool`` by default; another dtype returns the mask as 0/1 values of that type.
+
+    Returns:
+        A mask of the shape of ``scores``; all true when ``n == m``.
+
+    Raises:
+        ValueError: If not ``1 <= n <= m`` or ``scores.shape[dim]`` is not divisible by ``m``.
     """
     if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
         raise ValueError(f"invalid N:M {n!r}:{m!r}: need integers with 1 <= N <= M")
@@ -90,7 +101,22 @@ def weight_nm_mask(
 
     Groups run along dimension 1 (input features / input channels of the group), so a conv
     group is M consecutive input channels at a fixed output channel and kernel offset.
-    ``scores`` defaults to ``|weight|``; pass e.g. :func:`activation_weighted_scores`.
+
+    Args:
+        weight: The weight, at least 2-D.
+        n: Entries kept per group.
+        m: Group size.
+        scores: Scores of the weight's shape; default ``|weight|``
+            (e.g. :func:`activation_weighted_scores` for Wanda-style scores).
+        layer: The layer's name, for error messages.
+
+    Returns:
+        A ``bool`` mask of the weight's shape.
+
+    Raises:
+        InvalidPatternError: If ``n:m`` is not a valid pattern.
+        IneligibleLayerError: If dimension 1 is not divisible by ``m``.
+        ValueError: If the weight has fewer than 2 dimensions or ``scores`` has another shape.
     """
     if weight.dim() < 2:
         raise ValueError(f"layer '{layer}': a weight needs at least 2 dimensions, got {weight.dim()}")
@@ -114,8 +140,22 @@ def activation_nm_mask(
 ) -> Tensor:
     """Dynamic N:M mask of an input: conv ``(B, C, H, W)`` with ``dim=1``, linear ``(..., K)``.
 
-    The score is ``|x|``, or ``|x| * channel_scale`` (e.g. the norm of each weight column,
-    see :func:`weight_column_norms`) to keep entries that matter most to the output.
+    Args:
+        x: The input activation.
+        n: Entries kept per group.
+        m: Group size.
+        dim: The channel / feature dimension groups run along (``1`` for a conv input).
+        channel_scale: Optional ``(C,)`` factor per channel: the score becomes
+            ``|x| * channel_scale`` (e.g. :func:`weight_column_norms`, to keep the entries that
+            matter most to the output); default score ``|x|``.
+        layer: The layer's name, for error messages.
+
+    Returns:
+        A ``bool`` mask of the shape of ``x``.
+
+    Raises:
+        InvalidPatternError: If ``n:m`` is not a valid pattern.
+        IneligibleLayerError: If ``x.shape[dim]`` is not divisible by ``m``.
     """
     dim = dim % x.dim()
     check_divisible(x.shape[dim], NMPattern(n, m).m, layer=layer, what="input channels")
@@ -128,7 +168,15 @@ def activation_nm_mask(
 
 
 def weight_column_norms(weight: Tensor, groups: int = 1) -> Tensor:
-    """L2 norm of the weight column each input channel / feature multiplies, shape ``(C_in,)``."""
+    """L2 norm of the weight column each input channel / feature multiplies.
+
+    Args:
+        weight: A Linear ``(out, in)`` or Conv ``(Cout, Cin/groups, kh, kw)`` weight.
+        groups: The conv's ``groups``.
+
+    Returns:
+        Shape ``(C_in,)``: for input channel ``c``, the norm over every weight entry it multiplies.
+    """
     w = weight.detach()
     if w.dim() == 2:
         return w.norm(dim=0)
@@ -145,13 +193,19 @@ def input_column_sq_sums(
     pad: tuple[int, ...] = (0, 0, 0, 0),
     pad_mode: str = "constant",
 ) -> Tensor:
-    """Sum of squares of each GEMM column of X over a batch.
+    """Sum of squares of each GEMM column of X over a batch, without materialising im2col.
 
-    Linear (``kernel_size=None``): ``x`` is ``(..., K)``, result ``(K,)``.
-    Conv2d: ``x`` is ``(B, C, H, W)``, ``pad`` is in ``F.pad`` order (a conv's
-    ``_reversed_padding_repeated_twice``); result ``(C, kh, kw)``, one entry per im2col
-    column ``(c, r, s)``, summed over the positions kernel offset ``(r, s)`` reads --
-    without materialising im2col.
+    Args:
+        x: A Linear input ``(..., K)`` or a Conv2d input ``(B, C, H, W)``.
+        kernel_size: ``None`` for a Linear, else the conv's ``(kh, kw)``.
+        stride: The conv's stride.
+        dilation: The conv's dilation.
+        pad: Padding in ``F.pad`` order (a conv's ``_reversed_padding_repeated_twice``).
+        pad_mode: ``F.pad`` mode (``"constant"`` for zero padding).
+
+    Returns:
+        ``(K,)`` for a Linear; ``(C, kh, kw)`` for a Conv2d, one entry per im2col column
+        ``(c, r, s)``, summed over the positions kernel offset ``(r, s)`` reads.
     """
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     if kernel_size is None:
@@ -177,8 +231,14 @@ def input_column_sq_sums(
 def activation_weighted_scores(weight: Tensor, input_col_norms: Tensor, groups: int = 1) -> Tensor:
     """Weight scores ``|w| * ||x_col||`` (Wanda-style) from calibration column norms.
 
-    ``input_col_norms`` is ``(K,)`` for a Linear or ``(C_in, kh, kw)`` for a Conv2d
-    (the square root of :func:`input_column_sq_sums`).
+    Args:
+        weight: A Linear or Conv2d weight.
+        input_col_norms: ``(K,)`` for a Linear or ``(C_in, kh, kw)`` for a Conv2d: the square
+            root of :func:`input_column_sq_sums` over calibration batches.
+        groups: The conv's ``groups``.
+
+    Returns:
+        Scores of the weight's shape, for :func:`weight_nm_mask`.
     """
     w = weight.detach().abs()
     norms = input_col_norms.to(w.dtype)

@@ -26,7 +26,15 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True, order=True)
 class NMPattern:
-    """Keep ``n`` of every ``m`` consecutive entries along the reduction dimension."""
+    """Keep ``n`` of every ``m`` consecutive entries along the reduction dimension.
+
+    Attributes:
+        n: Entries kept per group, ``1 <= n <= m``.
+        m: Group size, at most 32. ``n == m`` is dense.
+
+    Raises:
+        InvalidPatternError: If ``n`` or ``m`` is not a positive integer, ``n > m`` or ``m > 32``.
+    """
 
     n: int
     m: int
@@ -43,7 +51,17 @@ class NMPattern:
 
     @classmethod
     def parse(cls, text: str | NMPattern | tuple[int, int]) -> NMPattern:
-        """Build from ``"2:4"``, ``(2, 4)`` or an existing pattern."""
+        """Build a pattern from text, a pair or an existing pattern.
+
+        Args:
+            text: ``"2:4"`` (spaces allowed), ``(2, 4)`` or an ``NMPattern`` (returned as is).
+
+        Returns:
+            The pattern.
+
+        Raises:
+            InvalidPatternError: If ``text`` is not of the form ``N:M`` or the values are invalid.
+        """
         if isinstance(text, NMPattern):
             return text
         if isinstance(text, tuple | list) and len(text) == 2:
@@ -55,10 +73,12 @@ class NMPattern:
 
     @property
     def is_dense(self) -> bool:
+        """Whether every entry is kept (``n == m``)."""
         return self.n == self.m
 
     @property
     def density(self) -> float:
+        """The kept fraction ``n / m``."""
         return self.n / self.m
 
     def __str__(self) -> str:
@@ -66,14 +86,29 @@ class NMPattern:
 
 
 def valid_m_values(dim: int, max_m: int = MAX_M) -> list[int]:
-    """M values (>= 2) that divide ``dim``: what a user could choose instead."""
+    """The M values (>= 2) that divide ``dim``: what a user could choose instead.
+
+    Args:
+        dim: The grouped dimension, e.g. a layer's input channels per group.
+        max_m: The largest M to consider.
+
+    Returns:
+        The dividing M values in increasing order (empty when none does).
+    """
     return [m for m in range(2, max_m + 1) if dim % m == 0]
 
 
 def check_divisible(dim: int, m: int, *, layer: str, what: str) -> None:
-    """Raise :class:`IneligibleLayerError` unless ``dim % m == 0``.
+    """Check that groups of ``m`` tile ``dim``.
 
-    ``what`` names the grouped dimension, e.g. "input channels per group".
+    Args:
+        dim: Size of the grouped dimension.
+        m: The group size M.
+        layer: The layer's name, for the message.
+        what: What ``dim`` is, for the message, e.g. ``"input channels per group"``.
+
+    Raises:
+        IneligibleLayerError: If ``dim % m != 0``; the message lists the M values that would work.
     """
     if dim % m == 0:
         return

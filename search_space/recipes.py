@@ -43,7 +43,27 @@ class RecipeConfigError(NMSearchError):
 
 @dataclass
 class RecipeConfig:
-    """How masked weights are trained. Every field has a Hydra key of the same name."""
+    """How masked weights are trained. Every field has a Hydra key of the same name (``recipe.*``).
+
+    Attributes:
+        estimator: ``"ste"``, ``"srste"`` or ``"fixed"``.
+        srste_lambda: SR-STE's lambda_w (>= 0).
+        decay: ``"none"``, ``"mask"`` or ``"structure"`` (with ``estimator="ste"`` only).
+        warmup_steps: Dense steps (weights and activations) before masking starts.
+        decay_steps: Length of the decay after the warm-up.
+        mask_decay_schedule: ``"linear"`` (``max(0, 1 - alpha t)``) or ``"exp"`` (``exp(-alpha t)``).
+        mask_decay_alpha: The decay rate; ``None`` derives it from ``decay_steps``.
+        structure_decay_mode: ``"stepwise"`` (N shrinks at fixed M) or ``"geometric"`` (fixed density).
+        structure_decay_max_scale: Largest geometric scale, a power of two.
+        total_steps: Training length for the row-mask ramp; ``None`` applies the target at once.
+        row_ramp_start: Fraction of ``total_steps`` where the row ramp starts.
+        row_ramp_end: Fraction of ``total_steps`` where it reaches the target.
+        row_ramp_power: Exponent of the ramp ``target (1 - (1 - p)^power)``.
+
+    Raises:
+        RecipeConfigError: When built with an unknown choice, a negative count, SR-STE or
+            ``fixed`` combined with a decay, or an invalid ramp.
+    """
 
     estimator: str = "srste"
     srste_lambda: float = 2e-4
@@ -105,7 +125,15 @@ class RecipeConfig:
 
 
 def mask_decay_beta(t: int, config: RecipeConfig) -> float:
-    """Weight given to pruned entries ``t`` steps after warm-up; 0 once the decay is over."""
+    """Weight given to pruned entries ``t`` steps after warm-up (mask decay's beta).
+
+    Args:
+        t: Steps since the warm-up ended (negative: still warming up).
+        config: The recipe.
+
+    Returns:
+        1 before the decay, then beta(t) of the schedule; 0 once the decay is over.
+    """
     if t < 0:
         return 1.0
     if t >= config.decay_steps and config.mask_decay_alpha is None:
@@ -116,9 +144,18 @@ def mask_decay_beta(t: int, config: RecipeConfig) -> float:
 
 
 def row_ramp_sparsity(global_step: int, target: float, config: RecipeConfig) -> float:
-    """Row-mask sparsity at ``global_step``: 0 before ``row_ramp_start * total_steps``, the target
-    from ``row_ramp_end * total_steps`` on, ``target (1 - (1 - p)^power)`` at progress ``p`` in
-    between. Without ``total_steps`` the target applies from the first step."""
+    """Row-mask sparsity at ``global_step`` of the ramp.
+
+    Args:
+        global_step: The optimizer step.
+        target: The row mask's target sparsity.
+        config: The recipe (``total_steps``, ``row_ramp_start``, ``row_ramp_end``, ``row_ramp_power``).
+
+    Returns:
+        0 before ``row_ramp_start * total_steps``, the target from ``row_ramp_end * total_steps``
+        on, ``target (1 - (1 - p)^power)`` at progress ``p`` in between; the target at every step
+        without ``total_steps``.
+    """
     if config.total_steps is None:
         return target
     start, end = config.row_ramp_start * config.total_steps, config.row_ramp_end * config.total_steps
@@ -133,12 +170,21 @@ def row_ramp_sparsity(global_step: int, target: float, config: RecipeConfig) -> 
 def structure_decay_stages(
     target: NMPattern, group_dim: int, mode: str = "stepwise", max_scale: int = 8
 ) -> list[tuple[int, int]]:
-    """The ``(n, m)`` sequence ending at ``target``.
+    """The ``(n, m)`` stages of structure decay, ending at ``target``.
 
     Stepwise keeps M and shrinks N: ``M-1``, then halvings of M down to the target N
     (1:8 -> 7:8, 4:8, 2:8, 1:8). Geometric keeps the density and refines the structure
     (1:8 -> 8:64, 4:32, 2:16, 1:8), starting at the largest scale ``<= max_scale`` whose
     group size divides the layer's ``group_dim``.
+
+    Args:
+        target: The final pattern.
+        group_dim: The layer's grouped dimension (input channels per group).
+        mode: ``"stepwise"`` or ``"geometric"``.
+        max_scale: Largest geometric scale.
+
+    Returns:
+        The stages in order; the last is ``(target.n, target.m)``.
     """
     n, m = target.n, target.m
     if mode == "stepwise":
@@ -161,7 +207,16 @@ def structure_decay_stages(
 
 
 def structure_decay_stage(t: int, stages: list[tuple[int, int]], decay_steps: int) -> tuple[int, int]:
-    """Stage at step ``t`` after warm-up: intermediate stages share ``decay_steps`` equally."""
+    """The structure-decay stage at step ``t`` after warm-up.
+
+    Args:
+        t: Steps since the warm-up ended.
+        stages: From :func:`structure_decay_stages`.
+        decay_steps: Length of the decay; the intermediate stages share it equally.
+
+    Returns:
+        The ``(n, m)`` in force; the last stage once the decay is over.
+    """
     intermediate = len(stages) - 1
     if t >= decay_steps or intermediate == 0:
         return stages[-1]
@@ -174,6 +229,11 @@ class Recipe:
 
     Call ``step(global_step)`` once per optimizer step, before the forward pass. It also
     records SAD (mask flips between consecutive mask updates) per layer.
+
+    Args:
+        model: A model with sparse layers (see :func:`~search_space.sparsify`, ``Scheme.apply``).
+        config: The recipe; default ``RecipeConfig()`` (SR-STE).
+        record_mask_flips: Record SAD history (a few tensor reads per step).
     """
 
     def __init__(self, model: nn.Module, config: RecipeConfig | None = None, *, record_mask_flips: bool = True) -> None:
@@ -195,7 +255,14 @@ class Recipe:
         self.global_step = -1
 
     def phase(self, global_step: int) -> str:
-        """``warmup`` (dense), ``decay`` (mask/structure decay running) or ``sparse``."""
+        """The recipe's phase at a step.
+
+        Args:
+            global_step: The optimizer step.
+
+        Returns:
+            ``"warmup"`` (dense), ``"decay"`` (mask / structure decay running) or ``"sparse"``.
+        """
         t = global_step - self.config.warmup_steps
         if t < 0:
             return "warmup"
@@ -204,6 +271,14 @@ class Recipe:
         return "sparse"
 
     def step(self, global_step: int) -> None:
+        """Set every layer's mask state for this step (warm-up, decay stage, row ramp, estimator).
+
+        With ``estimator="fixed"`` the first masked step freezes the masks and zeroes the pruned
+        weights.
+
+        Args:
+            global_step: The optimizer step about to run (0-based).
+        """
         self._record_flips()
         self.global_step = global_step
         config = self.config
@@ -252,7 +327,12 @@ class Recipe:
                 )
 
     def sad_history(self) -> pd.DataFrame:
-        """One row per layer and step with mask updates: flips and flip rate (``flips / numel``)."""
+        """The SAD history.
+
+        Returns:
+            One row per layer and step with mask updates: ``step``, ``layer``, ``updates``,
+            ``flips`` and ``flip_rate`` (``flips / (numel * updates)``).
+        """
         self._record_flips()
         columns = ["step", "layer", "updates", "flips", "flip_rate"]
         return pd.DataFrame(self._history, columns=columns)
@@ -263,7 +343,15 @@ class Recipe:
 
 
 def mask_flip_frame(layers: nn.Module | Iterable[tuple[str, SparseLayerMixin]]) -> pd.DataFrame:
-    """Per-layer SAD totals: mask updates, flips, and mean flip rate per update."""
+    """Per-layer SAD totals since the layers were created.
+
+    Args:
+        layers: A model, or ``(name, sparse layer)`` pairs.
+
+    Returns:
+        One row per layer: ``layer``, ``numel``, ``updates``, ``flips`` and the mean ``flip_rate``
+        per update.
+    """
     items = sparse_layers(layers) if isinstance(layers, nn.Module) else layers
     rows = []
     for name, layer in items:

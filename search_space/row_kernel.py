@@ -81,9 +81,19 @@ def row_gather_indices(
 ) -> tuple[Tensor, Tensor]:
     """Flat indices of the kept im2col rows.
 
-    ``gather``: for every kept output position (batch-major) and kernel offset ``(r, s)`` (row-major),
-    the row of the padded channels-last input ``(B * Hp * Wp, C)`` it reads. ``scatter``: the row of
-    the channels-last output ``(B * Ho * Wo, Cout)`` each kept position writes.
+    Args:
+        keep: ``(Ho, Wo)`` bool mask of kept output positions.
+        batch: Batch size B.
+        padded_size: ``(Hp, Wp)`` of the zero-padded input.
+        kernel_size: ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        dilation: ``(dh, dw)``.
+
+    Returns:
+        ``(gather, scatter)``. ``gather``: for every kept output position (batch-major) and kernel
+        offset ``(r, s)`` (row-major), the row of the padded channels-last input ``(B * Hp * Wp, C)``
+        it reads. ``scatter``: the row of the channels-last output ``(B * Ho * Wo, Cout)`` each kept
+        position writes.
     """
     out_h, out_w = keep.shape
     padded_h, padded_w = padded_size
@@ -114,6 +124,22 @@ class RowSkippingConv2d(nn.Module):
     ``path="dense"`` runs the dense conv and zeroes the skipped rows instead (the reference, no work
     saved); ``"auto"`` times both on the first input of each shape and keeps the faster
     (:attr:`path_in_use`): on layers too small or too memory-bound to gain from skipping rows.
+    Usually built by :meth:`from_layer` or :func:`skip_masked_rows`.
+
+    Args:
+        weight: ``(Cout, C/g, kh, kw)`` weight, as the row-masked layer uses it.
+        bias: ``(Cout,)`` or ``None``.
+        stride: ``(sh, sw)``.
+        padding: In ``F.pad`` order ``(left, right, top, bottom)``.
+        dilation: ``(dh, dw)``.
+        groups: Conv groups.
+        row_scores: The model's shared score field.
+        sparsity: Fraction of output positions skipped.
+        name: The layer's name, for messages.
+        path: ``"rows"``, ``"dense"`` or ``"auto"``.
+
+    Raises:
+        RowsFastPathError: If ``path`` is unknown.
     """
 
     def __init__(
@@ -162,7 +188,19 @@ class RowSkippingConv2d(nn.Module):
 
     @classmethod
     def from_layer(cls, layer: nn.Conv2d, name: str = "", *, path: str = "rows") -> RowSkippingConv2d:
-        """From a row-masked conv (``SparseConv2d`` with a :class:`RowPattern`), weights as it uses them now."""
+        """Convert a row-masked conv, with the weights as it uses them now.
+
+        Args:
+            layer: A ``SparseConv2d`` with a :class:`~search_space.rows.RowPattern`.
+            name: The layer's name, for messages.
+            path: ``"rows"``, ``"dense"`` or ``"auto"``.
+
+        Returns:
+            The inference kernel; its outputs equal the layer's.
+
+        Raises:
+            RowsFastPathError: If the layer has no row mask or pads other than with zeros.
+        """
         name = name or getattr(layer, "layer_name", "") or type(layer).__name__
         if not isinstance(getattr(layer, "activation_pattern", None), RowPattern):
             raise RowsFastPathError(f"layer '{name}' has no row mask: only row-masked Conv2d layers skip rows")
@@ -187,7 +225,14 @@ class RowSkippingConv2d(nn.Module):
         )
 
     def keep_mask(self, input_size: tuple[int, int]) -> Tensor:
-        """The ``(Ho, Wo)`` bool mask of kept output positions for an input of spatial size ``input_size``."""
+        """The kept output positions for an input size.
+
+        Args:
+            input_size: ``(H, W)`` of the input.
+
+        Returns:
+            The ``(Ho, Wo)`` bool mask.
+        """
         output_size = conv_output_size(input_size, self.kernel_size, self.stride, self.dilation, self.padding)
         return row_keep_mask(self.row_scores.pooled(output_size, input_size), self.sparsity)
 
@@ -240,6 +285,17 @@ class RowSkippingConv2d(nn.Module):
         return _seconds(lambda: self._masked_dense(x, plan)) < rows
 
     def forward(self, x: Tensor) -> Tensor:
+        """The conv's output with the skipped rows zero, computing only the kept rows (on the ``rows`` path).
+
+        Args:
+            x: A ``(B, C, H, W)`` input.
+
+        Returns:
+            ``(B, Cout, Ho, Wo)``, channels-last in memory.
+
+        Raises:
+            RowsFastPathError: If ``x`` is not 4-D, has other channels, or needs a gradient.
+        """
         if x.dim() != 4:
             raise RowsFastPathError(
                 f"layer '{self.layer_name}': the row-skipping kernel takes batched (B, C, H, W) inputs, "
@@ -314,10 +370,21 @@ class RowSkippingConv2d(nn.Module):
 def skip_masked_rows(model: nn.Module, *, inplace: bool = False, path: str = "rows") -> nn.Module:
     """Replace every row-masked conv of ``model`` by a :class:`RowSkippingConv2d` (inference only).
 
-    ``path="rows"`` skips the masked rows in every layer; ``"auto"`` times, on each layer's first
-    input of a shape, the row-skipping kernel against the dense conv with the rows zeroed and keeps
-    the faster (both give the same outputs); ``"dense"`` is the masked dense reference. Every layer
-    is converted (and so validated) before the first is swapped in.
+    Every layer is converted (and so validated) before the first is swapped in.
+
+    Args:
+        model: A model with row-masked convs.
+        inplace: Modify ``model`` instead of a copy.
+        path: ``"rows"`` skips the masked rows in every layer; ``"auto"`` times, on each layer's first
+            input of a shape, the row-skipping kernel against the dense conv with the rows zeroed
+            and keeps the faster (both give the same outputs); ``"dense"`` is the masked dense reference.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace``).
+
+    Raises:
+        NMSearchError: If the model has no row-masked layer.
+        RowsFastPathError: If a layer cannot be converted or ``path`` is unknown.
     """
     target = model if inplace else copy.deepcopy(model)
     layers = row_masked_layers(target)

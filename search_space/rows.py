@@ -50,7 +50,14 @@ class InvalidSparsityError(NMSearchError):
 
 @dataclass(frozen=True, order=True)
 class RowPattern:
-    """Skip the fraction ``sparsity`` of a conv's GEMM rows (output positions) with a static mask."""
+    """Skip the fraction ``sparsity`` of a conv's GEMM rows (output positions) with a static mask.
+
+    Attributes:
+        sparsity: Fraction of output positions skipped, strictly between 0 and 1.
+
+    Raises:
+        InvalidSparsityError: If ``sparsity`` is not a number in (0, 1).
+    """
 
     sparsity: float
 
@@ -64,7 +71,17 @@ class RowPattern:
 
     @classmethod
     def parse(cls, text: str | float | RowPattern) -> RowPattern:
-        """Build from ``"r0.2"``, ``"0.2"``, ``0.2`` or an existing pattern."""
+        """Build a row pattern from text, a number or an existing pattern.
+
+        Args:
+            text: ``"r0.2"``, ``"0.2"``, ``0.2`` or a ``RowPattern`` (returned as is).
+
+        Returns:
+            The pattern.
+
+        Raises:
+            InvalidSparsityError: If the text is not of that form or the value is outside (0, 1).
+        """
         if isinstance(text, RowPattern):
             return text
         if isinstance(text, numbers.Real) and not isinstance(text, bool):
@@ -80,6 +97,7 @@ class RowPattern:
 
     @property
     def is_dense(self) -> bool:
+        """Always ``False``: a row pattern skips at least one row's worth of sparsity."""
         return False
 
     @property
@@ -93,31 +111,76 @@ class RowPattern:
 
 # -- masks (pure functions) --------------------------------------------------------------------
 def pruned_rows(positions: int, sparsity: float) -> int:
-    """How many of ``positions`` rows a mask at ``sparsity`` skips: ``round(s P)``, keeping at least one."""
+    """How many rows a mask at ``sparsity`` skips.
+
+    Args:
+        positions: The layer's output positions P.
+        sparsity: In [0, 1).
+
+    Returns:
+        ``round(s P)``, at most ``P - 1`` (at least one row is kept).
+
+    Raises:
+        InvalidSparsityError: If ``sparsity`` is outside [0, 1).
+    """
     if not 0 <= sparsity < 1:
         raise InvalidSparsityError(f"invalid row sparsity {sparsity!r}: it must be in [0, 1)")
     return min(positions - 1, math.floor(sparsity * positions + 0.5))
 
 
 def row_kept_fraction(positions: int | None, sparsity: float) -> float:
-    """Fraction of GEMM rows a mask keeps; ``1 - s`` when the number of positions is unknown."""
+    """Fraction of GEMM rows a mask keeps, after rounding to whole rows.
+
+    Args:
+        positions: The layer's output positions, or ``None`` when unknown.
+        sparsity: In [0, 1).
+
+    Returns:
+        ``1 - pruned_rows(P, s) / P``; ``1 - s`` without ``positions``.
+    """
     if not positions:
         return 1.0 - sparsity
     return 1.0 - pruned_rows(positions, sparsity) / positions
 
 
 def random_row_scores(input_size: tuple[int, int], seed: int) -> Tensor:
-    """A uniform random field at the network input's resolution ``(H, W)``, reproducible from ``seed``."""
+    """A uniform random field at the network input's resolution, reproducible from ``seed``.
+
+    Args:
+        input_size: ``(H, W)`` of the network input.
+        seed: The field's seed.
+
+    Returns:
+        An ``(H, W)`` tensor of values in [0, 1).
+    """
     return torch.rand(tuple(input_size), generator=torch.Generator().manual_seed(int(seed)))
 
 
 def pool_row_scores(scores: Tensor, output_size: tuple[int, int]) -> Tensor:
-    """Mean ``|score|`` over the region of the input each output position covers (adaptive pooling)."""
+    """Pool a score field to a layer's output resolution.
+
+    Args:
+        scores: An ``(H, W)`` field.
+        output_size: ``(Ho, Wo)`` of the layer.
+
+    Returns:
+        ``(Ho, Wo)``: mean ``|score|`` over the region of the input each output position covers
+        (adaptive average pooling).
+    """
     return F.adaptive_avg_pool2d(scores.abs()[None, None], tuple(output_size))[0, 0]
 
 
 def row_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
-    """``bool`` mask over positions: the :func:`pruned_rows` lowest scores are ``False`` (ties: lowest index)."""
+    """The kept positions of a row mask.
+
+    Args:
+        scores: Scores per output position, any shape.
+        sparsity: In [0, 1).
+
+    Returns:
+        A ``bool`` mask of the shape of ``scores``: the :func:`pruned_rows` lowest scores are
+        ``False`` (ties: lowest index first).
+    """
     flat = scores.flatten()
     keep = torch.ones(flat.shape, dtype=torch.bool, device=scores.device)
     pruned = pruned_rows(flat.numel(), sparsity)
@@ -133,7 +196,18 @@ def conv_output_size(
     dilation: tuple[int, int],
     padding: tuple[int, int, int, int] | list[int],
 ) -> tuple[int, int]:
-    """Output ``(H, W)`` of a conv; ``padding`` in ``F.pad`` order (left, right, top, bottom)."""
+    """Output size of a conv.
+
+    Args:
+        input_size: ``(H, W)`` of its input.
+        kernel_size: ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        dilation: ``(dh, dw)``.
+        padding: In ``F.pad`` order: ``(left, right, top, bottom)``.
+
+    Returns:
+        ``(Ho, Wo)``.
+    """
     left, right, top, bottom = padding
     sizes = []
     for size, pad, k, s, d in zip(input_size, (top + bottom, left + right), kernel_size, stride, dilation, strict=True):
@@ -144,10 +218,13 @@ def conv_output_size(
 class RowScores:
     """The random score field the row masks of one model are cut from, shared by its layers.
 
-    ``seed`` picks the field; ``input_size`` is the network input's ``(H, W)``. Set it with
-    :func:`share_row_scores` or :func:`select_row_masks`; when unset, the input size of the first
-    row-masked layer to run is taken (the network input when the stem is in the space).
-    Pooled fields are cached per ``(seed, input size, output size)``.
+    Set it with :func:`share_row_scores` or :func:`select_row_masks`. Pooled fields are cached per
+    ``(seed, input size, output size)``.
+
+    Args:
+        seed: Picks the field.
+        input_size: The network input's ``(H, W)``; when ``None``, the input size of the first
+            row-masked layer to run is taken (the network input when the stem is in the space).
     """
 
     def __init__(self, seed: int = 0, input_size: tuple[int, int] | None = None) -> None:
@@ -156,7 +233,15 @@ class RowScores:
         self._pooled: dict[tuple, Tensor] = {}
 
     def pooled(self, output_size: tuple[int, int], layer_input_size: tuple[int, int]) -> Tensor:
-        """The field pooled to a layer's ``output_size`` (``layer_input_size`` is the fallback input size)."""
+        """The field pooled to a layer's output resolution.
+
+        Args:
+            output_size: ``(Ho, Wo)`` of the layer.
+            layer_input_size: The layer's input ``(H, W)``; sets the field's input size when unset.
+
+        Returns:
+            ``(Ho, Wo)`` scores (cached).
+        """
         if self.input_size is None:
             self.input_size = tuple(layer_input_size)
         key = (self.seed, self.input_size, tuple(output_size))
@@ -172,7 +257,14 @@ class RowScores:
 
 # -- model-level helpers -----------------------------------------------------------------------
 def row_masked_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Every conv of ``model`` with a row pattern, by qualified name."""
+    """Find the row-masked convs of a model.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        ``{qualified name: conv}`` for every conv with a row pattern.
+    """
     return {
         name: module
         for name, module in model.named_modules()
@@ -181,7 +273,16 @@ def row_masked_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
 
 
 def share_row_scores(model: nn.Module, seed: int = 0, input_size: tuple[int, int] | None = None) -> RowScores:
-    """Give every sparse conv of ``model`` one :class:`RowScores`, so their row masks agree."""
+    """Give every sparse conv of a model one :class:`RowScores`, so their row masks agree.
+
+    Args:
+        model: A model with sparse convs.
+        seed: Picks the field.
+        input_size: The network input's ``(H, W)``; ``None`` takes the first row-masked layer's input.
+
+    Returns:
+        The shared field.
+    """
     scores = RowScores(seed, input_size)
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and hasattr(module, "row_scores"):
@@ -190,13 +291,27 @@ def share_row_scores(model: nn.Module, seed: int = 0, input_size: tuple[int, int
 
 
 def candidate_seed(seed: int, index: int) -> int:
-    """The field seed of candidate ``index`` of a selection started from ``seed``."""
+    """The field seed of candidate ``index`` of a selection started from ``seed``.
+
+    Args:
+        seed: The selection's seed.
+        index: The candidate's index.
+
+    Returns:
+        A seed that does not collide across selection seeds.
+    """
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
 class RowMaskSelection:
-    """Outcome of :func:`select_row_masks`: every candidate's batch loss and the one kept."""
+    """Outcome of :func:`select_row_masks`.
+
+    Attributes:
+        losses: Every candidate field's loss on the batch.
+        best: Index of the kept candidate.
+        seed: The kept field's seed (now shared by the model's row-masked layers).
+    """
 
     losses: tuple[float, ...]
     best: int
@@ -213,9 +328,27 @@ def select_row_masks(
     seed: int = 0,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> RowMaskSelection:
-    """Draw ``candidates`` random score fields at the resolution of ``inputs``, score each by the
-    loss of ``model`` (eval mode, rows at their target sparsity) on ``(inputs, targets)``, and keep
-    the lowest. Every row-masked layer of ``model`` ends up sharing the chosen field."""
+    """Keep the best of several random row masks on one batch.
+
+    Draws ``candidates`` random score fields at the resolution of ``inputs``, scores each by the
+    loss of ``model`` (eval mode, rows at their target sparsity) on ``(inputs, targets)``, and keeps
+    the lowest. Every row-masked layer of ``model`` ends up sharing the chosen field; the model's
+    mode and mask states are restored.
+
+    Args:
+        model: A model with row-masked layers (e.g. ``scheme.apply(model)``).
+        inputs: A batch of network inputs.
+        targets: Their targets.
+        candidates: How many fields to compare (>= 1).
+        seed: Seeds the candidates.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar; default cross-entropy.
+
+    Returns:
+        Every candidate's loss, the best index and its seed.
+
+    Raises:
+        NMSearchError: If the model has no row-masked layer or ``candidates`` is not a positive integer.
+    """
     layers = row_masked_layers(model)
     if not layers:
         raise NMSearchError("select_row_masks: the model has no row-masked layers (apply a scheme with rows first)")

@@ -40,9 +40,27 @@ SPACE_TARGETS = (*DEFAULT_TARGETS, "rows")
 class LayerInfo:
     """A modelled layer as the example pass saw it. GEMM ``Y[T x N] = X[T x K] W^T`` per group.
 
-    ``channels`` is the dimension N:M groups run along (input channels per conv group, or
-    ``in_features``). ``tokens`` (T), ``macs``, ``input_numel`` and ``output_numel`` sum
-    over all calls of the layer in one pass; shapes are those of the first call.
+    ``tokens`` (T), ``macs``, ``input_numel`` and ``output_numel`` sum over all calls of the
+    layer in one pass; shapes are those of the first call.
+
+    Attributes:
+        name: Qualified module name.
+        kind: ``"conv2d"`` or ``"linear"``.
+        module_type: The module's class name.
+        weight_shape: The weight's shape.
+        input_shape: The first call's input shape.
+        output_shape: The first call's output shape.
+        calls: Calls per forward pass.
+        tokens: GEMM rows T (output positions times batch), summed over calls.
+        reduction: GEMM reduction K per group.
+        outputs: GEMM outputs N per group.
+        groups: Conv groups (1 for a Linear).
+        channels: The dimension N:M groups run along (input channels per conv group, or ``in_features``).
+        params: Parameters, bias included.
+        macs: Multiply-accumulates, summed over calls.
+        input_numel: Input elements, summed over calls.
+        output_numel: Output elements, summed over calls.
+        note: Why the layer has only some options (e.g. kept dense), when it has.
     """
 
     name: str
@@ -66,6 +84,14 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class SkippedLayer:
+    """A Conv2d / Linear the search leaves out, and why (e.g. used functionally, never called).
+
+    Attributes:
+        name: Qualified module name.
+        module_type: The module's class name.
+        reason: Why it is not modelled.
+    """
+
     name: str
     module_type: str
     reason: str
@@ -135,6 +161,24 @@ class SearchSpace:
     and activation ratio unless ``tie_both=False``, which searches every pair. The opt-in target
     ``rows`` adds, on Conv2d layers, a row mask at each of ``row_sparsities`` (``r0.2``) and, when
     ``weights`` is a target too, each row mask with each weight ratio (``w2:4+r0.2``).
+
+    Usually built by :meth:`from_model`.
+
+    Args:
+        layers: The modelled layers, in execution order.
+        skipped: Layers left out, with the reason.
+        fingerprint: The model's fingerprint.
+        example_batch_size: Batch size of the example pass (the cost model scales from it).
+        ratios: N:M ratios offered per target.
+        targets: Any of ``"weights"``, ``"activations"``, ``"both"``, ``"rows"``.
+        tie_both: ``both`` uses one ratio for weights and activations.
+        fixed_dense: Layers offered only ``dense``.
+        row_sparsities: Row-mask sparsities offered with the ``rows`` target.
+
+    Raises:
+        NMSearchError: If a ratio is dense or a target unknown.
+        InvalidPatternError: If a ratio is not a valid N:M.
+        InvalidSparsityError: If a row sparsity is outside (0, 1).
     """
 
     def __init__(
@@ -185,12 +229,27 @@ class SearchSpace:
         tie_both: bool = True,
         row_sparsities: Sequence[float] = DEFAULT_ROW_SPARSITIES,
     ) -> SearchSpace:
-        """Discover the space of ``model`` from one forward pass on ``example_inputs``.
+        """Discover the space of a model from one forward pass (eval mode, no grad) with hooks.
 
-        ``example_inputs``: a tensor, a tuple of positional arguments, or a dict of keyword
-        arguments. ``include`` / ``exclude`` take name globs (``"layer4.*"``), class names or
-        classes; non-matching layers stay in the space (their cost counts) with only ``dense``.
-        ``targets=(*DEFAULT_TARGETS, "rows")`` adds row masks at ``row_sparsities`` to Conv2d layers.
+        Args:
+            model: Any ``nn.Module`` with Conv2d / Linear layers (subclasses included).
+            example_inputs: A tensor, a tuple of positional arguments, or a dict of keyword arguments.
+            include: Name globs (``"layer4.*"``), class names or classes of the layers to search;
+                ``None`` searches every layer. Others stay in the space (their cost counts) with
+                only ``dense``.
+            exclude: Layers to keep dense, in the same forms.
+            keep_first_last_dense: Keep the first and the last layer dense.
+            ratios: N:M ratios offered per target.
+            targets: ``(*DEFAULT_TARGETS, "rows")`` adds row masks at ``row_sparsities`` to Conv2d layers.
+            tie_both: ``both`` uses one ratio for weights and activations.
+            row_sparsities: Row-mask sparsities offered with the ``rows`` target.
+
+        Returns:
+            The space; layers the model uses functionally or never calls are in ``skipped``.
+
+        Raises:
+            NMSearchError: If the model is itself a single layer, has no Conv2d / Linear layer,
+                or an argument is invalid.
         """
         include = list(include) if include is not None else None
         exclude = list(exclude)
@@ -337,6 +396,7 @@ class SearchSpace:
     # -- description -----------------------------------------------------------------------
     @property
     def layer_names(self) -> list[str]:
+        """The modelled layers' names, in execution order."""
         return [info.name for info in self.layers]
 
     @property
@@ -345,6 +405,17 @@ class SearchSpace:
         return [name for name, options in self.options.items() if len(options) > 1]
 
     def info(self, name: str) -> LayerInfo:
+        """A layer's shapes, GEMM dims, parameters and MACs.
+
+        Args:
+            name: The layer's qualified name.
+
+        Returns:
+            Its :class:`LayerInfo`.
+
+        Raises:
+            SchemeMismatchError: If the layer is not in the space (the message suggests close names).
+        """
         if name not in self._info:
             raise SchemeMismatchError(
                 f"layer {name!r} is not in the search space{close_matches(name, self.layer_names)}"
@@ -358,13 +429,16 @@ class SearchSpace:
 
     @property
     def log10_size(self) -> float:
+        """``log10`` of the number of distinct schemes."""
         return sum(math.log10(len(options)) for options in self.options.values())
 
     @property
     def max_options(self) -> int:
+        """The most options any layer has (the width of option-index tables)."""
         return max(len(options) for options in self.options.values())
 
     def option_names(self, name: str) -> list[str]:
+        """A layer's option names in index order (``"dense"`` first)."""
         return [option.name for option in self.options[name]]
 
     def option_valid_mask(self) -> np.ndarray:
@@ -409,8 +483,18 @@ class SearchSpace:
     def scheme(self, choices: Mapping[str, Option | str], **metadata_fields: Any) -> Scheme:
         """A scheme of this space from ``{layer: option}``; unnamed layers are dense.
 
-        Every layer and option is checked against the space; the scheme lists every layer
-        and carries the space's fingerprint and weight shapes.
+        Args:
+            choices: ``{layer name: option}``, options as :class:`~search_space.Option` or names
+                like ``"w2:4"``.
+            **metadata_fields: ``hardware``, ``metrics``, ``provenance`` of the scheme.
+
+        Returns:
+            A scheme listing every layer, with the space's fingerprint and weight shapes.
+
+        Raises:
+            SchemeMismatchError: If a layer is not in the space or an option is not available for
+                it (the message says why and lists what is).
+            SchemeError: If an option name is invalid.
         """
         parsed = {name: Option.parse(option) for name, option in choices.items()}
         for name, option in parsed.items():
@@ -511,9 +595,13 @@ class SearchSpace:
         return self.scheme(choices, provenance={"strategy": "random", "seed": seed})
 
     def uniform_schemes(self) -> dict[str, Scheme]:
-        """``dense`` and, per target and ratio of the space, the uniform scheme (ineligible
-        layers dense), keyed like ``"weights 2:4"`` (with rows: ``"rows 0.2"`` per sparsity);
-        schemes equal to an earlier one, and options no layer offers, are dropped."""
+        """The dense scheme and every uniform scheme of the space (the baselines and the warm start).
+
+        Returns:
+            ``{"dense": ..., "weights 2:4": ..., "rows 0.2": ..., ...}``: per target and ratio (or
+            row sparsity) the uniform scheme, ineligible layers dense; schemes equal to an earlier
+            one, and options no layer offers, are dropped.
+        """
         schemes = {"dense": self.dense()}
         candidates: dict[str, Scheme] = {}
         for target in self.targets:
@@ -533,7 +621,15 @@ class SearchSpace:
         return schemes
 
     def check(self, scheme: Scheme) -> None:
-        """Raise :class:`SchemeMismatchError` unless ``scheme`` belongs to this space."""
+        """Check that a scheme belongs to this space.
+
+        Args:
+            scheme: Any scheme.
+
+        Raises:
+            SchemeMismatchError: If its fingerprint is another model's, or a layer or option is not
+                in the space.
+        """
         if scheme.fingerprint and self.fingerprint and scheme.fingerprint != self.fingerprint:
             raise SchemeMismatchError(
                 f"scheme fingerprint {scheme.fingerprint} does not match the search space's {self.fingerprint}: "
@@ -542,16 +638,48 @@ class SearchSpace:
         self.scheme(dict(scheme.layers))
 
     def encode(self, scheme: Scheme) -> np.ndarray:
-        """Option index per layer (``0`` = dense), in layer order."""
+        """A scheme as option indices (the form cost tables and strategies use).
+
+        Args:
+            scheme: A scheme of this space.
+
+        Returns:
+            ``(layers,)`` int64 option index per layer (``0`` = dense), in layer order.
+
+        Raises:
+            SchemeMismatchError: If the scheme does not belong to this space.
+        """
         self.check(scheme)
         return np.array([self._index[name][scheme[name]] for name in self.layer_names], dtype=np.int64)
 
     def encode_many(self, schemes: Iterable[Scheme]) -> np.ndarray:
-        """``(schemes, layers)`` option indices."""
+        """Many schemes as option indices.
+
+        Args:
+            schemes: Schemes of this space.
+
+        Returns:
+            ``(schemes, layers)`` int64 option indices.
+
+        Raises:
+            SchemeMismatchError: If a scheme does not belong to this space.
+        """
         rows = [self.encode(s) for s in schemes]
         return np.stack(rows) if rows else np.zeros((0, len(self.layers)), dtype=np.int64)
 
     def decode(self, indices: Sequence[int] | np.ndarray, **metadata_fields: Any) -> Scheme:
+        """The scheme of option indices (the inverse of :meth:`encode`).
+
+        Args:
+            indices: One option index per layer, in layer order.
+            **metadata_fields: ``hardware``, ``metrics``, ``provenance`` of the scheme.
+
+        Returns:
+            The scheme.
+
+        Raises:
+            SchemeMismatchError: If the count is not one per layer or an index is out of range.
+        """
         indices = [int(i) for i in indices]
         if len(indices) != len(self.layers):
             raise SchemeMismatchError(f"expected {len(self.layers)} option indices (one per layer), got {len(indices)}")
@@ -583,7 +711,14 @@ def _shared_weight_reason(module: nn.Module, sharers: Mapping[int, list[tuple[nn
 
 
 def output_positions(info: LayerInfo) -> int | None:
-    """Output positions per image of a conv (its GEMM rows per image); ``None`` for other layers."""
+    """Output positions per image of a conv: its GEMM rows per image.
+
+    Args:
+        info: A modelled layer.
+
+    Returns:
+        ``Ho * Wo`` for a Conv2d; ``None`` for other layers.
+    """
     shape = info.output_shape
     if info.kind != "conv2d" or len(shape) < 3:
         return None

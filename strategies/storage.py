@@ -51,7 +51,16 @@ class StorageError(NMSearchError):
 
 
 def resolve_storage(storage: str | None, run_dir: Path | None) -> str | None:
-    """The storage URL a search uses (``None`` means in-memory: no run directory, no storage)."""
+    """The storage URL a search uses.
+
+    Args:
+        storage: The configured storage, or ``None``.
+        run_dir: The run directory, or ``None``.
+
+    Returns:
+        ``storage`` when given; else ``sqlite:///RUN_DIR/optuna.db``; ``None`` (in memory) when
+        there is neither.
+    """
     if storage:
         return storage
     if run_dir is None:
@@ -60,6 +69,14 @@ def resolve_storage(storage: str | None, run_dir: Path | None) -> str | None:
 
 
 def journal_path(url: str | None) -> Path | None:
+    """The Journal file a storage URL names.
+
+    Args:
+        url: A storage URL, ``journal:PATH``, a path ending in ``.log``, or ``None``.
+
+    Returns:
+        The file's path for a Journal storage, else ``None``.
+    """
     if url is None:
         return None
     if url.startswith("journal:"):
@@ -72,7 +89,21 @@ def journal_path(url: str | None) -> Path | None:
 def open_storage(
     url: str | None, *, heartbeat_interval_s: int = 10, grace_period_s: int = 30, max_retry: int = 3
 ) -> BaseStorage:
-    """Open (creating when needed) the storage at ``url``; a clear error when that fails."""
+    """Open the storage at ``url``, creating it (and its folder) when needed.
+
+    Args:
+        url: ``None`` (in memory), ``journal:PATH`` or a path ending in ``.log`` (a Journal file),
+            or an RDB URL (``sqlite:///...`` in WAL mode, ``postgresql://...``, ``mysql://...``).
+        heartbeat_interval_s: RDB storages: seconds between a running trial's heartbeats.
+        grace_period_s: RDB storages: a trial without a heartbeat this long is failed.
+        max_retry: How often a failed stale trial is enqueued again.
+
+    Returns:
+        The Optuna storage.
+
+    Raises:
+        StorageError: If the storage cannot be opened (bad URL, missing driver, unreachable server).
+    """
     if url is None:
         return InMemoryStorage()
     path = journal_path(url)
@@ -264,8 +295,15 @@ def claim_trial(study: optuna.Study, trial: optuna.Trial, token: str) -> None:
 
 
 class TrialLease:
-    """While a trial runs, record a heartbeat in its user attributes every ``interval_s`` (for
-    storages without Optuna's own heartbeat)."""
+    """While a trial runs, record a heartbeat in its user attributes every ``interval_s``.
+
+    A context manager, for storages without Optuna's own heartbeat (Journal files); see
+    :func:`fail_stale_trials`.
+
+    Args:
+        trial: The running trial.
+        interval_s: Seconds between heartbeats.
+    """
 
     def __init__(self, trial: optuna.Trial, interval_s: float) -> None:
         self.trial, self.interval_s = trial, interval_s

@@ -61,7 +61,17 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` of one CIFAR-10 batch file."""
+    """Read one CIFAR-10 batch file with an unpickler that accepts only its arrays, lists and dicts.
+
+    Args:
+        path: A ``data_batch_N`` or ``test_batch`` file.
+
+    Returns:
+        Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)``.
+
+    Raises:
+        DatasetError: If the file is corrupt, partial or holds anything else.
+    """
     try:
         batch = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
@@ -83,7 +93,17 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_cifar10(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": (images, labels), "test": ...}`` from an extracted ``cifar-10-batches-py`` folder."""
+    """Read an extracted ``cifar-10-batches-py`` folder.
+
+    Args:
+        folder: The folder.
+
+    Returns:
+        ``{"train": (images, labels), "test": (images, labels)}``.
+
+    Raises:
+        DatasetError: If a batch file is corrupt or partial.
+    """
     folder = Path(folder)
     train = [read_batch(folder / name) for name in TRAIN_BATCHES]
     return {
@@ -116,7 +136,22 @@ def ensure_cifar10(
     md5: str = CIFAR10_MD5,
     progress: bool = True,
 ) -> Path:
-    """The extracted batch folder under ``root``, downloading and extracting the archive when needed."""
+    """The extracted batch folder under ``root``, downloading and extracting the archive when needed.
+
+    Args:
+        root: Where the archive and the extracted folder live.
+        download_missing: Fetch the archive when it is not in ``root``.
+        url: Where to fetch it.
+        md5: Its published md5.
+        progress: Show a download bar.
+
+    Returns:
+        The ``cifar-10-batches-py`` folder.
+
+    Raises:
+        DatasetError: If the data are missing and ``download_missing`` is false, or the URL fails.
+        ChecksumError: If the archive's md5 is not the published one.
+    """
     root = Path(root).expanduser()
     folder = root / FOLDER
     missing = [name for name in (*TRAIN_BATCHES, TEST_BATCH) if not (folder / name).is_file()]
@@ -135,10 +170,24 @@ def ensure_cifar10(
 
 @dataclass(frozen=True)
 class Cifar10Task(TensorTask):
-    """``model``: ``resnet20`` or ``resnet18`` (CIFAR variant). ``seed`` fixes the train/val draw.
+    """CIFAR-10 with ResNet-20 or CIFAR ResNet-18; 5000 stratified training images form ``val``.
 
-    ``data_dir`` (default ``<cache>/datasets/cifar10``), ``download``, ``url`` and ``progress`` say
-    where the data come from, not what they are, so they do not enter the pre-training cache key.
+    ``data_dir``, ``download``, ``url`` and ``progress`` say where the data come from, not what
+    they are, so they do not enter the pre-training cache key.
+
+    Attributes:
+        seed: Fixes the train / val draw.
+        schedule: 200 epochs, batch 128, lr 0.1 by default.
+        model: ``"resnet20"`` or ``"resnet18"`` (CIFAR variant).
+        val_size: Training images held out as ``val``.
+        md5: The archive's published md5.
+        data_dir: Default ``<cache>/datasets/cifar10``.
+        download: Fetch the archive when it is missing.
+        url: Where to fetch it.
+        progress: Show a download bar.
+
+    Raises:
+        TaskError: If ``model`` is unknown.
     """
 
     name: ClassVar[str] = "cifar10"

@@ -33,6 +33,7 @@ class ChecksumError(DatasetError):
 
 
 def md5sum(path: str | os.PathLike) -> str:
+    """The md5 hex digest of a file, read in chunks."""
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -41,10 +42,24 @@ def md5sum(path: str | os.PathLike) -> str:
 
 
 def download(url: str, destination: str | os.PathLike, md5: str, *, progress: bool = True, timeout: float = 60) -> Path:
-    """Fetch ``url`` (``http(s)://`` or ``file://``) to ``destination`` unless a file with ``md5`` is there.
+    """Fetch ``url`` to ``destination`` unless a file with ``md5`` is already there.
 
-    Raises :class:`ChecksumError` when the fetched bytes do not match ``md5`` (nothing is kept)
-    and :class:`DatasetError` when the URL cannot be read.
+    The bytes go to a temporary file, renamed over ``destination`` only once their md5 matches.
+
+    Args:
+        url: ``http(s)://`` or ``file://`` URL.
+        destination: Where the file is kept.
+        md5: Its published md5 hex digest.
+        progress: Show a tqdm bar.
+        timeout: Seconds to wait for the server.
+
+    Returns:
+        ``destination`` as a ``Path``.
+
+    Raises:
+        ChecksumError: If the fetched bytes, or a file already at ``destination``, do not match
+            ``md5`` (a fetched file is not kept).
+        DatasetError: If the URL cannot be read.
     """
     target = Path(destination)
     if target.exists():
@@ -81,7 +96,20 @@ def download(url: str, destination: str | os.PathLike, md5: str, *, progress: bo
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of train / val / test, each with the class proportions of ``labels``."""
+    """A stratified train / val / test split.
+
+    Args:
+        labels: Class label per sample.
+        val_fraction: Share of the samples in ``val``.
+        test_fraction: Share in ``test``.
+        seed: Fixes the split.
+
+    Returns:
+        Index arrays ``(train, val, test)``, each with the class proportions of ``labels``.
+
+    Raises:
+        DatasetError: If a fraction is not positive or they sum to 1 or more.
+    """
     if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
         raise DatasetError(
             f"val_fraction = {val_fraction} and test_fraction = {test_fraction} must be > 0 and sum to < 1"

@@ -28,7 +28,13 @@ from experiments.tasks.datasets import stratified_split
 
 @dataclass(frozen=True)
 class BreastCancerTask:
-    """A three-layer MLP on the breast-cancer table; ``seed`` fixes the 60/20/20 split."""
+    """A three-layer MLP on the breast-cancer table.
+
+    Attributes:
+        hidden: Width of the two hidden layers.
+        seed: Fixes the stratified 60/20/20 split.
+        schedule: How the MLP is trained.
+    """
 
     name = "breast_cancer"  # a class attribute, not a dataclass field
     hidden: int = 64
@@ -38,6 +44,7 @@ class BreastCancerTask:
     )
 
     def build_model(self) -> nn.Module:
+        """A fresh MLP: 30 features, two hidden layers, 2 classes."""
         return nn.Sequential(
             nn.Linear(30, self.hidden),
             nn.ReLU(),
@@ -48,6 +55,7 @@ class BreastCancerTask:
 
     @cached_property
     def datasets(self) -> dict[str, TensorDataset]:
+        """The three splits, standardised with the training split's statistics (loaded on first use)."""
         table = load_breast_cancer()
         features = torch.tensor(table.data, dtype=torch.float32)
         labels = torch.tensor(table.target, dtype=torch.long)
@@ -59,6 +67,7 @@ class BreastCancerTask:
         }
 
     def loader(self, split: str, *, shuffle: bool = False, augment: bool = False, seed: int = 0) -> DataLoader:
+        """A ``DataLoader`` over one split (see :meth:`evaluators.task.Task.loader`)."""
         # No augmentation for tabular data; ``seed`` fixes the shuffled order.
         check_split(split)
         return DataLoader(
@@ -70,7 +79,9 @@ class BreastCancerTask:
         )
 
     def example_inputs(self) -> Tensor:
+        """Two validation samples."""
         return self.datasets["val"].tensors[0][:2]
 
     def config(self) -> dict[str, Any]:
+        """The class and every field: keys the pre-training cache."""
         return {"task": f"{__name__}.BreastCancerTask", **dataclasses.asdict(self)}

@@ -18,6 +18,8 @@ SYNTHETIC_SCHEDULE = TrainingSchedule(epochs=4, batch_size=32, eval_batch_size=2
 
 
 class SyntheticCNN(nn.Module):
+    """Two 3x3 conv-BN-ReLU layers, global average pooling and a linear classifier."""
+
     def __init__(self, in_channels: int = 3, width: int = 16, num_classes: int = 4) -> None:
         super().__init__()
         self.features = nn.Sequential(
@@ -38,7 +40,19 @@ class SyntheticCNN(nn.Module):
 
 @dataclass(frozen=True)
 class SyntheticTask(TensorTask):
-    """Inputs are ``prototype[label] + noise * N(0, 1)``; ``seed`` fixes prototypes and samples."""
+    """Noisy class prototypes and a tiny CNN, for fast tests only.
+
+    Inputs are ``prototype[label] + noise * N(0, 1)``, 3x8x8.
+
+    Attributes:
+        seed: Fixes the prototypes and the samples.
+        schedule: 4 epochs by default.
+        num_classes: Number of classes (prototypes).
+        train_size: Training samples.
+        eval_size: Samples of ``val`` and of ``test`` each.
+        noise: Standard deviation of the noise.
+        width: Channels of the two conv layers.
+    """
 
     name: ClassVar[str] = "synthetic"
     seed: int = 0
