@@ -262,8 +262,8 @@ def searched_model(config: dict[str, Any], scheme: Scheme) -> Deployable:
     are baked in and the model is evaluated on the run's split.
 
     Raises:
-        DeployError: the config lacks what is needed; SchemeMismatchError: the scheme is not of
-        this run's model.
+        DeployError: the config lacks what is needed.
+        SchemeMismatchError: the scheme is not of this run's model.
     """
     evaluator = dict(config.get("evaluator") or {})
     evaluator.setdefault("recipe", config.get("recipe") or {})  # runs from before evaluator.recipe

@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("experiments.export", "main", "write one Pareto point of a finished run as scheme.json"),
     "compare": Command("experiments.compare", "main", "merge finished runs into one table and one figure"),
     "deploy": Command("experiments.deploy", "main", "bake a scheme into a model: safetensors, ONNX or torch 2:4"),
+    "status": Command("experiments.status", "main", "progress of a search across its workers: counts and front so far"),
+    "workers": Command("experiments.workers", "main", "start one Optuna worker per device on this node"),
 }
 
 
