@@ -47,11 +47,24 @@ class NoSearchableLayersError(TaskError):
 class AccuracyConfig:
     """How :class:`AccuracyEvaluator` scores a scheme. Every field has a Hydra key of the same name.
 
-    ``oneshot`` prunes the pre-trained model (``oneshot`` and ``finetune`` fidelities) by
-    ``magnitude``, ``wanda`` or ``sparsegpt`` on ``calibration_samples`` training inputs with
-    ``calibration_mode`` calibration (:mod:`search_space.oneshot`). ``metric`` (``cosine``, ``kl``,
-    ``relative_error``) makes the Hydra app score schemes label-free with
-    :class:`~evaluators.fidelity.FidelityEvaluator` instead; ``None`` keeps labelled accuracy.
+    Attributes:
+        fidelity: ``"oneshot"``, ``"finetune"`` or ``"full"``.
+        finetune_epochs: Epochs of a ``finetune`` evaluation (>= 1).
+        recipe: The training recipe of ``finetune`` and ``full``.
+        bn_batches: Training batches that re-estimate BatchNorm statistics (``oneshot``, >= 0).
+        split: The split ``evaluate`` scores: ``"val"`` during a search.
+        row_candidates: Random row masks compared per scheme with row masks (>= 1).
+        oneshot: How the pre-trained model is pruned for the ``oneshot`` and ``finetune``
+            fidelities: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (:mod:`search_space.oneshot`).
+        calibration_mode: The calibration of ``wanda`` and ``sparsegpt`` (one of
+            :data:`search_space.oneshot.CALIBRATION_MODES`).
+        calibration_samples: Training inputs the calibration runs on (>= 1).
+        metric: ``"cosine"``, ``"kl"`` or ``"relative_error"`` makes the Hydra app score schemes
+            label-free with :class:`~evaluators.fidelity.FidelityEvaluator` instead; ``None``
+            keeps labelled accuracy.
+
+    Raises:
+        TaskError: If a choice is unknown or a count out of range.
     """
 
     fidelity: str = "oneshot"
@@ -89,7 +102,16 @@ class AccuracyConfig:
 
 
 class AccuracyEvaluator:
-    """Scores schemes of ``space`` (discovered from the task's model when not given) by accuracy."""
+    """Scores schemes of a search space by the accuracy of the sparse model.
+
+    Args:
+        trainer: Trains and evaluates the task's models (and holds the pre-training cache).
+        space: The search space; default discovered from the task's model and example inputs.
+        config: The fidelity and its settings; default ``AccuracyConfig()`` (``oneshot``).
+
+    Raises:
+        NoSearchableLayersError: If no layer of the model can be made N:M sparse.
+    """
 
     objectives = (Objective("accuracy", MAXIMIZE),)
 
@@ -113,11 +135,33 @@ class AccuracyEvaluator:
         self._pruner: OneShotPruner | None = None
 
     def evaluate(self, scheme: Scheme) -> Evaluation:
-        """Accuracy on the configured split (validation by default)."""
+        """Accuracy on the configured split (validation by default).
+
+        Args:
+            scheme: A scheme of this evaluator's space.
+
+        Returns:
+            ``{"accuracy": fraction}`` with ``loss``, ``fidelity``, ``split`` and ``samples`` in
+            ``info``; a failed evaluation when training diverges or runs out of GPU memory.
+
+        Raises:
+            SchemeError: If the scheme does not belong to this space.
+        """
         return self.evaluate_on(scheme, self.config.split)
 
     def evaluate_on(self, scheme: Scheme, split: str) -> Evaluation:
-        """Accuracy on ``split``; ``evaluate_on(scheme, "test")`` is the final report of a chosen scheme."""
+        """Accuracy on a given split; ``evaluate_on(scheme, "test")`` is the final report of a chosen scheme.
+
+        Args:
+            scheme: A scheme of this evaluator's space.
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            As :meth:`evaluate`, on ``split``.
+
+        Raises:
+            SchemeError: If the scheme does not belong to this space.
+        """
         start = time.perf_counter()
         info = {"fidelity": self.config.fidelity, "split": split}
         try:
@@ -136,9 +180,17 @@ class AccuracyEvaluator:
         return Evaluation({"accuracy": result.accuracy}, info=info, duration_s=duration)
 
     def sparse_model(self, scheme: Scheme) -> nn.Module:
-        """The model ``scheme`` gets at this fidelity (weight masks not yet baked in: see ``Scheme.finalize``).
+        """The model a scheme gets at this fidelity (weight masks not yet baked in: see ``Scheme.finalize``).
 
-        Raises :class:`~evaluators.training.TrainingDivergedError` when training diverges.
+        Args:
+            scheme: A scheme of this evaluator's space.
+
+        Returns:
+            The sparse model, masked (and trained, for ``finetune`` / ``full``), on the trainer's device.
+
+        Raises:
+            SchemeError: If the scheme does not belong to this space.
+            TrainingDivergedError: If training diverges.
         """
         self.space.check(scheme)
         trainer, config, schedule = self.trainer, self.config, self.trainer.schedule

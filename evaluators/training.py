@@ -59,6 +59,7 @@ def default_cache_dir() -> Path:
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -143,8 +144,28 @@ def train_one_epoch(
     progress: bool = False,
     description: str = "train",
 ) -> EpochStats:
-    """One pass over ``batches``: ``before_step(global_step)``, forward, ``loss_fn(outputs, targets)``,
-    backward, optimizer step, then ``scheduler.step()``. Raises :class:`TrainingDivergedError`."""
+    """Train one epoch: per batch ``before_step(global_step)``, forward, ``loss_fn(outputs, targets)``,
+    backward, optimizer step, then ``scheduler.step()``.
+
+    Args:
+        model: The model, put in training mode.
+        batches: ``(inputs, targets)`` pairs.
+        optimizer: Steps the model's parameters.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar; default cross-entropy.
+        before_step: Called with the global step before each forward (e.g. ``Recipe.step``, a
+            temperature update).
+        scheduler: Stepped after every optimizer step.
+        start_step: The global step of the first batch.
+        device: Where batches are moved.
+        progress: Show a tqdm bar.
+        description: The bar's label.
+
+    Returns:
+        The epoch's mean loss and accuracy and the next global step.
+
+    Raises:
+        TrainingDivergedError: If the loss becomes NaN or infinite.
+    """
     model.train()
     step, total_loss, correct, samples = start_step, 0.0, 0, 0
     bar = tqdm(batches, desc=description, leave=False, disable=not progress, dynamic_ncols=True)
@@ -187,7 +208,18 @@ def evaluate_model(
     progress: bool = False,
     description: str = "eval",
 ) -> EvalResult:
-    """Top-1 accuracy and mean cross-entropy of ``model`` (in eval mode) over ``batches``."""
+    """Top-1 accuracy and mean cross-entropy of a model in eval mode (its mode is restored).
+
+    Args:
+        model: The model.
+        batches: ``(inputs, targets)`` pairs.
+        device: Where batches are moved.
+        progress: Show a tqdm bar.
+        description: The bar's label.
+
+    Returns:
+        Accuracy (a fraction), mean loss and the number of samples.
+    """
     was_training = model.training
     model.eval()
     total_loss, correct, samples = 0.0, 0, 0
@@ -208,8 +240,17 @@ def evaluate_model(
 def reestimate_batchnorm(
     model: nn.Module, batches: Iterable[Batch], num_batches: int, *, device: torch.device | str = "cpu"
 ) -> None:
-    """Replace every BatchNorm's running statistics by their plain average over ``num_batches``
-    training-mode forward passes: masking shifts each layer's output distribution."""
+    """Replace every BatchNorm's running statistics by their plain average over training-mode passes.
+
+    Masking shifts each layer's output distribution, so a masked pre-trained model needs new
+    statistics. The model's mode is restored.
+
+    Args:
+        model: The model; its BatchNorm statistics are overwritten in place (nothing else changes).
+        batches: ``(inputs, targets)`` pairs (targets unused).
+        num_batches: How many batches to average; 0 leaves the statistics as they are.
+        device: Where batches are moved.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or num_batches < 1:
         return
@@ -231,6 +272,17 @@ def reestimate_batchnorm(
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], schedule: TrainingSchedule, lr: float) -> torch.optim.Optimizer:
+    """The task's optimizer.
+
+    Args:
+        parameters: What it trains.
+        schedule: Gives the optimizer (``sgd``: Nesterov when momentum > 0; ``adamw``), momentum
+            and weight decay.
+        lr: The learning rate (pre-training, fine-tuning and searches use different ones).
+
+    Returns:
+        A ``torch.optim.SGD`` or ``torch.optim.AdamW``.
+    """
     if schedule.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=schedule.weight_decay)
     return torch.optim.SGD(
@@ -245,7 +297,16 @@ def make_optimizer(parameters: Iterable[nn.Parameter], schedule: TrainingSchedul
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then a cosine from the base learning rate to zero."""
+    """Linear warm-up over ``warmup_steps``, then a cosine from the base learning rate to zero.
+
+    Args:
+        optimizer: The optimizer whose learning rate is scheduled.
+        total_steps: Length of the schedule in optimizer steps.
+        warmup_steps: Steps of the linear warm-up.
+
+    Returns:
+        A ``LambdaLR`` to step once per optimizer step.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -265,6 +326,17 @@ class Trainer:
     and runs reuse them. A cache entry whose payload does not match its recorded sha256, or that
     torch cannot load into the model, is rebuilt. An unavailable ``device`` or an unwritable
     cache (when the entry must be trained) is refused at construction, before any training.
+
+    Args:
+        task: The task (checked against the :class:`~evaluators.task.Task` interface).
+        seed: Seeds model initialisation, data order and augmentation.
+        device: Where models train; default CUDA when available (with deterministic cuDNN).
+        cache_dir: The pre-training cache; default ``$NMSEARCH_CACHE_DIR``, else ``~/.cache/nmsearch``.
+        progress: Show tqdm bars.
+
+    Raises:
+        TaskError: If ``task`` lacks a member of the interface or ``device`` is not available.
+        search_space.io.OutputDirError: If the cache entry must be trained but its folder is not writable.
     """
 
     def __init__(
@@ -293,6 +365,7 @@ class Trainer:
 
     @property
     def schedule(self) -> TrainingSchedule:
+        """The task's training schedule."""
         return self.task.schedule
 
     # -- models ----------------------------------------------------------------------------
@@ -302,7 +375,14 @@ class Trainer:
         return self.task.build_model().to(self.device)
 
     def pretrained(self) -> nn.Module:
-        """A fresh copy of the dense pre-trained model (trained once, then read from the cache)."""
+        """A fresh copy of the dense pre-trained model, trained once, then read from the cache.
+
+        Returns:
+            The model in eval mode on the trainer's device.
+
+        Raises:
+            TrainingDivergedError: If pre-training diverges.
+        """
         if self._pretrained_state is None:
             cached = self._read_cache()
             (found,) = distributed.sum_across(float(cached is not None), device=self.device)
@@ -325,10 +405,23 @@ class Trainer:
         loss_fn: LossFn | None = None,
         description: str = "train",
     ) -> FitResult:
-        """Train ``model`` in place for ``epochs`` with the task's optimizer and a cosine learning rate.
+        """Train a model in place with the task's optimizer and a cosine learning rate.
 
-        With ``recipe``, a :class:`~search_space.Recipe` drives the model's sparse layers
-        (``recipe.step(global_step)`` before every forward). Raises :class:`TrainingDivergedError`.
+        Args:
+            model: The model (moved to the trainer's device).
+            epochs: Epochs over the shuffled, augmented training split.
+            lr: The base learning rate.
+            recipe: With a recipe, a :class:`~search_space.Recipe` drives the model's sparse layers
+                (``recipe.step(global_step)`` before every forward).
+            warmup_epochs: Linear learning-rate warm-up, in epochs.
+            loss_fn: Default cross-entropy with the schedule's label smoothing.
+            description: Label of progress bars and error messages.
+
+        Returns:
+            Epochs, steps, the last epoch's loss and accuracy, and the recipe (its SAD history).
+
+        Raises:
+            TrainingDivergedError: If the loss becomes NaN or infinite.
         """
         model.to(self.device)
         loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=self.schedule.label_smoothing)
@@ -363,19 +456,41 @@ class Trainer:
         return FitResult(epochs, step, loss, accuracy, driver)
 
     def evaluate(self, model: nn.Module, split: str = "val") -> EvalResult:
+        """Top-1 accuracy and mean cross-entropy on a split.
+
+        Args:
+            model: The model.
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            Accuracy (a fraction), mean loss and the number of samples.
+
+        Raises:
+            TaskError: If ``split`` is not a split name.
+        """
         check_split(split)
         return evaluate_model(
             model, self.task.loader(split), device=self.device, progress=self.progress, description=f"eval {split}"
         )
 
     def reestimate_batchnorm(self, model: nn.Module, num_batches: int) -> None:
-        """Re-estimate BatchNorm statistics on ``num_batches`` shuffled, un-augmented training batches."""
+        """Re-estimate BatchNorm statistics on shuffled, un-augmented training batches.
+
+        Args:
+            model: The model, modified in place.
+            num_batches: How many batches (see :func:`reestimate_batchnorm`).
+        """
         batches = self.task.loader("train", shuffle=True, augment=False, seed=self.seed)
         reestimate_batchnorm(model, batches, num_batches, device=self.device)
 
     # -- pre-training cache ----------------------------------------------------------------
     @property
     def cache_key(self) -> str:
+        """Hash of what pre-training depends on: names the cached weights.
+
+        That is ``task.config()`` without its schedule, the schedule's pre-training fields
+        (fine-tuning fields do not change the pre-trained weights), the seed and the cache format.
+        """
         # Only what pre-training uses: the schedule's fine-tuning fields do not change its weights.
         task = {k: v for k, v in self.task.config().items() if k != "schedule"}
         identity = {

@@ -26,6 +26,17 @@ from search_space import NMSearchError, atomic_write, atomic_write_text, check_w
 
 
 def common_objectives(runs: list[Run]) -> list:
+    """The objectives every run has, in the first run's order.
+
+    Args:
+        runs: Finished runs.
+
+    Returns:
+        The shared objectives.
+
+    Raises:
+        NMSearchError: If they share fewer than two.
+    """
     names = [o.name for o in runs[0].result.objectives]
     shared = [
         o for o in runs[0].result.objectives if all(o.name in {p.name for p in r.result.objectives} for r in runs)
@@ -38,6 +49,20 @@ def common_objectives(runs: list[Run]) -> list:
 
 
 def compare(runs: list[Run], x_name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, plt.Figure]:
+    """Merge runs into one table, a summary per run and one figure of their fronts.
+
+    Args:
+        runs: Finished runs (see :func:`experiments.runs.find_runs`).
+        x_name: The cost objective on the figure's x axis; default the first shared one.
+
+    Returns:
+        ``(merged, summary, figure)``: every candidate with its run's label; per run its
+        strategy, hardware, counts, hypervolume against one shared reference point, best
+        accuracy and knee; the fronts of accuracy against ``x_name``.
+
+    Raises:
+        NMSearchError: If the runs share fewer than two objectives or ``x_name`` is not one of them.
+    """
     objectives = common_objectives(runs)
     frames = {run.label: run.result.completed for run in runs}
     reference = reference_point(list(frames.values()), objectives)
@@ -74,6 +99,14 @@ def compare(runs: list[Run], x_name: str | None = None) -> tuple[pd.DataFrame, p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``nmsearch compare DIR... [--out compare] [--x METRIC]``.
+
+    Args:
+        argv: Command-line arguments; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, or 2 after a one-line error.
+    """
     parser = OneLineParser(
         prog="nmsearch compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -197,6 +197,15 @@ def _move_aside(run_dir: Path) -> Path:
 
 @dataclass
 class Run:
+    """A finished search found on disk.
+
+    Attributes:
+        path: Its run directory.
+        result: Its trials, front and metadata.
+        label: Strategy, hardware and relative path, for legends and tables.
+        hardware: The hardware profile's name (empty when unknown).
+    """
+
     path: Path
     result: SearchResult
     label: str
@@ -204,7 +213,17 @@ class Run:
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Every finished run at or below ``paths`` (a run directory, or a multirun folder of them)."""
+    """Find every finished run at or below some folders.
+
+    Args:
+        paths: Run directories, or multirun folders holding them.
+
+    Returns:
+        The runs, in path order.
+
+    Raises:
+        NMSearchError: If a path is not a directory or holds no finished search.
+    """
     runs = []
     for root in map(Path, paths):
         if not root.is_dir():
@@ -219,7 +238,19 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def load_run(path: Path, root: Path | None = None) -> Run:
-    """The finished run in ``path``, labelled by strategy, hardware and its place under ``root``."""
+    """Load one finished run directory.
+
+    Args:
+        path: The run directory (holding ``result.json`` and ``trials.csv``).
+        root: The folder it was found under, to label it by its relative path.
+
+    Returns:
+        The run, labelled by strategy, hardware (from ``config.yaml``) and its place under ``root``.
+
+    Raises:
+        NMSearchError: If ``path`` holds no finished search, its result files are malformed or
+            its ``config.yaml`` is not valid YAML.
+    """
     result = SearchResult.load(path)
     hardware = ""
     config_path = path / "config.yaml"

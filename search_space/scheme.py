@@ -46,7 +46,14 @@ class SchemeMismatchError(SchemeError):
 @dataclass(frozen=True)
 class Option:
     """One layer's choice: N:M on its weights, and N:M on its input activations or a row mask
-    (skipped output positions, :class:`~search_space.rows.RowPattern`), both, or neither."""
+    (skipped output positions, :class:`~search_space.rows.RowPattern`), both, or neither.
+
+    A dense pattern (``N == M``) is stored as ``None``.
+
+    Attributes:
+        weight: The weights' N:M pattern, or ``None`` (dense).
+        activation: The input's N:M pattern, a row pattern, or ``None`` (dense).
+    """
 
     weight: NMPattern | None = None
     activation: NMPattern | RowPattern | None = None
@@ -59,6 +66,7 @@ class Option:
 
     @property
     def target(self) -> str:
+        """``"dense"``, ``"weights"``, ``"activations"`` (N:M or rows) or ``"both"``."""
         if self.weight and self.activation:
             return "both"
         if self.weight:
@@ -84,6 +92,19 @@ class Option:
 
     @classmethod
     def parse(cls, name: str | Option) -> Option:
+        """Read an option from its name.
+
+        Args:
+            name: ``"dense"``, ``"w2:4"``, ``"a1:8"``, ``"r0.2"``, ``"w2:4+a2:4"``, ``"w2:4+r0.2"``, or an
+                ``Option`` (returned as is).
+
+        Returns:
+            The option.
+
+        Raises:
+            SchemeError: If the name has none of these forms or a row sparsity is invalid.
+            InvalidPatternError: If an N:M pattern is invalid.
+        """
         if isinstance(name, Option):
             return name
         text = str(name).strip()
@@ -105,6 +126,8 @@ class Option:
         return cls(NMPattern.parse(match["w"]) if match["w"] else None, activation)
 
     def to_json(self) -> dict[str, Any]:
+        """The option's ``target``, ``weights`` and ``activations`` entries of a scheme file."""
+
         def pattern(p: NMPattern | RowPattern | None) -> dict[str, Any] | None:
             if isinstance(p, RowPattern):
                 return {"pattern": "rows", "sparsity": p.sparsity}
@@ -118,6 +141,7 @@ DENSE = Option()
 
 @functools.cache
 def nmsearch_version() -> str:
+    """The installed nmsearch version (``"unknown"`` when run from a source tree without installing)."""
     try:
         return metadata.version("nmsearch")
     except metadata.PackageNotFoundError:
@@ -129,7 +153,20 @@ class Scheme:
     """An immutable per-layer choice. Layers not listed are dense.
 
     Equality and hashing use the choices only; ``fingerprint``, ``shapes``, ``hardware``,
-    ``metrics`` and ``provenance`` are metadata carried into the JSON file.
+    ``metrics`` and ``provenance`` are metadata carried into the JSON file. Build one with
+    :meth:`SearchSpace.scheme <search_space.SearchSpace.scheme>`, ``space.uniform(...)``,
+    :meth:`from_choices` or :meth:`load`.
+
+    Attributes:
+        layers: ``(layer name, Option)`` pairs.
+        fingerprint: The model's fingerprint (see :func:`~search_space.model_fingerprint`).
+        shapes: Weight shape per layer, checked when the scheme is applied.
+        hardware: The hardware profile the metrics were modelled on.
+        metrics: Objective values of this scheme.
+        provenance: Where it came from (strategy, seed, config, version, time).
+
+    Raises:
+        SchemeError: If a layer appears twice or an option name is invalid.
     """
 
     layers: tuple[tuple[str, Option], ...] = ()
@@ -151,7 +188,18 @@ class Scheme:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_choices(cls, choices: Mapping[str, Option | str], **metadata_fields: Any) -> Scheme:
-        """From ``{layer name: option}`` (options as :class:`Option` or names like ``"w2:4"``)."""
+        """Build a scheme from a mapping of choices.
+
+        Args:
+            choices: ``{layer name: option}``, options as :class:`Option` or names like ``"w2:4"``.
+            **metadata_fields: ``fingerprint``, ``shapes``, ``hardware``, ``metrics``, ``provenance``.
+
+        Returns:
+            The scheme (not checked against a space: see ``SearchSpace.check``).
+
+        Raises:
+            SchemeError: If an option name is invalid.
+        """
         return cls(tuple((name, Option.parse(option)) for name, option in choices.items()), **metadata_fields)
 
     @classmethod
@@ -176,6 +224,7 @@ class Scheme:
 
     # -- access ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Option:
+        """The option of a layer (``DENSE`` for a layer not listed)."""
         return dict(self.layers).get(name, DENSE)
 
     def __iter__(self) -> Iterator[tuple[str, Option]]:
@@ -204,14 +253,24 @@ class Scheme:
         return pd.DataFrame(rows, columns=["layer", "target", "weights", "activations"])
 
     def summary(self) -> str:
-        """Layers per option, dense first, e.g. ``"1 dense, 2 w2:4"``: the N:M stays visible
-        (counting targets only would not tell 2:4 from 1:8)."""
+        """Layers per option, dense first, e.g. ``"1 dense, 2 w2:4"``.
+
+        The N:M stays visible: counting targets only would not tell 2:4 from 1:8.
+
+        Returns:
+            One line, ``"<count> <option>"`` per option, comma-separated.
+        """
         counts = Counter(o.name for _, o in self.layers)
         order = sorted(counts, key=lambda name: (name != DENSE.name, name))
         return ", ".join(f"{counts[name]} {name}" for name in order)
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        """The scheme as a format-v1 document (see the scheme format reference).
+
+        Returns:
+            A JSON-able dict; ``provenance`` gains the nmsearch version and the UTC time.
+        """
         layers = []
         for name, option in self.layers:
             entry = {"name": name, **option.to_json()}
@@ -235,6 +294,19 @@ class Scheme:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "scheme") -> Scheme:
+        """Read a format-v1 document, validated against the shipped JSON Schema.
+
+        Args:
+            data: The parsed JSON.
+            source: Names the document in error messages, e.g. ``"scheme file 'a.json'"``.
+
+        Returns:
+            The scheme with its metadata.
+
+        Raises:
+            SchemeError: If it is not an nmsearch scheme, its version is newer than this nmsearch
+                reads, or it breaks the schema (the message names the first offending field).
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise SchemeError(f"{source}: not an nmsearch scheme (format {found!r}, expected {FORMAT!r})")
@@ -265,12 +337,29 @@ class Scheme:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON format v1 atomically (a temporary file renamed over ``path``)."""
+        """Write JSON format v1 atomically (a temporary file renamed over ``path``).
+
+        Args:
+            path: The file to write.
+
+        Returns:
+            ``path`` as a ``Path``.
+        """
         return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scheme:
-        """Read and validate a scheme file against the shipped JSON Schema."""
+        """Read and validate a scheme file against the shipped JSON Schema.
+
+        Args:
+            path: A scheme file (format v1).
+
+        Returns:
+            The scheme.
+
+        Raises:
+            SchemeError: If the file cannot be read, is not JSON, or is not a valid scheme.
+        """
         source = f"scheme file '{path}'"
         try:
             text = Path(path).read_bytes().decode("utf-8")
@@ -288,7 +377,14 @@ class Scheme:
 
     # -- DominoSearch interop --------------------------------------------------------------
     def to_domino(self) -> dict[str, list[int]]:
-        """DominoSearch's ``{layer: [N, M]}`` for the weights (activation choices cannot be expressed)."""
+        """The scheme in DominoSearch's format.
+
+        Returns:
+            ``{layer: [N, M]}`` for the layers with sparse weights.
+
+        Raises:
+            SchemeError: If a layer sparsifies activations (DominoSearch cannot express it).
+        """
         activation_layers = [name for name, option in self.layers if option.activation]
         if activation_layers:
             raise SchemeError(
@@ -298,7 +394,19 @@ class Scheme:
 
     @classmethod
     def from_domino(cls, layers: Mapping[str, Any], **metadata_fields: Any) -> Scheme:
-        """From DominoSearch's ``{layer: [N, M]}`` (``N == M`` means dense)."""
+        """Read DominoSearch's format.
+
+        Args:
+            layers: ``{layer: [N, M]}`` (``N == M`` means dense).
+            **metadata_fields: As for :meth:`from_choices`; ``provenance.strategy`` defaults to ``"domino"``.
+
+        Returns:
+            The weights-only scheme.
+
+        Raises:
+            SchemeError: If an entry is not a pair.
+            InvalidPatternError: If a pair is not a valid N:M.
+        """
         choices = {}
         for name, value in layers.items():
             if not (isinstance(value, list | tuple) and len(value) == 2):

@@ -38,10 +38,20 @@ class UnknownTaskError(TaskError):
 
 
 def get_task(name: str = DEFAULT_TASK, **overrides: Any) -> Task:
-    """The built-in task ``name`` with fields overridden, e.g. ``get_task("digits", seed=1)``.
+    """A built-in task with fields overridden, e.g. ``get_task("digits", seed=1)``.
 
-    ``schedule`` may be a :class:`~evaluators.task.TrainingSchedule` or a mapping of the fields
-    to change in the task's default schedule, e.g. ``schedule={"epochs": 5}``.
+    Args:
+        name: ``"digits"``, ``"cifar10"``, ``"synthetic"`` or ``"minilm"``.
+        **overrides: Task fields. ``schedule`` may be a :class:`~evaluators.task.TrainingSchedule`
+            or a mapping of the fields to change in the task's default schedule, e.g.
+            ``schedule={"epochs": 5}``.
+
+    Returns:
+        The task.
+
+    Raises:
+        UnknownTaskError: If ``name`` is not a built-in task (the message suggests the closest).
+        TaskError: If a field or schedule field is unknown or invalid.
     """
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)
@@ -68,8 +78,20 @@ def get_task(name: str = DEFAULT_TASK, **overrides: Any) -> Task:
 
 
 def instantiate_task(config: Any) -> Task | PretrainedTask:
-    """A task from a Hydra config (a mapping with ``_target_``), checked against the Task interface
-    (or recognised as a label-free :class:`~evaluators.fidelity.PretrainedTask`)."""
+    """A task from a Hydra config, checked against the Task interface.
+
+    A label-free :class:`~evaluators.fidelity.PretrainedTask` is recognised and returned as is.
+
+    Args:
+        config: A mapping or OmegaConf node with ``_target_`` (a class or factory) and its arguments.
+
+    Returns:
+        The task (a :class:`~evaluators.task.Task` or a
+        :class:`~evaluators.fidelity.PretrainedTask`).
+
+    Raises:
+        TaskError: If the config cannot be instantiated or the object is not a task.
+    """
     try:
         task = instantiate(config, _convert_="all")
     except InstantiationException as error:
