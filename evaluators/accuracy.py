@@ -235,11 +235,23 @@ class AccuracyEvaluator:
         return self._pruner.prune(scheme)
 
     def scheme_model(self, scheme: Scheme) -> nn.Module:
-        """``scheme`` applied to a fresh copy of the pre-trained model (magnitude masks)."""
+        """``scheme`` applied to a fresh copy of the pre-trained model (magnitude masks).
+
+        Args:
+            scheme: The scheme to apply.
+
+        Returns:
+            The sparse model, on the trainer's device.
+        """
         return scheme.apply(self.trainer.pretrained(), inplace=True)
 
     def calibration_inputs(self) -> torch.Tensor:
-        """``calibration_samples`` training inputs (no augmentation) for the one-shot methods."""
+        """``calibration_samples`` training inputs (no augmentation) for the one-shot methods.
+
+        Returns:
+            The first ``calibration_samples`` inputs of the shuffled training split (all of them
+            if the split is smaller), concatenated on the trainer's device.
+        """
         trainer, wanted = self.trainer, self.config.calibration_samples
         batches, count = [], 0
         for inputs, _ in trainer.task.loader("train", shuffle=True, augment=False, seed=trainer.seed):

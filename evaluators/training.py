@@ -64,10 +64,17 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``device`` (default: CUDA when available), refused when this machine cannot run on it.
+    """``device`` as a torch device, refused when this machine cannot run on it.
+
+    Args:
+        device: A torch device or its name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``);
+            ``None`` picks :func:`default_device`.
+
+    Returns:
+        The device.
 
     Raises:
-        TaskError: an unknown device string, or a CUDA / MPS device this torch build or machine
+        TaskError: If ``device`` is an unknown device string, or a CUDA / MPS device this torch build or machine
             does not have.
     """
     if device is None:
@@ -90,14 +97,26 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices).
+
+    Args:
+        seed: The seed (NumPy gets it modulo 2**32).
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """A data-order seed per (run seed, epoch) that does not collide across run seeds."""
+    """A data-order seed per (run seed, epoch) that does not collide across run seeds.
+
+    Args:
+        seed: The run seed.
+        epoch: The epoch index.
+
+    Returns:
+        A 32-bit seed derived with :class:`numpy.random.SeedSequence`.
+    """
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
@@ -370,7 +389,11 @@ class Trainer:
 
     # -- models ----------------------------------------------------------------------------
     def fresh_model(self) -> nn.Module:
-        """A newly initialised dense model (same weights for the same seed), on the trainer's device."""
+        """A newly initialised dense model (same weights for the same seed).
+
+        Returns:
+            The task's model, seeded with the trainer's seed, on the trainer's device.
+        """
         seed_everything(self.seed)
         return self.task.build_model().to(self.device)
 

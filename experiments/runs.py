@@ -106,7 +106,16 @@ def _short(value: Any) -> str:
 
 
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two defining configs, in a stable order."""
+    """Dotted keys whose values differ between two defining configs, in a stable order.
+
+    Args:
+        recorded: The defining config recorded in a run directory.
+        current: The defining config of the run about to start.
+
+    Returns:
+        The differing keys (present in one config only counts as differing), shallow keys and
+        ``.name`` keys first.
+    """
     old, new = _flatten(recorded), _flatten(current)
     keys = [key for key in dict.fromkeys([*old, *new]) if old.get(key, "<absent>") != new.get(key, "<absent>")]
     # shallow keys and names (hardware.name, strategy.name) before deep details
