@@ -50,19 +50,43 @@ NEIGHBORS = 10
 
 
 def cosine_similarity(dense: Tensor, sparse: Tensor) -> float:
-    """Mean cosine similarity of corresponding rows (last dimension = features)."""
+    """Mean cosine similarity of corresponding rows (last dimension = features).
+
+    Args:
+        dense: Outputs of the dense model.
+        sparse: Outputs of the sparse model for the same inputs (same shape).
+
+    Returns:
+        The mean over rows, in [-1, 1]; 1 when every row points the same way.
+    """
     return float(F.cosine_similarity(sparse.flatten(0, -2).double(), dense.flatten(0, -2).double(), dim=-1).mean())
 
 
 def kl_divergence(dense_logits: Tensor, sparse_logits: Tensor) -> float:
-    """Mean ``KL(softmax(dense) || softmax(sparse))`` over rows, in nats."""
+    """Mean ``KL(softmax(dense) || softmax(sparse))`` over rows, in nats.
+
+    Args:
+        dense_logits: Logits of the dense model (last dimension = classes).
+        sparse_logits: Logits of the sparse model for the same inputs (same shape).
+
+    Returns:
+        The mean divergence over rows (>= 0; 0 when the distributions match).
+    """
     p = F.log_softmax(dense_logits.flatten(0, -2).double(), dim=-1)
     q = F.log_softmax(sparse_logits.flatten(0, -2).double(), dim=-1)
     return float(F.kl_div(q, p, log_target=True, reduction="batchmean"))
 
 
 def relative_error(dense: Tensor, sparse: Tensor) -> float:
-    """``||sparse - dense|| / ||dense||`` (Frobenius norms over all outputs)."""
+    """``||sparse - dense|| / ||dense||`` (Frobenius norms over all outputs).
+
+    Args:
+        dense: Outputs of the dense model.
+        sparse: Outputs of the sparse model for the same inputs (same shape).
+
+    Returns:
+        The relative error (>= 0; 0 when the outputs are equal).
+    """
     return float((sparse.double() - dense.double()).norm() / dense.double().norm().clamp_min(1e-30))
 
 
@@ -95,8 +119,18 @@ def neighbor_agreement(dense: Tensor, sparse: Tensor, k: int = NEIGHBORS) -> flo
 
 
 def fidelity_metrics(dense: Tensor, sparse: Tensor) -> dict[str, float]:
-    """Every metric that applies to outputs of this shape (``kl`` always: any last dimension is a
-    distribution's logits in principle; ``neighbors@10`` for 2-D outputs of more than 10 rows)."""
+    """Every metric that applies to outputs of this shape.
+
+    ``kl`` is always computed (any last dimension is a distribution's logits in principle);
+    ``neighbors@10`` only for 2-D outputs of more than 10 rows.
+
+    Args:
+        dense: Outputs of the dense model.
+        sparse: Outputs of the sparse model for the same inputs (same shape).
+
+    Returns:
+        ``{"cosine", "kl", "relative_error"[, "neighbors@10"]: value}``.
+    """
     values = {
         "cosine": cosine_similarity(dense, sparse),
         "kl": kl_divergence(dense, sparse),
@@ -108,8 +142,19 @@ def fidelity_metrics(dense: Tensor, sparse: Tensor) -> dict[str, float]:
 
 
 def default_outputs(model: nn.Module, inputs: Inputs) -> Tensor:
-    """The tensor to compare from ``model(inputs)``: the output itself, or of a mapping / model output
-    its ``sentence_embedding``, ``logits``, ``pooler_output`` or ``last_hidden_state``, or a tuple's first."""
+    """The tensor to compare from ``model(inputs)``.
+
+    Args:
+        model: The model.
+        inputs: Its inputs (a tensor, a tuple of positional arguments or a mapping of keyword ones).
+
+    Returns:
+        The output itself; of a mapping or model output its ``sentence_embedding``, ``logits``,
+        ``pooler_output`` or ``last_hidden_state`` (the first present); of a tuple its first item.
+
+    Raises:
+        NMSearchError: If the output is a mapping without any of those keys, or not a tensor.
+    """
     out: Any = call_model(model, inputs)
     if isinstance(out, dict) or hasattr(out, "keys"):
         for key in ("sentence_embedding", "logits", "pooler_output", "last_hidden_state"):
@@ -131,23 +176,52 @@ class PretrainedTask(Protocol):
     no training, no labels; a search scores schemes with :class:`FidelityEvaluator`."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The task's name (in run records and reports)."""
+        ...
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self) -> nn.Module:
+        """The dense pre-trained model, freshly loaded."""
+        ...
 
-    def example_inputs(self) -> Inputs: ...
+    def example_inputs(self) -> Inputs:
+        """A batch the search space is discovered on and the cost model sizes layers with."""
+        ...
 
-    def calibration_inputs(self) -> Inputs: ...
+    def calibration_inputs(self) -> Inputs:
+        """The inputs the one-shot methods calibrate on."""
+        ...
 
-    def heldout_batches(self) -> list[Inputs]: ...
+    def heldout_batches(self) -> list[Inputs]:
+        """The inputs fidelity is measured on (disjoint from the calibration inputs)."""
+        ...
 
-    def outputs(self, model: nn.Module, batch: Inputs) -> Tensor: ...
+    def outputs(self, model: nn.Module, batch: Inputs) -> Tensor:
+        """The tensor compared between the dense and the sparse model.
 
-    def config(self) -> dict[str, Any]: ...
+        Args:
+            model: The dense or the sparse model.
+            batch: One of :meth:`heldout_batches`.
+
+        Returns:
+            The outputs to compare (e.g. sentence embeddings).
+        """
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """The task's settings as a JSON-able dict (recorded with a run)."""
+        ...
 
 
 def is_pretrained_task(task: object) -> bool:
-    """Whether ``task`` has the :class:`PretrainedTask` members (calibration and held-out inputs)."""
+    """Whether ``task`` has the :class:`PretrainedTask` members (calibration and held-out inputs).
+
+    Args:
+        task: Any object.
+
+    Returns:
+        True if it has ``build_model``, ``calibration_inputs``, ``heldout_batches`` and ``outputs``.
+    """
     return all(hasattr(task, member) for member in ("build_model", "calibration_inputs", "heldout_batches", "outputs"))
 
 
@@ -252,8 +326,19 @@ class FidelityEvaluator:
         return torch.cat(chunks)
 
     def sparse_model(self, scheme: Scheme, mode: str | None = None) -> nn.Module:
-        """The one-shot pruned model for ``scheme``; ``mode="sequential"`` for export when the search
-        used the ``independent`` variant."""
+        """The one-shot pruned model for ``scheme``.
+
+        Args:
+            scheme: A scheme of the evaluator's space.
+            mode: The calibration mode; default the evaluator's. ``"sequential"`` for export when
+                the search used the ``independent`` variant.
+
+        Returns:
+            The pruned model.
+
+        Raises:
+            SchemeMismatchError: If ``scheme`` is not a scheme of the evaluator's space.
+        """
         self.space.check(scheme)
         if mode is None or mode == self.pruner.mode:
             return self.pruner.prune(scheme)
@@ -268,7 +353,20 @@ class FidelityEvaluator:
         ).prune(scheme)
 
     def evaluate(self, scheme: Scheme, mode: str | None = None) -> Evaluation:
-        """Fidelity of ``scheme``'s one-shot model on the held-out batches."""
+        """Fidelity of ``scheme``'s one-shot model on the held-out batches.
+
+        Args:
+            scheme: A scheme of the evaluator's space.
+            mode: The calibration mode; default the evaluator's.
+
+        Returns:
+            The ``accuracy`` objective: the cosine similarity, or ``exp(-value)`` of the other
+            metrics; every metric in ``info``. A failed evaluation when pruning runs out of GPU
+            memory or the metric is not finite.
+
+        Raises:
+            SchemeMismatchError: If ``scheme`` is not a scheme of the evaluator's space.
+        """
         start = time.perf_counter()
         info: dict[str, Any] = {"oneshot": self.config.oneshot, "calibration_mode": mode or self.pruner.mode}
         try:
