@@ -81,7 +81,15 @@ class CalibrationError(NMSearchError):
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """``model(inputs)``, ``model(*inputs)`` for a tuple/list or ``model(**inputs)`` for a dict."""
+    """``model(inputs)``, ``model(*inputs)`` for a tuple/list or ``model(**inputs)`` for a dict.
+
+    Args:
+        model: The model.
+        inputs: A tensor, a tuple/list of positional arguments or a mapping of keyword ones.
+
+    Returns:
+        What the model returns.
+    """
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple | list):
@@ -90,7 +98,15 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
 
 
 def move_inputs(inputs: Inputs, device: torch.device | str) -> Inputs:
-    """``inputs`` (a tensor, tuple/list or dict of tensors) on ``device``; other values unchanged."""
+    """``inputs`` (a tensor, tuple/list or dict of tensors) on ``device``; other values unchanged.
+
+    Args:
+        inputs: The inputs (nested tuples, lists and mappings are moved recursively).
+        device: The target device.
+
+    Returns:
+        The inputs, of the same structure, on ``device``.
+    """
     if isinstance(inputs, Tensor):
         return inputs.to(device)
     if isinstance(inputs, Mapping):
@@ -106,7 +122,17 @@ def _groups(module: nn.Module) -> int:
 
 
 def gemm_weight(module: nn.Module) -> Tensor:
-    """The weight as ``(groups, N/groups, K)`` float32, K in N:M order (conv: ``kh, kw, Cin/groups``)."""
+    """The weight as ``(groups, N/groups, K)`` float32, K in N:M order (conv: ``kh, kw, Cin/groups``).
+
+    Args:
+        module: A prunable layer (``Linear``, ``Conv2d`` or a transposed-weight ``Conv1D``).
+
+    Returns:
+        A detached float32 copy of the weight in GEMM layout.
+
+    Raises:
+        NMSearchError: If a non-conv layer's weight is not 2-D.
+    """
     w = module.weight.detach().float()
     if isinstance(module, nn.Conv2d):
         cout = w.shape[0]
@@ -117,7 +143,12 @@ def gemm_weight(module: nn.Module) -> Tensor:
 
 
 def set_gemm_weight(module: nn.Module, weight: Tensor) -> None:
-    """Write a ``(groups, N/groups, K)`` weight from :func:`gemm_weight` back, in the module's layout and dtype."""
+    """Write a ``(groups, N/groups, K)`` weight from :func:`gemm_weight` back, in the module's layout and dtype.
+
+    Args:
+        module: The layer whose weight is overwritten in place.
+        weight: The weight in the layout :func:`gemm_weight` returns.
+    """
     target = module.weight
     if isinstance(module, nn.Conv2d):
         cout, cpg, kh, kw = target.shape
@@ -131,7 +162,15 @@ def set_gemm_weight(module: nn.Module, weight: Tensor) -> None:
 
 
 def gemm_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's GEMM input rows as ``(groups, T, K)`` float32 (conv: im2col, K as in :func:`gemm_weight`)."""
+    """The layer's GEMM input rows as ``(groups, T, K)`` float32 (conv: im2col, K as in :func:`gemm_weight`).
+
+    Args:
+        module: The layer.
+        x: Its input (conv: ``(B, C, H, W)`` or ``(C, H, W)``; otherwise features last).
+
+    Returns:
+        One row per token (conv: per output position), ``T`` rows per group.
+    """
     x = x.detach().float()
     if not isinstance(module, nn.Conv2d):
         return x.reshape(1, -1, x.shape[-1])
@@ -160,11 +199,20 @@ class LayerStatistics:
 
     @classmethod
     def of(cls, rows: Tensor, with_gram: bool) -> LayerStatistics:
-        """Statistics of GEMM input rows ``(groups, T, K)`` (see :func:`gemm_inputs`)."""
+        """Statistics of GEMM input rows ``(groups, T, K)`` (see :func:`gemm_inputs`).
+
+        Args:
+            rows: The GEMM input rows.
+            with_gram: Also compute ``X^T X`` (SparseGPT needs it, Wanda does not).
+
+        Returns:
+            The statistics.
+        """
         return cls(rows.shape[1], rows.pow(2).sum(1), rows.transpose(1, 2) @ rows if with_gram else None)
 
     @property
     def nbytes(self) -> int:
+        """Memory held by the statistics' tensors, in bytes (for the cache's size limit)."""
         return sum(t.numel() * t.element_size() for t in (self.sq_sum, self.gram) if t is not None)
 
 
@@ -337,8 +385,21 @@ class OneShotPruner:
         self.hits = self.misses = 0
 
     def prune(self, scheme: Scheme) -> nn.Module:
-        """A sparse copy of the model under ``scheme`` (``Scheme.apply``) with its weights pruned
-        and, for SparseGPT, reconstructed; ``scheme.verify`` holds on it."""
+        """A sparse copy of the model under ``scheme`` with its weights pruned.
+
+        The copy comes from ``Scheme.apply``; for SparseGPT the kept weights are reconstructed.
+        ``scheme.verify`` holds on it.
+
+        Args:
+            scheme: A scheme of the model's search space.
+
+        Returns:
+            The pruned model (the pruner's model is left unchanged).
+
+        Raises:
+            SchemeMismatchError: If ``scheme`` does not fit the model.
+            CalibrationError: If the calibration data cannot give a layer's statistics.
+        """
         sparse = scheme.apply(self.model)
         layers = {name: module for name, module in prunable_modules(sparse).items() if scheme[name].weight}
         if not layers or self.method == "magnitude":
@@ -504,7 +565,11 @@ class OneShotPruner:
             self._cache_bytes -= old.nbytes if isinstance(old, LayerStatistics) else old.numel() * old.element_size()
 
     def cache_info(self) -> dict[str, float]:
-        """Entries, megabytes, hits and misses of the statistics / pruned-weight cache."""
+        """Entries, megabytes, hits and misses of the statistics / pruned-weight cache.
+
+        Returns:
+            ``{"entries", "mb", "hits", "misses": value}``.
+        """
         return {
             "entries": len(self._cache),
             "mb": self._cache_bytes / 2**20,
