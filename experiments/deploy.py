@@ -261,6 +261,14 @@ def searched_model(config: dict[str, Any], scheme: Scheme) -> Deployable:
     fidelity then re-estimates BatchNorm, fine-tunes or trains as the search did. Weight masks
     are baked in and the model is evaluated on the run's split.
 
+    Args:
+        config: The run's resolved config (its ``config.yaml``).
+        scheme: The scheme to rebuild the model for.
+
+    Returns:
+        The finalized model (on the CPU) with the task's example inputs and its accuracy on
+        the run's split.
+
     Raises:
         DeployError: the config lacks what is needed.
         SchemeMismatchError: the scheme is not of this run's model.
@@ -351,6 +359,9 @@ def exportable(model: nn.Module, inputs: Tensor) -> nn.Module:
 
     Returns:
         The copy, in eval mode, with gradients off.
+
+    Raises:
+        DeployError: If a layer still masks its weights at run time (the model is not finalized).
     """
     model = copy.deepcopy(model)
     layers = {name: m for name, m in prunable_modules(model).items() if isinstance(m, SparseLayerMixin)}
@@ -583,7 +594,11 @@ def _quiet_torch_logs() -> Iterator[None]:
 
 
 def cuda_semi_structured_reason() -> str | None:
-    """Why ``to_sparse_semi_structured`` cannot run here (``None``: a CUDA GPU of compute capability >= 8.0)."""
+    """Why ``to_sparse_semi_structured`` cannot run here.
+
+    Returns:
+        The reason in a few words, or ``None`` when a CUDA GPU of compute capability >= 8.0 is visible.
+    """
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     major, minor = torch.cuda.get_device_capability()
@@ -593,7 +608,11 @@ def cuda_semi_structured_reason() -> str | None:
 
 
 def require_semi_structured() -> None:
-    """Raise :class:`DeployError` (one line) unless ``to_sparse_semi_structured`` can run here."""
+    """Refuse ``--format torch`` unless ``to_sparse_semi_structured`` can run here.
+
+    Raises:
+        DeployError: One line naming the reason and the formats that work here.
+    """
     reason = cuda_semi_structured_reason()
     if reason:
         raise DeployError(
@@ -608,6 +627,13 @@ def semi_structured_plan(model: nn.Module, scheme: Scheme) -> dict[str, str | No
     torch's semi-structured tensors take the weights of plain Linear layers (not Conv2d) whose N:M
     runs as 2:4 (at most 2 non-zeros in every aligned block of 4), in fp16, with both weight
     dimensions multiples of 64 (CUTLASS' minimum tile; cuSPARSELt's 16 is laxer).
+
+    Args:
+        model: The finalized model (see :func:`bake`).
+        scheme: Its scheme.
+
+    Returns:
+        ``{layer: reason it stays dense, or None when it is converted}`` for every scheme layer.
     """
     modules = prunable_modules(model)
     plan: dict[str, str | None] = {}
@@ -837,7 +863,14 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``nmsearch deploy`` / ``python -m experiments.deploy``: returns the exit status (2: bad input)."""
+    """``nmsearch deploy`` / ``python -m experiments.deploy``.
+
+    Args:
+        argv: Command-line arguments; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, or 2 after a one-line error.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a run directory of nmsearch search, or a scheme JSON file")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")

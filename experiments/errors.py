@@ -78,6 +78,10 @@ def run_cli(prog: str, body: Callable[[], int | None], *, on_interrupt: str = ""
 
     Returns:
         ``body``'s status, :data:`USAGE` for a reported failure, :data:`INTERRUPTED` on Ctrl-C.
+
+    Raises:
+        Exception: Any error of ``body`` that :func:`error_line` does not turn into one line (a
+            bug), unchanged, with its traceback.
     """
     try:
         return body() or 0
@@ -96,5 +100,13 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (``prog: message; see --help``), exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``prog: message; see --help`` on stderr and exit with :data:`USAGE`.
+
+        Args:
+            message: argparse's description of the usage error.
+
+        Raises:
+            SystemExit: Always, with status :data:`USAGE`.
+        """
         print(f"{self.prog}: {message}; see --help", file=sys.stderr)
         sys.exit(USAGE)

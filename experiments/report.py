@@ -34,8 +34,16 @@ TINY_RANGE = 0.02  # relative spread of an axis below which it is flagged as "no
 
 
 def baseline_trials(result: SearchResult, space: SearchSpace) -> dict[str, int]:
-    """The first completed trial of each of ``space.uniform_schemes()`` (``"dense"``,
-    ``"weights 2:4"``, ...) that the search evaluated, by label."""
+    """The first completed trial of each uniform scheme of the space that the search evaluated.
+
+    Args:
+        result: The search result.
+        space: Its search space (``space.uniform_schemes()`` gives the baselines).
+
+    Returns:
+        ``{label: trial}`` with labels such as ``"dense"`` or ``"weights 2:4"``; baselines the
+        search did not evaluate are absent.
+    """
     by_choices = {json.dumps(s.choices, separators=(",", ":")): label for label, s in space.uniform_schemes().items()}
     found: dict[str, int] = {}
     for row in result.completed.itertuples():
@@ -122,12 +130,28 @@ def plot_result(
 
 
 def layer_options(scheme_json: str) -> str:
-    """A trial's per-layer options in layer order, e.g. ``"dense w2:4 w1:8"``."""
+    """A trial's per-layer options in layer order, e.g. ``"dense w2:4 w1:8"``.
+
+    Args:
+        scheme_json: The trial's ``scheme`` column entry (``{layer: option}`` as JSON).
+
+    Returns:
+        The option names, space-separated.
+    """
     return " ".join(json.loads(scheme_json).values())
 
 
 def summary(result: SearchResult, trial: int, out: Path) -> str:
-    """The printed summary: the front (distinct schemes), each layer's option, the chosen trial."""
+    """The printed summary: the front (distinct schemes), each layer's option, the chosen trial.
+
+    Args:
+        result: The search result.
+        trial: The chosen trial (starred; its scheme is ``scheme.json``).
+        out: The results folder, named on the last line.
+
+    Returns:
+        The summary text (a Markdown table of the front and a few lines around it).
+    """
     columns = ["trial", *(o.name for o in result.objectives)]
     front = result.front
     table = front[columns].copy()
