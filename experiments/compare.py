@@ -53,12 +53,13 @@ def compare(runs: list[Run], x_name: str | None = None) -> tuple[pd.DataFrame, p
 
     Args:
         runs: Finished runs (see :func:`experiments.runs.find_runs`).
-        x_name: The cost objective on the figure's x axis; default the first shared one.
+        x_name: The objective on the figure's x axis; default the first shared one other than
+            the y axis (``accuracy``, else the first shared objective).
 
     Returns:
         ``(merged, summary, figure)``: every candidate with its run's label; per run its
         strategy, hardware, counts, hypervolume against one shared reference point, best
-        accuracy and knee; the fronts of accuracy against ``x_name``.
+        accuracy and knee; the fronts of the y objective against the x one.
 
     Raises:
         NMSearchError: If the runs share fewer than two objectives or ``x_name`` is not one of them.
