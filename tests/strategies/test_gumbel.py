@@ -1,7 +1,13 @@
+import json
 import math
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -11,7 +17,10 @@ from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, Har
 from experiments.tasks import get_task
 from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
 from strategies import SearchResult
+from strategies.base import load_checkpoint
 from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
+from tests.strategies import gumbel_worker
+from tests.strategies.faults import finish, lines, wait_for_lines
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -331,3 +340,47 @@ def test_search_over_a_space_with_row_options(synthetic, tmp_path: Path) -> None
     assert result.trials["state"].eq("COMPLETE").all()
     probs = result.tables["gumbel_probs"]
     assert probs["option"].str.contains("r0.").any()
+
+
+# -- kill -9 (tests/strategies/gumbel_worker.py, helpers in tests/strategies/faults.py) ------------
+@pytest.mark.slow
+def test_kill_9_mid_epoch_and_mid_checkpoint_write_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    cache, marker = tmp_path / "cache", tmp_path / "started"
+    finish([gumbel_worker.start(tmp_path / "clean", cache, tmp_path / "clean-marker")])
+    run = tmp_path / "run"
+    checkpoint = run / "gumbel" / next((tmp_path / "clean" / "gumbel").glob("run-*.pt")).name
+
+    def kill_at(line: str, process: subprocess.Popen) -> None:
+        """SIGKILL ``process`` once it has marked ``line`` (where it stalls), then start a new marker."""
+        while line not in lines(marker):
+            wait_for_lines(marker, len(lines(marker)) + 1, process)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        marker.write_text("")
+
+    # 1: epoch 1's weights trained, its logits epoch begun (epoch 0 checkpointed)
+    kill_at("train 3", gumbel_worker.start(run, cache, marker, stall_epoch=3))
+    assert load_checkpoint(checkpoint)["epoch"] == 0
+    # 2: resumed at epoch 1, killed half way through writing epoch 2's checkpoint
+    kill_at("save 2", gumbel_worker.start(run, cache, marker, stall_save=2))
+    time.sleep(0.5)
+    state = load_checkpoint(checkpoint)  # the complete epoch-1 file, not the half-written one
+    assert state is not None and state["epoch"] == 1
+    assert [row["epoch"] for row in state["rows"]] == [0, 1]
+    assert not (run / "result.json").exists()
+    # 3: resumed at epoch 2, runs to the end
+    finish([gumbel_worker.start(run, cache, marker)])
+    assert lines(marker) == ["train 1", "train 2", "save 1", "train 3", "train 4", "save 2"]  # epochs 2 and 3 only
+
+    clean, resumed = SearchResult.load(tmp_path / "clean"), SearchResult.load(run)
+    assert list(resumed.tables["gumbel_log"]["epoch"]) == [0, 1, 2, 3]  # no epoch lost or logged twice
+    for name in ("gumbel_log", "gumbel_probs"):
+        pd.testing.assert_frame_equal(resumed.tables[name], clean.tables[name], check_exact=False, rtol=1e-5)
+    assert list(resumed.trials["scheme"]) == list(clean.trials["scheme"])
+    assert set(resumed.trials["state"]) == {"COMPLETE"}
+    meta = json.loads((run / "result.json").read_text())
+    assert meta["files"]["trials.csv"]["rows"] == len(pd.read_csv(run / "trials.csv")) == len(clean.trials)
+    torch.testing.assert_close(load_checkpoint(checkpoint)["logits"],
+                               load_checkpoint(tmp_path / "clean" / "gumbel" / checkpoint.name)["logits"])  # fmt: skip
+    leftovers = sorted(p.name for p in run.rglob("*.tmp"))
+    assert leftovers == [], f"temporary files left by the killed writes: {leftovers}"
