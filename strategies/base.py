@@ -157,16 +157,20 @@ def accuracy_part(evaluator: Evaluator) -> AccuracyEvaluator:
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
-    """Write a strategy checkpoint atomically (``torch.save`` to a temporary file renamed over ``path``).
+    """Write a strategy checkpoint atomically (``torch.save`` to a temporary file renamed over ``path``),
+    then remove the temporary files of earlier writes of ``path`` killed before their rename (kill -9).
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (one writer at a time: rank 0).
         state: tensors and plain Python types only (what :func:`load_checkpoint` accepts).
 
     Returns:
         The path written.
     """
-    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
+    written = atomic_write(path, lambda handle: torch.save(dict(state), handle))
+    for orphan in written.parent.glob(f".{written.name}.*.tmp"):
+        orphan.unlink(missing_ok=True)
+    return written
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
