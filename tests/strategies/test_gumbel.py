@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import strategies.gumbel as gumbel_module
-from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer
+from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer, find_part
 from experiments.tasks import get_task
 from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
 from strategies import SearchResult
@@ -235,6 +235,11 @@ def test_search_sweeps_lambda_and_returns_scored_schemes(synthetic, tmp_path: Pa
 
 def test_fbnet_soft_mixture_search_runs_and_prices_the_relaxed_sample(synthetic) -> None:
     space, evaluator = synthetic
+    # ideal_nm: every pattern saves bytes, so cost pressure must lower the expected cost (on a100 the
+    # synthetic task's tiny GEMMs run dense whatever the pattern, and no option is cheaper than dense)
+    accuracy = find_part(evaluator, AccuracyEvaluator)
+    cost = CostEvaluator(space, HardwareCostModel.from_profile("ideal_nm"), metrics=("bytes_mb",))
+    evaluator = CompositeEvaluator(accuracy, cost)
     strategy = GumbelStrategy(epochs=2, lambdas=(5.0,), arch_lr=0.1, cost_metric="bytes_mb", warmup_fraction=0.0,
                               estimator="fbnet", sampling="soft", active_groups=None, tau_start=1.0)  # fmt: skip
     result = strategy.search(space, evaluator)
