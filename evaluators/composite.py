@@ -89,7 +89,7 @@ def build_cost_model(
 
     Args:
         hardware: a profile name of ``conf/hardware``, a profile mapping, ``"measured:<table>"`` or
-            ``{"measured": <table>, "fallback": <profile>, "device": <name>}``
+            ``{"measured": <table>, "fallback": <profile>, "device": <name>, "statistic": "median"}``
             (:class:`~evaluators.measured.MeasuredCostModel`: the table's latencies, the fallback
             profile's roofline for entries it lacks).
         cost: dtype and deployment batch (default :class:`CostModelConfig`).
@@ -108,13 +108,19 @@ def build_cost_model(
     if isinstance(hardware, str) and hardware.startswith(MEASURED_PREFIX):
         hardware = {"measured": hardware.removeprefix(MEASURED_PREFIX)}
     if isinstance(hardware, Mapping) and "measured" in hardware:
-        unknown = sorted(set(hardware) - {"measured", "fallback", "device"})
+        unknown = sorted(set(hardware) - {"measured", "fallback", "device", "statistic"})
         if unknown:
             raise NMSearchError(
-                f"hardware: unknown key {unknown[0]!r} for a measured table; keys: measured, fallback, device"
+                f"hardware: unknown key {unknown[0]!r} for a measured table; "
+                "keys: measured, fallback, device, statistic"
             )
         return MeasuredCostModel.from_table(
-            hardware["measured"], hardware.get("fallback"), cost.dtype, cost.batch_size, hardware.get("device")
+            hardware["measured"],
+            hardware.get("fallback"),
+            cost.dtype,
+            cost.batch_size,
+            hardware.get("device"),
+            hardware.get("statistic") or "median",
         )
     return HardwareCostModel.from_profile(hardware, dtype=cost.dtype, batch_size=cost.batch_size)
 

@@ -40,6 +40,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "REST",
+    "STATISTICS",
     "TABLE_COLUMNS",
     "Coverage",
     "LatencyTable",
@@ -50,7 +51,8 @@ __all__ = [
 FORMAT = "nmsearch-latency-table"
 FORMAT_VERSION = 1
 REST = "<rest>"  # the network's non-searchable work, timed with every searchable layer's output precomputed
-TABLE_COLUMNS = ("layer", "option", "median_ms", "iqr_ms", "runs", "kernel")
+TABLE_COLUMNS = ("layer", "option", "median_ms", "iqr_ms", "min_ms", "runs", "kernel")
+STATISTICS = ("median", "min")  # which column a search uses: the median, or the fastest block on a shared machine
 HEADER_KEYS = ("format", "format_version", "device", "device_type", "torch", "dtype", "batch_size", "fingerprint")
 
 
@@ -71,14 +73,21 @@ class LatencyTable:
     header: Mapping[str, Any]
     rows: pd.DataFrame
     path: str = "<memory>"
+    statistic: str = "median"
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise MeasuredTableError(f"statistic must be one of {', '.join(STATISTICS)}, got {self.statistic!r}")
 
     # -- reading and writing -----------------------------------------------------------------
     @classmethod
-    def read(cls, path: str | os.PathLike) -> LatencyTable:
+    def read(cls, path: str | os.PathLike, statistic: str = "median") -> LatencyTable:
         """Read and validate a table file.
 
         Args:
             path: a file written by :meth:`write`.
+            statistic: which latency :attr:`latencies` gives: ``median`` (default) or ``min`` (the
+                fastest timed block: less of other jobs' time on a shared machine).
 
         Returns:
             The table.
@@ -115,7 +124,7 @@ class LatencyTable:
                 f"{FORMAT_VERSION}; profile again"
             )
         rows = _parse_rows(body, where)
-        return cls(header, rows, where)
+        return cls(header, rows, where, statistic)
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the table atomically (a reader sees the old file or the new one).
@@ -132,10 +141,11 @@ class LatencyTable:
     # -- content -----------------------------------------------------------------------------
     @property
     def latencies(self) -> dict[tuple[str, str], float]:
-        """``{(layer, option name): median ms}`` of every measured entry (``<rest>`` included)."""
+        """``{(layer, option name): ms}`` (the :attr:`statistic`) of every measured entry (``<rest>`` included)."""
+        column = self.rows[f"{self.statistic}_ms"]
         return {
             (layer, option): float(ms)
-            for layer, option, ms in zip(self.rows["layer"], self.rows["option"], self.rows["median_ms"], strict=True)
+            for layer, option, ms in zip(self.rows["layer"], self.rows["option"], column, strict=True)
         }
 
     @property
@@ -211,7 +221,7 @@ def _parse_rows(body: str, where: str) -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in frame.columns]
     if missing:
         raise MeasuredTableError(f"latency table {where}: line 2: columns {', '.join(missing)} are missing")
-    layers, options, medians, iqrs, runs, kernels = [], [], [], [], [], []
+    layers, options, medians, iqrs, minima, runs, kernels = [], [], [], [], [], [], []
     seen: set[tuple[str, str]] = set()
     for number, row in enumerate(frame.itertuples(index=False), start=3):
         values = row._asdict()
@@ -224,11 +234,13 @@ def _parse_rows(body: str, where: str) -> pd.DataFrame:
             raise MeasuredTableError(f"{what}: option {values['option']!r}: {error}") from None
         try:
             median, iqr, count = float(values["median_ms"]), float(values["iqr_ms"]), int(values["runs"])
+            fastest = float(values["min_ms"])
         except ValueError:
-            raise MeasuredTableError(f"{what}: median_ms, iqr_ms and runs must be numbers") from None
-        if not (math.isfinite(median) and median > 0 and math.isfinite(iqr) and iqr >= 0 and count > 0):
+            raise MeasuredTableError(f"{what}: median_ms, iqr_ms, min_ms and runs must be numbers") from None
+        if not (math.isfinite(median) and 0 < fastest <= median and math.isfinite(iqr) and iqr >= 0 and count > 0):
             raise MeasuredTableError(
-                f"{what}: needs median_ms > 0, iqr_ms >= 0, runs > 0 (got {median}, {iqr}, {count})"
+                f"{what}: needs 0 < min_ms <= median_ms, iqr_ms >= 0, runs > 0 "
+                f"(got {fastest}, {median}, {iqr}, {count})"
             )
         key = (values["layer"], option)
         if key in seen:
@@ -238,10 +250,19 @@ def _parse_rows(body: str, where: str) -> pd.DataFrame:
         options.append(option)
         medians.append(median)
         iqrs.append(iqr)
+        minima.append(fastest)
         runs.append(count)
         kernels.append(values["kernel"])
     return pd.DataFrame(
-        {"layer": layers, "option": options, "median_ms": medians, "iqr_ms": iqrs, "runs": runs, "kernel": kernels}
+        {
+            "layer": layers,
+            "option": options,
+            "median_ms": medians,
+            "iqr_ms": iqrs,
+            "min_ms": minima,
+            "runs": runs,
+            "kernel": kernels,
+        }
     )
 
 
@@ -302,6 +323,7 @@ class MeasuredCostModel(HardwareCostModel):
         dtype: str | None = None,
         batch_size: int | None = None,
         device: str | None = None,
+        statistic: str = "median",
     ) -> MeasuredCostModel:
         """A measured cost model from a table file.
 
@@ -311,6 +333,7 @@ class MeasuredCostModel(HardwareCostModel):
             dtype: must equal the table's (default: the table's).
             batch_size: must equal the table's (default: the table's).
             device: a device name the table's must contain (None: any).
+            statistic: ``median`` or ``min`` (see :meth:`LatencyTable.read`).
 
         Returns:
             The cost model; its profile's name says ``measured <device> + <fallback>``.
@@ -319,7 +342,11 @@ class MeasuredCostModel(HardwareCostModel):
             MeasuredTableError: an unreadable table, no fallback, or a mismatch.
             HardwareProfileError: an unknown fallback profile, or one without the dtype.
         """
-        loaded = table if isinstance(table, LatencyTable) else LatencyTable.read(table)
+        loaded = (
+            dataclasses.replace(table, statistic=statistic)
+            if isinstance(table, LatencyTable)
+            else LatencyTable.read(table, statistic)
+        )
         fallback = fallback if fallback is not None else loaded.header.get("fallback")
         if fallback is None:
             raise MeasuredTableError(
