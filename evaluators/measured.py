@@ -305,14 +305,6 @@ class MeasuredCostModel(HardwareCostModel):
         if self.measured is None:
             raise MeasuredTableError("MeasuredCostModel needs a latency table (measured=LatencyTable.read(path))")
         self.measured.check(dtype=self.dtype, batch_size=self.batch_size, device=self.device)
-        profile_cpu = self.profile.name.lower().startswith("cpu")
-        table_cpu = self.measured.header["device_type"] == "cpu"
-        if profile_cpu != table_cpu:
-            raise MeasuredTableError(
-                f"latency table {self.measured.path} was measured on {self.measured.header['device']} "
-                f"({self.measured.header['device_type']}), the fallback profile {self.profile.name} is "
-                f"{'a CPU' if profile_cpu else 'an accelerator'} profile; choose a fallback for that device"
-            )
         object.__setattr__(self, "_latencies", self.measured.latencies)
 
     @classmethod
@@ -353,6 +345,13 @@ class MeasuredCostModel(HardwareCostModel):
                 f"latency table {loaded.path} names no fallback profile; set hardware.fallback (e.g. a100)"
             )
         profile = fallback if isinstance(fallback, HardwareProfile) else load_profile(fallback)
+        profile_cpu, table_cpu = profile.name.lower().startswith("cpu"), loaded.header["device_type"] == "cpu"
+        if profile_cpu != table_cpu:
+            raise MeasuredTableError(
+                f"latency table {loaded.path} was measured on {loaded.header['device']} "
+                f"({loaded.header['device_type']}), the fallback profile {profile.name} is "
+                f"{'a CPU' if profile_cpu else 'an accelerator'} profile; choose a fallback for that device"
+            )
         loaded.check(dtype=dtype, batch_size=batch_size)
         named = dataclasses.replace(profile, name=f"measured {loaded.header['device']} + {profile.name} roofline")
         return cls(
