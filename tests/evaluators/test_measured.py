@@ -163,7 +163,7 @@ def test_a_table_for_another_model_is_refused_when_costing(space: SearchSpace) -
         (
             lambda lines: [lines[0].replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99'), *lines[1:]],
             "format version 99",
-        ),  # fmt: skip
+        ),
         (lambda lines: [lines[0], "layer,option,median_ms", *lines[2:]], "line 2: columns"),
         (lambda lines: [*lines[:4], lines[4].rsplit(",", 4)[0]], "line 5: empty field"),
         (lambda lines: [*lines[:3], lines[3].replace(",1,", ",-1,", 1), *lines[4:]], "line 4: needs 0 < min_ms"),
