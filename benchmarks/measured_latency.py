@@ -1,7 +1,7 @@
 """Measured latency tables on this CPU: profiling time, additivity, rank correlation, scoring speed.
 
-    python benchmarks/measured_latency.py [--schemes 20] [--min-run-time 0.2] [--tables DIR]
-                                          [--csv docs/results/measured_latency_cpu.csv]
+    python benchmarks/measured_latency.py [--schemes 20] [--min-run-time 0.2] [--clock wall|cpu]
+                                          [--tables DIR] [--csv docs/results/measured_latency_cpu.csv]
 
 For the CIFAR ResNet-18 (batch 1 and 8) and the digits CNN (batch 1), fp32, one torch thread, the
 default search space (``conf/space/default.yaml``: weights / activations / both x 2:4, 1:4, 2:8, 1:8):
@@ -18,6 +18,7 @@ default search space (``conf/space/default.yaml``: weights / activations / both 
 Both statistics of the table are reported: the median (default of a search) and the fastest
 block (``statistic: min``), each against the same statistic of the end-to-end timing. The machine is
 shared: ``uptime`` is printed before and after; read the numbers with the load in mind.
+``--clock cpu`` times the thread's CPU time instead of wall time (leaves out other jobs' time).
 """
 
 from __future__ import annotations
@@ -64,18 +65,19 @@ def main() -> None:
     parser.add_argument("--schemes", type=int, default=20)
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--tables", type=Path, default=Path("/tmp/nmsearch_measured_tables"))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see ProfileSettings.clock")
     parser.add_argument("--csv", type=Path, help="write the per-scheme results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     space_kwargs = dataclasses.asdict(SpaceConfig())
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{started}; torch {torch.__version__}, 1 thread; {uptime()}")
+    print(f"{started}; torch {torch.__version__}, 1 thread, {args.clock} clock; {uptime()}")
     print(f"command: python {' '.join(sys.argv)}")
     rows, summary = [], []
     for label, model, example, batch, rank in cases():
         space = SearchSpace.from_model(model, example, **space_kwargs)
-        settings = ProfileSettings(batch_size=batch, min_run_time=args.min_run_time)
-        path = args.tables / f"{label.replace(' ', '_')}.csv"
+        settings = ProfileSettings(batch_size=batch, min_run_time=args.min_run_time, clock=args.clock)
+        path = args.tables / f"{label.replace(' ', '_')}_{args.clock}.csv"
         path.unlink(missing_ok=True)
         start = time.perf_counter()
         table = profile_model(model, example, space, path, settings, label=label)

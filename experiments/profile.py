@@ -82,6 +82,7 @@ CUDA_PROFILES = (
 )
 CPU_PROFILE = "cpu_x86_avx2"
 SEMI_STRUCTURED = NMPattern(2, 4)
+CLOCKS = ("wall", "cpu")
 BLOCK_S = 1e-3  # target seconds of one timed block
 MIN_BLOCKS = 10
 
@@ -98,6 +99,9 @@ class ProfileSettings:
         min_run_time: seconds of timed runs per entry (``Timer.blocked_autorange``).
         warmup: untimed calls before each measurement.
         device: where to time (default: CUDA when available).
+        clock: ``wall`` (default: what a deployment sees) or ``cpu``: the profiling thread's CPU
+            time (CPU device, one torch thread), which leaves out the time other jobs take the
+            core -- for a shared machine, where wall-clock blocks are preempted.
     """
 
     batch_size: int = 1
@@ -106,8 +110,13 @@ class ProfileSettings:
     min_run_time: float = 0.2
     warmup: int = 3
     device: str | None = None
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise NMSearchError(f"clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "cpu" and self.torch_device.type != "cpu":
+            raise NMSearchError("clock 'cpu' (thread CPU time) times CPU devices only; use clock 'wall' on CUDA")
         if self.dtype not in TORCH_DTYPES:
             raise NMSearchError(
                 f"cannot time dtype {self.dtype!r} in eager torch; choose one of {', '.join(TORCH_DTYPES)}"
@@ -214,7 +223,8 @@ def time_call(fn: Callable[[], object], settings: ProfileSettings) -> tuple[floa
     """(median s, IQR s, fastest block s, timed blocks) of one call of ``fn``.
 
     After ``settings.warmup`` untimed calls, blocks of about :data:`BLOCK_S` seconds (at least one
-    call each) are timed with ``torch.utils.benchmark.Timer`` (which synchronises CUDA) until
+    call each) are timed with ``torch.utils.benchmark.Timer`` (which synchronises CUDA), or with
+    the thread's CPU time for ``clock="cpu"`` (one torch thread: the kernels run on it), until
     ``settings.min_run_time`` has passed and at least :data:`MIN_BLOCKS` blocks are in. Short
     blocks: on a shared machine a preempted block is an outlier the median and minimum discard,
     not a bias spread over every block.
@@ -222,14 +232,32 @@ def time_call(fn: Callable[[], object], settings: ProfileSettings) -> tuple[floa
     with torch.no_grad():
         for _ in range(settings.warmup):
             fn()
-        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        number = max(1, int(BLOCK_S / max(timer.timeit(1).mean, 1e-7)))
+        if settings.clock == "cpu":
+            if torch.get_num_threads() != 1:
+                raise NMSearchError("clock 'cpu' needs one torch thread (torch.set_num_threads(1) / --threads 1)")
+            block = _cpu_block(fn)
+        else:
+            timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            block = lambda number: timer.timeit(number).mean  # noqa: E731
+        number = max(1, int(BLOCK_S / max(block(1), 1e-7)))
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < MIN_BLOCKS or time.perf_counter() - start < settings.min_run_time:
-            times.append(timer.timeit(number).mean)
+            times.append(block(number))
     q1, median, q3 = np.percentile(times, [25, 50, 75])
     return float(median), float(q3 - q1), min(times), len(times)
+
+
+def _cpu_block(fn: Callable[[], object]) -> Callable[[int], float]:
+    """Thread CPU seconds per call of ``fn`` over ``number`` calls."""
+
+    def block(number: int) -> float:
+        start = time.thread_time()
+        for _ in range(number):
+            fn()
+        return (time.thread_time() - start) / number
+
+    return block
 
 
 def layer_io(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -280,6 +308,7 @@ def _header(model: nn.Module, space: SearchSpace, settings: ProfileSettings, fal
         "model": label or type(model).__name__,
         "fallback": fallback,
         "min_run_time_s": settings.min_run_time,
+        "clock": settings.clock,
         "entries": entries,
         "complete": False,
     }
@@ -291,10 +320,11 @@ def _resume(path: Path, header: dict) -> pd.DataFrame:
         return pd.DataFrame(columns=list(TABLE_COLUMNS))
     old = LatencyTable.read(path)
     old.check(fingerprint=header["fingerprint"], dtype=header["dtype"], batch_size=header["batch_size"])
-    for key in ("device", "torch"):
-        if old.header[key] != header[key]:
+    for key in ("device", "torch", "clock"):
+        had = old.header.get(key, "wall")  # tables before the clock key were wall-clock
+        if had != header[key]:
             raise MeasuredTableError(
-                f"latency table {path} was measured with {key} {old.header[key]!r}, this run has {header[key]!r}; "
+                f"latency table {path} was measured with {key} {had!r}, this run has {header[key]!r}; "
                 "choose another --out to start a new table"
             )
     return old.rows
@@ -470,6 +500,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback", help="roofline profile for entries the table lacks (default: this device's)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="timed seconds per entry (default 0.2)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each entry (default 3)")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall", help="wall (default) or cpu: thread CPU time, for a shared CPU"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--random", type=int, default=3, help="random schemes in the additivity check (default 3)")
     parser.add_argument(
@@ -518,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             min_run_time=args.min_run_time,
             warmup=args.warmup,
             device=cfg.device,
+            clock=args.clock,
         )
         load_profile(settings.fallback or default_fallback(settings.torch_device)).dtype(settings.dtype)
         trainer, space = build_space(cfg)

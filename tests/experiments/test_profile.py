@@ -132,3 +132,17 @@ def test_cli_profiles_a_task_and_refuses_bad_input_in_one_line(tmp_path: Path, c
         assert main([*args, *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cpu_clock_tables_record_it_and_do_not_mix_with_wall_clock(tiny, tmp_path: Path) -> None:
+    model, x, space = tiny
+    cpu = ProfileSettings(min_run_time=0.001, warmup=1, clock="cpu")
+    table = profile_model(model, x, space, tmp_path / "t.csv", cpu)
+    assert table.header["clock"] == "cpu" and (table.rows["min_ms"] > 0).all()
+    with pytest.raises(MeasuredTableError, match="measured with clock 'cpu', this run has 'wall'"):
+        profile_model(model, x, space, tmp_path / "t.csv", FAST)
+    torch.set_num_threads(2)
+    with pytest.raises(NMSearchError, match="clock 'cpu' needs one torch thread"):
+        profile_model(model, x, space, tmp_path / "other.csv", cpu)
+    with pytest.raises(NMSearchError, match="clock must be one of wall, cpu"):
+        ProfileSettings(clock="gpu")
