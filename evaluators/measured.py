@@ -60,7 +60,7 @@ class MeasuredTableError(NMSearchError):
     """A latency table that is unreadable, corrupt, or made for another model, device, dtype or batch."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: the rows are a DataFrame
 class LatencyTable:
     """A measured (layer, option) latency table and its header.
 
@@ -292,7 +292,7 @@ class Coverage:
         return line
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MeasuredCostModel(HardwareCostModel):
     """The cost model with measured latencies: the table where it has the entry, the roofline of
     ``profile`` (the fallback) elsewhere. ``dtype`` and ``batch_size`` must match the table's."""
