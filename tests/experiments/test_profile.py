@@ -146,3 +146,32 @@ def test_cpu_clock_tables_record_it_and_do_not_mix_with_wall_clock(tiny, tmp_pat
         profile_model(model, x, space, tmp_path / "other.csv", cpu)
     with pytest.raises(NMSearchError, match="clock must be one of wall, cpu"):
         ProfileSettings(clock="gpu")
+
+
+@pytest.mark.slow
+def test_a_search_runs_on_the_measured_table(tmp_path: Path, capsys) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from experiments.search import run
+
+    table = tmp_path / "synthetic.csv"
+    args = ["--out", str(table), "--min-run-time", "0.001", "--warmup", "1", "--no-additivity"]
+    assert main([*args, "task=synthetic", "evaluator.dtype=fp32"]) == 0
+    overrides = [
+        "task=synthetic",
+        "strategy=uniform",
+        "evaluator.dtype=fp32",
+        "hardware=measured",
+        f"hardware.measured={table}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    capsys.readouterr()
+    result = run(cfg, tmp_path / "run")
+    assert "measured latency: 27 of 27 (layer, option) entries from the table" in capsys.readouterr().out
+    measured = MeasuredCostModel.from_table(table)
+    trials = result.trials.set_index("trial")
+    for trial, scheme in result.schemes.items():
+        expected = sum(measured.measured.latencies[(name, option.name)] for name, option in scheme)
+        assert trials.loc[trial, "latency_ms"] == pytest.approx(expected)
