@@ -520,7 +520,9 @@ def _compose(overrides: list[str]):  # noqa: ANN202 -- a DictConfig
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+    from nmsearch import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
