@@ -22,7 +22,10 @@ def test_help_lists_every_command(capsys) -> None:
 def test_unknown_command_is_one_line(capsys) -> None:
     assert main(["deplyo"]) == 2
     err = capsys.readouterr().err
-    assert err == "nmsearch: unknown command 'deplyo'; choose from search, export, compare, deploy, status, workers, profile (nmsearch --help)\n"
+    assert err == (
+        "nmsearch: unknown command 'deplyo'; choose from search, export, compare, deploy, status, workers, profile "
+        "(nmsearch --help)\n"
+    )
 
 
 @pytest.mark.parametrize("name", ["export", "compare", "deploy", "profile"])
