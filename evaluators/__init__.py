@@ -27,6 +27,7 @@ from evaluators.composite import (
 from evaluators.cost import COST_METRICS, CostEvaluator, CostModelError, CostReport, CostTable, HardwareCostModel
 from evaluators.fidelity import FIDELITY_METRICS, FidelityConfig, FidelityEvaluator, PretrainedTask
 from evaluators.hardware import HardwareProfile, HardwareProfileError, available_profiles, load_profile
+from evaluators.measured import LatencyTable, MeasuredCostModel, MeasuredTableError
 from evaluators.task import Task, TaskError, TensorTask, TrainingSchedule
 from evaluators.training import (
     Trainer,
@@ -61,6 +62,9 @@ __all__ = [
     "HardwareCostModel",
     "HardwareProfile",
     "HardwareProfileError",
+    "LatencyTable",
+    "MeasuredCostModel",
+    "MeasuredTableError",
     "NoSearchableLayersError",
     "Objective",
     "PretrainedTask",

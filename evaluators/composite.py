@@ -29,6 +29,7 @@ E = TypeVar("E")
 # The one set of defaults for an assembled evaluator (the Hydra app's ``conf/config.yaml`` too).
 DEFAULT_HARDWARE = "orin"
 DEFAULT_COST_METRICS = ("latency_ms", "bytes_mb")
+MEASURED_PREFIX = "measured:"  # hardware="measured:<table>": a device's measured latency table
 
 
 def find_part(evaluator: Evaluator, kind: type[E], *, purpose: str = "") -> E:
@@ -87,7 +88,10 @@ def build_cost_model(
     """The hardware cost model of a profile, as :func:`build_evaluator` builds it.
 
     Args:
-        hardware: a profile name of ``conf/hardware`` or a profile mapping.
+        hardware: a profile name of ``conf/hardware``, a profile mapping, ``"measured:<table>"`` or
+            ``{"measured": <table>, "fallback": <profile>, "device": <name>, "statistic": "median"}``
+            (:class:`~evaluators.measured.MeasuredCostModel`: the table's latencies, the fallback
+            profile's roofline for entries it lacks).
         cost: dtype and deployment batch (default :class:`CostModelConfig`).
 
     Returns:
@@ -95,10 +99,29 @@ def build_cost_model(
 
     Raises:
         HardwareProfileError: an unknown or malformed profile.
+        MeasuredTableError: an unreadable table, or one for another dtype, batch or device.
     """
     from evaluators.cost import HardwareCostModel
+    from evaluators.measured import MeasuredCostModel
 
     cost = cost or CostModelConfig()
+    if isinstance(hardware, str) and hardware.startswith(MEASURED_PREFIX):
+        hardware = {"measured": hardware.removeprefix(MEASURED_PREFIX)}
+    if isinstance(hardware, Mapping) and "measured" in hardware:
+        unknown = sorted(set(hardware) - {"measured", "fallback", "device", "statistic"})
+        if unknown:
+            raise NMSearchError(
+                f"hardware: unknown key {unknown[0]!r} for a measured table; "
+                "keys: measured, fallback, device, statistic"
+            )
+        return MeasuredCostModel.from_table(
+            hardware["measured"],
+            hardware.get("fallback"),
+            cost.dtype,
+            cost.batch_size,
+            hardware.get("device"),
+            hardware.get("statistic") or "median",
+        )
     return HardwareCostModel.from_profile(hardware, dtype=cost.dtype, batch_size=cost.batch_size)
 
 
@@ -121,7 +144,8 @@ def build_evaluator(
         space: the search space; discovered from the task's model when ``None``.
         accuracy: accuracy fidelity and recipe (default :class:`AccuracyConfig`).
         cost: cost-model dtype and batch (default :class:`CostModelConfig`).
-        hardware: a profile name of ``conf/hardware`` or a profile mapping.
+        hardware: a profile name of ``conf/hardware``, a profile mapping or a measured table
+            (see :func:`build_cost_model`).
         metrics: the cost metrics reported as objectives, after ``accuracy``.
 
     Returns:

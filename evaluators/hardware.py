@@ -178,9 +178,12 @@ class HardwareProfile:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+MEASURED_CONFIG = "measured"  # conf/hardware/measured.yaml: a measured latency table, not a profile
+
+
 def available_profiles() -> list[str]:
-    """Names of the shipped profiles (file stems in ``conf/hardware``)."""
-    return sorted(path.stem for path in HARDWARE_DIR.glob("*.yaml"))
+    """Names of the shipped profiles (file stems in ``conf/hardware``, less the measured-table config)."""
+    return sorted(path.stem for path in HARDWARE_DIR.glob("*.yaml") if path.stem != MEASURED_CONFIG)
 
 
 def load_profile(profile: str | Path | Mapping[str, Any]) -> HardwareProfile:
@@ -188,6 +191,11 @@ def load_profile(profile: str | Path | Mapping[str, Any]) -> HardwareProfile:
     if isinstance(profile, Mapping):
         return _parse(_plain(profile), "<mapping>")
     path = Path(profile)
+    if str(profile) == MEASURED_CONFIG:
+        raise HardwareProfileError(
+            "'measured' is a measured latency table, not a profile: hardware=measured hardware.measured=<table> "
+            "(Python: 'measured:<table>')"
+        )
     if path.suffix not in (".yaml", ".yml"):
         path = HARDWARE_DIR / f"{profile}.yaml"
         if not path.is_file():

@@ -38,6 +38,7 @@ from evaluators import (
     CostModelConfig,
     Evaluator,
     HardwareCostModel,
+    MeasuredCostModel,
     Trainer,
     build_evaluator,
     distributed,
@@ -233,6 +234,9 @@ def run(cfg: DictConfig, out: Path) -> SearchResult:
             f"strategy {job.strategy.name!r} does not run under torchrun (only {', '.join(DATA_PARALLEL_STRATEGIES)} "
             "train data-parallel); run Optuna workers with python -m experiments.workers instead"
         )
+    cost_model = find_part(job.evaluator, CostEvaluator).cost_model
+    if isinstance(cost_model, MeasuredCostModel) and distributed.is_main():
+        print(cost_model.coverage(job.space).summary())
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if claim_run_dir(out, defining, force_new=cfg.force_new) == "replaced":

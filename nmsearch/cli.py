@@ -4,6 +4,7 @@
     nmsearch export RUN_DIR --out scheme.json ...    pick a Pareto point of a finished run
     nmsearch compare DIR [DIR ...]                   merge runs into one table and figure
     nmsearch deploy RUN_DIR|scheme.json --format F   safetensors / ONNX / torch 2:4 for serving
+    nmsearch profile --out TABLE [key=value ...]     measured latency table of this device
 
 Each subcommand is the entry function of its module (imported only when it runs), called as
 ``python -m experiments.<name>`` calls it: it reads ``sys.argv`` and returns an exit status (or
@@ -34,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "deploy": Command("experiments.deploy", "main", "bake a scheme into a model: safetensors, ONNX or torch 2:4"),
     "status": Command("experiments.status", "main", "progress of a search across its workers: counts and front so far"),
     "workers": Command("experiments.workers", "main", "start one Optuna worker per device on this node"),
+    "profile": Command("experiments.profile", "main", "time every (layer, option) on this device: a latency table"),
 }
 
 

@@ -22,11 +22,13 @@ def test_help_lists_every_command(capsys) -> None:
 def test_unknown_command_is_one_line(capsys) -> None:
     assert main(["deplyo"]) == 2
     err = capsys.readouterr().err
-    choices = "search, export, compare, deploy, status, workers"
-    assert err == f"nmsearch: unknown command 'deplyo'; choose from {choices} (nmsearch --help)\n"
+    assert err == (
+        "nmsearch: unknown command 'deplyo'; choose from search, export, compare, deploy, status, workers, profile "
+        "(nmsearch --help)\n"
+    )
 
 
-@pytest.mark.parametrize("name", ["export", "compare", "deploy"])
+@pytest.mark.parametrize("name", ["export", "compare", "deploy", "profile"])
 def test_subcommand_help_names_the_command(name: str, capsys, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets argv[0] for argparse's usage line
     with pytest.raises(SystemExit) as exit_:
