@@ -81,7 +81,14 @@ class StrategyBase:
     """Shared base of the strategy dataclasses: every field is checked against its annotation when
     the object is made (``int`` refuses ``2.5``, ``float`` takes ints, :class:`Choice` fields take
     their values as strings), so bad configuration fails in one line before any work. Ranges and
-    cross-field rules stay in each strategy's own validation."""
+    cross-field rules stay in each strategy's own validation.
+
+    Resume protocol: :meth:`state_dict` is the progress of the strategy's latest (or running) search
+    in tensors and plain types, so ``save_checkpoint(path, strategy.state_dict())`` round-trips
+    through :func:`load_checkpoint`; :meth:`load_state_dict` makes the next ``search()`` continue
+    from such a state, giving the result an uninterrupted search would have given. Each strategy
+    fills the progress its own way (:meth:`_record_progress`) and reads it back in ``search()``
+    (:meth:`_take_resume`); strategies given a ``run_dir`` also checkpoint there on their own."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -89,6 +96,74 @@ class StrategyBase:
         for f in dataclasses.fields(self):
             value = _checked(f"{label}.{f.name}", getattr(self, f.name), hints[f.name])
             object.__setattr__(self, f.name, value)
+        self._progress: dict[str, Any] = {}
+        self._resume: dict[str, Any] | None = None
+
+    def config_key(self) -> str:
+        """The configuration as canonical JSON: a state only resumes the configuration it was made by."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable state of the latest search (empty ``progress`` before any).
+
+        Returns:
+            ``{"strategy": name, "config": config_key(), "progress": {...}}``: tensors and plain
+            Python types only, loadable with ``torch.load(..., weights_only=True)``.
+        """
+        return {"strategy": self.name, "config": self.config_key(), "progress": dict(self._progress)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next ``search()`` continue from ``state`` (a :meth:`state_dict`).
+
+        Args:
+            state: a state made by a strategy of the same name and configuration.
+
+        Raises:
+            StrategyConfigError: ``state`` is not such a state.
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("progress"), Mapping):
+            raise StrategyConfigError(f"{self.name}: not a strategy state (no 'progress' mapping)")
+        if state.get("strategy") != self.name:
+            raise StrategyConfigError(f"{self.name}: the state is of strategy {state.get('strategy')!r}")
+        if state.get("config") != self.config_key():
+            raise StrategyConfigError(f"{self.name}: the state was made by another configuration of this strategy")
+        self._progress = dict(state["progress"])
+        self._resume = dict(state["progress"])
+
+    def _record_progress(self, **progress: Any) -> None:
+        """Replace the progress :meth:`state_dict` reports (tensors are copied: training moves them on)."""
+        self._progress = _snapshot(progress)
+
+    def _take_resume(self) -> dict[str, Any] | None:
+        """The progress loaded by :meth:`load_state_dict`, once: a later search starts fresh."""
+        resume, self._resume = self._resume, None
+        return resume
+
+    def _resume_from(self, path: Path) -> dict[str, Any] | None:
+        """The progress to continue from: a loaded state if any, else the checkpoint at ``path`` when
+        it is readable and of this configuration (otherwise one warning line and a fresh start)."""
+        resume = self._take_resume()
+        if resume is not None:
+            return resume
+        state = load_checkpoint(path)
+        if state is None:
+            return None
+        try:
+            self.load_state_dict(state)
+        except StrategyConfigError as error:
+            logger.warning("checkpoint '%s' cannot be resumed (%s); starting this run over", path, error)
+            return None
+        return self._take_resume()
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
 
 
 def _checked(label: str, value: Any, annotation: Any) -> Any:

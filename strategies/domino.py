@@ -41,10 +41,12 @@ and ``macs`` and from a :class:`~evaluators.HardwareCostModel` for the others.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,7 +87,16 @@ from search_space import (
     sparsify,
 )
 from search_space.layers import SparseLayerMixin
-from strategies.base import COMPLETE, FAIL, Candidate, Choice, SearchResult, StrategyBase, accuracy_part
+from strategies.base import (
+    COMPLETE,
+    FAIL,
+    Candidate,
+    Choice,
+    SearchResult,
+    StrategyBase,
+    accuracy_part,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +157,7 @@ VARIANT_DEFAULTS: dict[Variant, dict[str, Any]] = {
     },
 }
 LOG_TABLE = "domino_log"  # SearchResult.tables key, saved as domino_log.csv
+CHECKPOINT = "domino_checkpoint.pt"  # in the run directory, rewritten at every vote
 LOG_COLUMNS = (
     "step",
     "epoch",
@@ -380,6 +392,24 @@ class DominoState:
     def log(self) -> pd.DataFrame:
         return pd.DataFrame(self.decisions, columns=LOG_COLUMNS)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Per-layer N, committed N, every commit, alpha and the decision log, in plain types."""
+        return {
+            "n": self.n.tolist(),
+            "committed": self.committed.tolist(),
+            "commits": [c.tolist() for c in self.commits],
+            "alphas": self.alphas.tolist(),
+            "decisions": [{k: v.item() if isinstance(v, np.generic) else v for k, v in d.items()} for d in self.decisions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` recorded."""
+        self.n = np.array(state["n"], dtype=np.int64)
+        self.committed = np.array(state["committed"], dtype=np.int64)
+        self.commits = [np.array(c, dtype=np.int64) for c in state["commits"]]
+        self.alphas = np.array(state["alphas"], dtype=float)
+        self.decisions = [dict(d) for d in state["decisions"]]
+
 
 def apply_votes(state: DominoState, shares: Sequence[float], vote_fraction: float, *, step: int, epoch: int) -> bool:
     """Drop N of every active layer whose vote share is at least ``vote_fraction``, in module order
@@ -583,8 +613,13 @@ class DominoStrategy(StrategyBase):
         check_evaluator(evaluator)
         plan = self.plan(space, evaluator)
         trainer = accuracy_part(evaluator).trainer
+        checkpoint = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+        resume = self._resume_from(checkpoint) if checkpoint is not None else self._take_resume()
+        if resume is not None and resume.get("fingerprint") != space.fingerprint:
+            logger.warning("the DominoSearch state is of another model (fingerprint); starting this run over")
+            resume = None
         start = time.perf_counter()
-        state, steps, epochs = self._train(plan, trainer)
+        state, steps, epochs = self._train(plan, trainer, space.fingerprint, checkpoint, resume)
         search_s = time.perf_counter() - start
         schemes_space = domino_space(space, self.m)
         commits = state.commits if self.score_intermediate else state.commits[-1:]
@@ -650,8 +685,17 @@ class DominoStrategy(StrategyBase):
         scheme.save(run_dir / "domino_scheme.json")
         atomic_write_text(run_dir / "domino.json", json.dumps(scheme.to_domino(), indent=2) + "\n")
 
-    def _train(self, plan: DominoPlan, trainer: Trainer) -> tuple[DominoState, int, int]:
-        """Run the search on the pre-trained model; returns the final state, steps and epochs run."""
+    def _train(
+        self,
+        plan: DominoPlan,
+        trainer: Trainer,
+        fingerprint: str,
+        checkpoint: Path | None,
+        resume: dict[str, Any] | None,
+    ) -> tuple[DominoState, int, int]:
+        """Run the search on the pre-trained model; returns the final state, steps and epochs run.
+        After the update of every vote step the progress is recorded (:meth:`state_dict`) and, given
+        a ``checkpoint`` path, saved there; ``resume`` continues from such a progress."""
         reference = self.variant == REFERENCE
         gradient, vote_interval = self.setting("gradient"), self.setting("vote_interval")
         state = DominoState(plan, self.beta, self.variant)
@@ -667,7 +711,7 @@ class DominoStrategy(StrategyBase):
         else:
             optimizer = make_optimizer(model.parameters(), schedule, lr)
             cross_entropy = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
-        clock = {"step": 0, "epoch": 0}
+        clock = {"step": 0, "epoch": 0, "epoch_start": 0}
 
         def shares() -> list[float]:
             return [
@@ -695,13 +739,45 @@ class DominoStrategy(StrategyBase):
             if reference and step % vote_interval == 0:
                 vote(step)
 
+        def after_update() -> None:
+            step = clock["step"]
+            if step % vote_interval:
+                return
+            # The state after this step: resuming from it runs step + 1 on, as an uninterrupted run.
+            self._record_progress(
+                fingerprint=fingerprint,
+                step=step + 1,
+                epoch=clock["epoch"],
+                batch=step + 1 - clock["epoch_start"],
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                domino=state.state_dict(),
+                rng=_rng_state(),
+            )
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, self.state_dict())
+
         seed_everything(self.seed)
-        epoch, step = 0, 0
-        stepper = _HookedOptimizer(optimizer, before_update)
+        first_epoch, step, skip = 0, 0, 0
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            state.load_state_dict(resume["domino"])
+            _set_masks(layers, state.n, self.m, gradient)
+            first_epoch, step, skip = resume["epoch"], resume["step"], resume["batch"]
+            _set_rng_state(resume["rng"])
+            logger.info("DominoSearch resumes at step %d (%d decisions made)", step, len(state.decisions))
+        epoch = first_epoch
+        stepper = _HookedOptimizer(optimizer, before_update, after_update)
         try:
-            for epoch in range(self.max_epochs):
-                clock["epoch"] = epoch
+            for epoch in range(first_epoch, self.max_epochs):
+                clock["epoch"], clock["epoch_start"] = epoch, step
                 batches = trainer.task.loader("train", shuffle=True, augment=True, seed=epoch_seed(self.seed, epoch))
+                if epoch == first_epoch and skip:
+                    if skip >= len(batches):  # the checkpoint was the epoch's last step
+                        continue
+                    clock["epoch_start"] = step - skip
+                    batches = itertools.islice(batches, skip, None)
                 stats = train_one_epoch(
                     model,
                     batches,
@@ -736,17 +812,42 @@ class DominoStrategy(StrategyBase):
 
 
 class _HookedOptimizer:
-    """An optimizer whose ``step()`` first runs ``hook`` (after the backward pass, before the update)."""
+    """An optimizer whose ``step()`` runs ``before`` (after the backward pass, before the update) and
+    ``after`` (after the update)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hook: Callable[[], None]) -> None:
-        self.optimizer, self.hook = optimizer, hook
+    def __init__(self, optimizer: torch.optim.Optimizer, before: Callable[[], None], after: Callable[[], None]) -> None:
+        self.optimizer, self.before, self.after = optimizer, before, after
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        self.hook()
+        self.before()
         self.optimizer.step()
+        self.after()
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) random states, in types ``weights_only`` loads."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss_value))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def force_to_target(state: DominoState, shares: Callable[[], list[float]], *, step: int, epoch: int) -> None:

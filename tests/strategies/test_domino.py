@@ -11,13 +11,16 @@ import pytest
 import torch
 from torch import nn
 
+import strategies.base as base_module
 import strategies.domino as domino_module
 from evaluators import AccuracyEvaluator, CompositeEvaluator, HardwareCostModel, Trainer
 from experiments.tasks import get_task
 from experiments.tasks.synthetic import SyntheticTask
 from search_space import NMSearchError, Scheme, weight_nm_mask
 from strategies import DominoStrategy
+from strategies.base import StrategyConfigError, load_checkpoint, save_checkpoint
 from strategies.domino import (
+    CHECKPOINT,
     NMSEARCH_V1,
     CostCurves,
     DominoError,
@@ -472,3 +475,75 @@ def test_cost_model_target_through_a_composite_evaluator(cache_dir: Path) -> Non
     fractions = trials["bytes_mb"] / dense_bytes
     assert fractions.iloc[-1] <= target + 1e-9 and (fractions.iloc[:-1] > target).all()
     assert result.metadata["fraction"] == pytest.approx(fractions.iloc[-1])
+
+
+class _Interrupted(Exception):
+    """Stands for a killed process: raised right after the k-th checkpoint is on disk."""
+
+
+@pytest.mark.parametrize("variant", ["reference", "nmsearch_v1"])
+def test_an_interrupted_search_resumed_from_its_checkpoint_equals_an_uninterrupted_one(
+    synthetic: AccuracyEvaluator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variant: str,
+) -> None:
+    config = {"m": 8, "target": "params", "target_value": 0.5, "variant": variant, "gradient": "ste", **FAST}
+    whole = DominoStrategy(**config).search(synthetic.space, synthetic, run_dir=tmp_path / "whole")
+    votes = len(whole.tables["domino_log"]["step"].unique())
+    assert votes >= 3  # so the interruption falls between decisions
+
+    saved = []
+
+    def save_then_die(path: Path, state: dict) -> Path:
+        written = base_module.save_checkpoint(path, state)
+        saved.append(state["progress"]["step"])
+        if len(saved) == 2:
+            raise _Interrupted
+        return written
+
+    monkeypatch.setattr(domino_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupted):
+        DominoStrategy(**config).search(synthetic.space, synthetic, run_dir=tmp_path / "cut")
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(tmp_path / "cut" / CHECKPOINT)
+    assert checkpoint is not None and checkpoint["progress"]["step"] == saved[-1] > 1
+
+    with caplog.at_level("INFO", logger="strategies.domino"):
+        resumed = DominoStrategy(**config).search(synthetic.space, synthetic, run_dir=tmp_path / "cut")
+    assert f"DominoSearch resumes at step {saved[-1]}" in caplog.text  # not a fresh start
+    pd.testing.assert_frame_equal(resumed.tables["domino_log"], whole.tables["domino_log"])
+    assert resumed.metadata["domino"] == whole.metadata["domino"]
+    assert resumed.metadata["steps"] == whole.metadata["steps"]
+    pd.testing.assert_frame_equal(resumed.trials, whole.trials.assign(duration_s=resumed.trials["duration_s"]))
+
+
+def test_state_dict_round_trips_and_resumes_without_a_run_dir(synthetic: AccuracyEvaluator, tmp_path: Path) -> None:
+    config = {"m": 8, "target": "params", "target_value": 0.5, **FAST}
+    whole = DominoStrategy(**config).search(synthetic.space, synthetic)
+    first = DominoStrategy(**config)
+    first.search(synthetic.space, synthetic, run_dir=tmp_path)
+    state = first.state_dict()
+    assert state["progress"]["step"] > 0 and state["strategy"] == "domino"
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "state.pt", state))
+    assert loaded is not None and loaded["progress"]["domino"] == state["progress"]["domino"]
+    again = DominoStrategy(**config)
+    again.load_state_dict(loaded)  # the last vote's state: resuming it redoes only the end of the run
+    pd.testing.assert_frame_equal(
+        again.search(synthetic.space, synthetic).tables["domino_log"], whole.tables["domino_log"]
+    )
+    with pytest.raises(StrategyConfigError, match="another configuration"):
+        DominoStrategy(**(config | {"seed": 1})).load_state_dict(loaded)
+
+
+def test_a_corrupt_checkpoint_restarts_with_one_warning(
+    synthetic: AccuracyEvaluator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    config = {"m": 8, "target": "params", "target_value": 0.5, **FAST}
+    result = DominoStrategy(**config).search(synthetic.space, synthetic, run_dir=tmp_path)
+    warnings = [r for r in caplog.records if "checkpoint" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "starting this run over" in warnings[0].getMessage()
+    assert result.tables["domino_log"]["step"].iloc[0] == 0  # from the start
+    assert load_checkpoint(tmp_path / CHECKPOINT) is not None  # and checkpointing again
