@@ -399,7 +399,10 @@ class DominoState:
             "committed": self.committed.tolist(),
             "commits": [c.tolist() for c in self.commits],
             "alphas": self.alphas.tolist(),
-            "decisions": [{k: v.item() if isinstance(v, np.generic) else v for k, v in d.items()} for d in self.decisions],
+            "decisions": [
+                {key: value.item() if isinstance(value, np.generic) else value for key, value in decision.items()}
+                for decision in self.decisions
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
