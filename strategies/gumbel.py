@@ -474,8 +474,11 @@ class GumbelStrategy(StrategyBase):
                 )
         candidates: list[Candidate] = []
         logs, probs = [], []
+        # Resume state: per supernet run (its checkpoint name), that run's last epoch checkpoint.
+        resumed = (self._take_resume() or {}).get("runs", {})
+        self._progress = {"runs": {}}
         for setting in settings:
-            run = _SupernetRun(self, space, trainer, table, dense_cost, setting, run_dir)
+            run = _SupernetRun(self, space, trainer, table, dense_cost, setting, run_dir, resumed)
             logits = run.train()
             logs.append(run.log.assign(setting=setting))
             probs.append(run.probabilities.assign(setting=setting))
@@ -538,14 +541,15 @@ class _SupernetRun:
         dense_cost: float,
         setting: float,
         run_dir: str | os.PathLike | None,
+        resumed: dict[str, Any],
     ) -> None:
         self.strategy, self.space, self.trainer, self.table = strategy, space, trainer, table
         self.dense_cost, self.setting = dense_cost, setting
         key = json.dumps({"config": asdict(strategy), "setting": setting, "fingerprint": space.fingerprint},
                          sort_keys=True, default=str)  # fmt: skip
-        self.checkpoint = (
-            Path(run_dir) / "gumbel" / f"run-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt" if run_dir else None
-        )
+        self.key = f"run-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        self.checkpoint = Path(run_dir) / "gumbel" / f"{self.key}.pt" if run_dir else None
+        self.resumed = resumed.get(self.key)
         self.log = pd.DataFrame()
         self.probabilities = pd.DataFrame()
         self.final_ratio = math.nan
@@ -581,7 +585,9 @@ class _SupernetRun:
         weights = make_optimizer(model.parameters(), schedule, strategy.weight_lr or schedule.finetune_lr)
         arch = torch.optim.Adam(list(logits.values()), lr=strategy.arch_lr)
         start, rows, prob_rows = 0, [], []
-        state = load_checkpoint(self.checkpoint) if self.checkpoint is not None else None
+        state = self.resumed
+        if state is None and self.checkpoint is not None:
+            state = load_checkpoint(self.checkpoint)
         if state is not None:
             model.load_state_dict(state["model"])
             with torch.no_grad():
@@ -590,7 +596,7 @@ class _SupernetRun:
             weights.load_state_dict(state["weights"])
             arch.load_state_dict(state["arch"])
             torch.set_rng_state(state["rng"])
-            start, rows, prob_rows = state["epoch"] + 1, state["rows"], state["prob_rows"]
+            start, rows, prob_rows = state["epoch"] + 1, list(state["rows"]), list(state["prob_rows"])
         loader = trainer.task.loader("train", shuffle=True, seed=strategy.seed)  # a fixed 80/20 batch split
         warmup = math.ceil(strategy.warmup_fraction * strategy.epochs)
 
@@ -640,12 +646,13 @@ class _SupernetRun:
                 p = logits[name].detach().softmax(-1)
                 for option, value in zip(space.options[name], p.tolist(), strict=True):
                     prob_rows.append({"epoch": epoch, "layer": name, "option": option.name, "probability": value})
+            state = {
+                "epoch": epoch, "model": model.state_dict(), "logits": {k: v.detach() for k, v in logits.items()},
+                "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": torch.get_rng_state(),
+                "rows": rows, "prob_rows": prob_rows,
+            }  # fmt: skip
+            strategy._record_progress(runs={**strategy._progress["runs"], self.key: state})
             if self.checkpoint is not None and distributed.is_main():  # rank 0 alone writes
-                state = {
-                    "epoch": epoch, "model": model.state_dict(), "logits": {k: v.detach() for k, v in logits.items()},
-                    "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": torch.get_rng_state(),
-                    "rows": rows, "prob_rows": prob_rows,
-                }  # fmt: skip
                 save_checkpoint(self.checkpoint, state)
         self.log = pd.DataFrame(rows)
         self.probabilities = pd.DataFrame(prob_rows)

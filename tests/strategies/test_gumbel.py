@@ -16,7 +16,7 @@ from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, Har
 from experiments.tasks import get_task
 from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
 from strategies import SearchResult
-from strategies.base import load_checkpoint
+from strategies.base import load_checkpoint, save_checkpoint
 from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
 from tests.strategies import gumbel_worker
 from tests.strategies.faults import finish, lines, wait_for_lines
@@ -388,3 +388,21 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_resumes_to_the_uninterrupted_
                                load_checkpoint(tmp_path / "clean" / "gumbel" / checkpoint.name)["logits"])  # fmt: skip
     leftovers = sorted(p.name for p in run.rglob("*.tmp"))
     assert leftovers == [], f"temporary files left by the killed writes: {leftovers}"
+
+
+def test_state_dict_round_trips_through_a_checkpoint_and_resumes(synthetic, tmp_path: Path, monkeypatch) -> None:
+    space, evaluator = synthetic
+    config = {"epochs": 2, "lambdas": (1.0,), "arch_lr": 0.1, "cost_metric": "bytes_mb", "warmup_fraction": 0.0}
+    first = GumbelStrategy(**config)
+    clean = first.search(space, evaluator)  # no run_dir: the state lives in the strategy only
+    state = load_checkpoint(save_checkpoint(tmp_path / "state.pt", first.state_dict()))
+    assert state is not None and [run["epoch"] for run in state["progress"]["runs"].values()] == [1]
+
+    again, calls = GumbelStrategy(**config), []
+    again.load_state_dict(state)
+    original = gumbel_module.train_one_epoch
+    monkeypatch.setattr(gumbel_module, "train_one_epoch", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = again.search(space, evaluator)
+    assert calls == []  # both epochs were in the state
+    assert resumed.trials["scheme"].tolist() == clean.trials["scheme"].tolist()
+    assert resumed.tables["gumbel_probs"].equals(clean.tables["gumbel_probs"])
