@@ -3,6 +3,9 @@
 
 * ``uniform`` -- dense plus every eligible option applied to all layers (one trial each).
 * ``random``  -- schemes drawn uniformly at random, one option per layer.
+
+Their resume state is the Optuna study's (:meth:`OptunaStrategy.state_dict`): the trials they have
+evaluated live in its storage.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ class UniformStrategy(OptunaStrategy):
     ) -> SearchResult:
         # Every trial is an enqueued uniform scheme: the budget is exactly their number.
         exact = replace(self, n_trials=len(space.uniform_schemes()), timeout_s=None)
-        return OptunaStrategy.search(exact, space, evaluator, run_dir=run_dir)
+        exact._resume = self._take_resume()
+        try:
+            return OptunaStrategy.search(exact, space, evaluator, run_dir=run_dir)
+        finally:
+            self._progress = exact._progress  # the progress is this strategy's (state_dict)
 
 
 @dataclass

@@ -214,7 +214,16 @@ class OptunaStrategy(StrategyBase):
         if not space.searchable:
             raise NMSearchError("the search space has no layer with a choice: nothing to search")
         storage_url = resolve_storage(self.storage, Path(run_dir) if run_dir is not None else None)
+        resume = self._take_resume()
+        if resume is not None:
+            self._check_resume(resume, storage_url)
         study = self._open_study(storage_url, objectives, space)
+        finished = self._finished(study.get_trials(deepcopy=False))
+        if resume is not None and finished < resume["finished"]:
+            raise StorageError(
+                f"study {self.study_name!r} in {storage_url} has {finished} finished trials, the state "
+                f"recorded {resume['finished']}: it is not the storage the state was made with"
+            )
         with SearchToken() as token:
             return self._search(study, space, evaluator, objectives, constraints, storage_url, token)
 
@@ -282,7 +291,24 @@ class OptunaStrategy(StrategyBase):
             except ValueError:  # Optuna's "Cannot tell a FAIL trial": see _taken_over
                 if not self._taken_over(study, current):
                     raise
+        # The storage is the state: what the search continues from, and what a resume checks.
+        finished = self._finished(study.get_trials(deepcopy=False))
+        self._record_progress(
+            storage=storage_url, study_name=self.study_name, fingerprint=space.fingerprint, finished=finished
+        )
         return self.result(study, space, objectives, storage_url)
+
+    def _check_resume(self, resume: dict[str, Any], storage_url: str | None) -> None:
+        if resume.get("storage") is None:
+            raise StorageError(
+                f"{self.name}: the state is of an in-memory study, which ended with its process; "
+                "resume a study kept in a storage (set storage, or pass run_dir)"
+            )
+        if resume["storage"] != storage_url or resume["study_name"] != self.study_name:
+            raise StorageError(
+                f"{self.name}: the state is of study {resume['study_name']!r} in {resume['storage']}, this search "
+                f"opens {self.study_name!r} in {storage_url}: pass the same storage or run_dir"
+            )
 
     @staticmethod
     def _taken_over(study: optuna.Study, current: list[optuna.Trial]) -> bool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from strategies import DominoStrategy, GumbelStrategy, OptunaStrategy
+from strategies import DominoStrategy, GumbelStrategy, OptunaStrategy, RandomStrategy, UniformStrategy
 from strategies.base import StrategyConfigError, load_checkpoint, save_checkpoint
 from strategies.domino import BudgetMetric
 from strategies.gumbel import LossForm
@@ -90,3 +90,49 @@ def test_hydra_checks_choice_fields_when_composing() -> None:
         with pytest.raises(ConfigCompositionException, match="l2"):
             compose("config", overrides=["strategy=gumbel", "strategy.loss=l2"])
     assert OmegaConf.to_object(cfg.strategy).loss is LossForm.fbnet
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: OptunaStrategy(n_trials=3),
+        lambda: UniformStrategy(),
+        lambda: RandomStrategy(n_trials=3),
+        lambda: GumbelStrategy(lambdas=[1.0]),
+        lambda: DominoStrategy(m=8),
+    ],
+)
+def test_every_strategy_state_round_trips_through_a_checkpoint(make, tmp_path: Path) -> None:
+    strategy = make()
+    strategy._record_progress(step=3, weights={"w": torch.arange(4.0)}, log=[{"layer": "a", "n": 7}])
+    state = load_checkpoint(save_checkpoint(tmp_path / "state.pt", strategy.state_dict()))
+    assert state is not None and state["strategy"] == strategy.name and state["config"] == strategy.config_key()
+    again = make()
+    again.load_state_dict(state)
+    assert again.state_dict()["progress"]["log"] == [{"layer": "a", "n": 7}]
+    assert torch.equal(again.state_dict()["progress"]["weights"]["w"], torch.arange(4.0))
+
+
+def test_recorded_progress_is_a_copy_training_does_not_move() -> None:
+    strategy, weight = DominoStrategy(m=8), torch.zeros(2)
+    strategy._record_progress(weight=weight)
+    weight.add_(1)
+    assert torch.equal(strategy.state_dict()["progress"]["weight"], torch.zeros(2))
+
+
+def test_a_state_of_another_strategy_or_configuration_is_refused() -> None:
+    state = DominoStrategy(m=8).state_dict()
+    with pytest.raises(StrategyConfigError, match="of strategy 'domino'"):
+        GumbelStrategy().load_state_dict(state)
+    with pytest.raises(StrategyConfigError, match="another configuration"):
+        DominoStrategy(m=4).load_state_dict(state)
+    with pytest.raises(StrategyConfigError, match="not a strategy state"):
+        DominoStrategy(m=8).load_state_dict({"epoch": 3})
+
+
+def test_a_checkpoint_of_another_configuration_is_one_warning_and_a_fresh_start(tmp_path: Path, caplog) -> None:
+    path = save_checkpoint(tmp_path / "state.pt", DominoStrategy(m=8, seed=1).state_dict())
+    with caplog.at_level(logging.WARNING):
+        assert DominoStrategy(m=8)._resume_from(path) is None
+    assert len(caplog.records) == 1 and "another configuration" in caplog.records[0].getMessage()
+    assert DominoStrategy(m=8, seed=1)._resume_from(path) == {}

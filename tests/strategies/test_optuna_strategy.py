@@ -14,6 +14,7 @@ from evaluators import Constraint
 from evaluators.pareto import pareto_front
 from search_space import NMSearchError, Scheme, SearchSpace
 from strategies import OptunaStrategy, RandomStrategy, SearchResult, StorageError, UniformStrategy
+from strategies.base import load_checkpoint, save_checkpoint
 from strategies.storage import LEASE_ATTR
 from tests.strategies.toy import ToyEvaluator, toy_space, worker
 
@@ -249,3 +250,29 @@ def test_a_repeated_scheme_reuses_the_earlier_evaluation(tmp_path: Path) -> None
     fresh = ToyEvaluator(space)
     OptunaStrategy(n_trials=6, sampler="random", warm_start=False, reuse_evaluations=False).search(space, fresh)
     assert fresh.calls == 6
+
+
+def test_state_dict_records_the_study_and_a_resume_checks_it(space, tmp_path: Path) -> None:
+    first = OptunaStrategy(n_trials=6)
+    before = first.search(space, ToyEvaluator(space), run_dir=tmp_path / "a")
+    state = load_checkpoint(save_checkpoint(tmp_path / "state.pt", first.state_dict()))
+    assert state is not None and state["progress"] == {
+        "storage": f"sqlite:///{tmp_path / 'a' / 'optuna.db'}",
+        "study_name": "nmsearch",
+        "fingerprint": space.fingerprint,
+        "finished": 6,
+    }
+    again, evaluator = OptunaStrategy(n_trials=6), ToyEvaluator(space)
+    again.load_state_dict(state)
+    after = again.search(space, evaluator, run_dir=tmp_path / "a")
+    assert evaluator.calls == 0 and after.trials["scheme"].tolist() == before.trials["scheme"].tolist()
+    elsewhere = OptunaStrategy(n_trials=6)
+    elsewhere.load_state_dict(state)
+    with pytest.raises(StorageError, match="pass the same storage or run_dir"):
+        elsewhere.search(space, ToyEvaluator(space), run_dir=tmp_path / "b")
+    in_memory = OptunaStrategy(n_trials=6)
+    in_memory.search(space, ToyEvaluator(space))
+    resumed = OptunaStrategy(n_trials=6)
+    resumed.load_state_dict(in_memory.state_dict())
+    with pytest.raises(StorageError, match="in-memory study"):
+        resumed.search(space, ToyEvaluator(space))
