@@ -20,9 +20,12 @@ from torch import Tensor
 
 from search_space.patterns import NMPattern, check_divisible
 
-# Up to this M the pairwise rank (M(M-1)/2 comparisons on uint8 ranks) beats top-k;
-# measured on a 2-core CPU in benchmarks/masks.py.
-_PAIRWISE_MAX_M = 16
+# Kernel choice, measured with ``python benchmarks/masks.py --load`` (docs/results/masks.md):
+# the pairwise rank launches about 3 * M(M-1)/2 small kernels, each a thread barrier that
+# waits for a descheduled OpenMP thread on a busy machine, so it only pays for M <= 4 (6
+# comparisons: 3-4x faster than argsort quiet or loaded). From M = 5 on, one stable sort of
+# every group costs a constant three kernels (copy, sort, scatter) whatever the load.
+_PAIRWISE_MAX_M = 4
 
 
 def _pairwise_keep(groups: Tensor, n: int, m: int, dim: int, dtype: torch.dtype) -> Tensor:
@@ -44,13 +47,13 @@ def _pairwise_keep(groups: Tensor, n: int, m: int, dim: int, dtype: torch.dtype)
     return keep
 
 
-def _threshold_keep(groups: Tensor, n: int, dim: int) -> Tensor:
-    """Keep entries above the N-th largest value, then fill ties in index order."""
-    kth = groups.topk(n, dim).values.narrow(dim, n - 1, 1)
-    above = groups > kth
-    tied = groups == kth
-    room = n - above.sum(dim, keepdim=True)
-    return above | (tied & (tied.cumsum(dim) <= room))
+def _sorted_keep(groups: Tensor, n: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """Keep the first ``n`` of a stable descending sort: equal scores stay in index order."""
+    # Sorting a contiguous last dimension is several times faster than a strided one.
+    order = groups.movedim(dim, -1).contiguous().argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros(groups.shape, dtype=dtype, device=groups.device)
+    keep.movedim(dim, -1).scatter_(-1, order.narrow(-1, 0, n), 1)
+    return keep
 
 
 def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype = torch.bool) -> Tensor:
@@ -85,7 +88,7 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype
     if m <= _PAIRWISE_MAX_M:
         keep = _pairwise_keep(groups, n, m, dim + 1, dtype)
     else:
-        keep = _threshold_keep(groups, n, dim + 1).to(dtype)
+        keep = _sorted_keep(groups, n, dim + 1, dtype)
     return keep.flatten(dim, dim + 1)
 
 
