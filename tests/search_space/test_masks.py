@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from search_space import (
     weight_column_norms,
     weight_nm_mask,
 )
+from search_space.masks import _pairwise_keep, _sorted_keep
 
 
 def brute_force_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
@@ -197,3 +199,52 @@ def test_weight_column_norms_grouped_conv() -> None:
 def test_masks_on_cuda() -> None:
     scores = torch.randn(64, 32, 3, 3)
     assert torch.equal(nm_mask(scores.cuda(), 2, 4, 1).cpu(), nm_mask(scores, 2, 4, 1))
+
+
+def stable_sort_oracle(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """numpy stable argsort of the negated scores per group: the first n positions survive."""
+    groups = scores.movedim(dim, -1).double().numpy()
+    groups = groups.reshape(*groups.shape[:-1], -1, m)
+    order = np.argsort(-groups, axis=-1, kind="stable")[..., :n]
+    keep = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return torch.from_numpy(keep.reshape(*keep.shape[:-2], -1)).movedim(-1, dim)
+
+
+@st.composite
+def kernel_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int]:
+    """Scores in every float dtype, heavy on ties: small integers, zeros of both signs, inf."""
+    m = draw(st.integers(2, 20))
+    n = draw(st.integers(1, m))
+    ndim = draw(st.integers(1, 4))
+    dim = draw(st.integers(0, ndim - 1))
+    shape = [draw(st.integers(1, 3)) for _ in range(ndim)]
+    shape[dim] = m * draw(st.integers(1, 4))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["randn", "few values", "zeros", "signed zeros and inf"]))
+    if kind == "randn":
+        scores = torch.randn(shape, generator=generator)
+    elif kind == "few values":
+        scores = torch.randint(0, 3, shape, generator=generator).float()
+    elif kind == "zeros":
+        scores = torch.zeros(shape)
+    else:
+        choices = torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf")])
+        scores = choices[torch.randint(0, 5, shape, generator=generator)]
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+    return scores.to(dtype), n, m, dim
+
+
+@settings(max_examples=300, deadline=None)
+@given(kernel_cases(), st.sampled_from([torch.bool, torch.float32, torch.float16]))
+def test_both_mask_kernels_equal_stable_sort(case: tuple[torch.Tensor, int, int, int], out: torch.dtype) -> None:
+    """Whatever M, the pairwise rank and the sort kernel give the stable-sort mask, so the
+    measured switch between them (``_PAIRWISE_MAX_M``) can move without changing any mask."""
+    scores, n, m, dim = case
+    expected = stable_sort_oracle(scores, n, m, dim)
+    groups = scores.unflatten(dim, (-1, m))
+    for keep in (_pairwise_keep(groups, n, m, dim + 1, out), _sorted_keep(groups, n, dim + 1, out)):
+        assert keep.dtype == out
+        assert torch.equal(keep.flatten(dim, dim + 1).bool(), expected)
+    if n < m:
+        assert torch.equal(nm_mask(scores, n, m, dim), expected)
