@@ -288,8 +288,9 @@ class OptunaStrategy(StrategyBase):
                     show_progress_bar=self.show_progress_bar,
                 )
                 break
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial": see _taken_over
-                if not self._taken_over(study, current):
+            except ValueError as error:  # Optuna's "Cannot tell a FAIL trial": see _taken_over
+                # our own errors (NMSearchError is a ValueError, e.g. a broken evaluator) stop the search
+                if isinstance(error, NMSearchError) or not self._taken_over(study, current):
                     raise
         # The storage is the state: what the search continues from, and what a resume checks.
         finished = self._finished(study.get_trials(deepcopy=False))
