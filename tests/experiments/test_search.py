@@ -196,7 +196,9 @@ def test_default_main_job_end_to_end(tmp_path: Path) -> None:
     dense = trials.iloc[0]
     assert dense["summary"] == "5 dense" and dense["accuracy"] > 0.95  # the pre-trained model
     front = pd.read_csv(out / "pareto.csv")
-    assert len(front) >= 3 and front["bytes_mb"].min() < 0.5 * dense["bytes_mb"]  # sparse points on the front
+    # Orin at batch 1: the plan-consistent cost model (issue 15) runs most of this CNN's tiny GEMMs
+    # dense, so only a few sparse schemes save anything; the dense model and a sparse one are on the front.
+    assert len(front) >= 2 and front["trial"].eq(0).any() and (front["summary"] != "5 dense").any()
     scheme = Scheme.load(out / "scheme.json")
     model = scheme.apply(get_task("digits").build_model())
     scheme.finalize(model)
