@@ -127,10 +127,12 @@ def open_storage(
                         engine_kwargs=_engine_kwargs(driver_url),
                     )
                 break
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers creating the tables of a new database at the same instant collide in
-                # PostgreSQL's catalog ("duplicate key ... pg_type_typname_nsp_index"): try again
-                if attempt == _CREATE_ATTEMPTS - 1:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:  # noqa: E501
+                # workers creating the tables of a new database at the same instant collide: in
+                # PostgreSQL's catalog ("duplicate key ... pg_type_typname_nsp_index") or, in SQLite,
+                # on "table ... already exists": try again (other operational errors are final)
+                race = not isinstance(e, sqlalchemy.exc.OperationalError) or "already exists" in str(e)
+                if not race or attempt == _CREATE_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 + random.random())
         if url.startswith("sqlite"):
