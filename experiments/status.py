@@ -22,10 +22,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evaluators import Objective
 from evaluators.pareto import pareto_front
+from experiments.errors import run_cli
 from search_space import NMSearchError, Scheme
 from strategies.base import RESULT_FILE
 from strategies.optuna_strategy import FAIL_REASON_ATTR
-from strategies.storage import StorageError, journal_path, open_storage, public_url
+from strategies.storage import journal_path, open_storage, public_url
 
 __all__ = ["Progress", "front_so_far", "load_study", "main", "progress", "resolve_target"]
 
@@ -221,14 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", default=None, help="study name (default: the storage's only study)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+
+    def body() -> None:
         url = resolve_target(args.target)
-        study = load_study(url, args.study)
-        print(report(study, url))
-    except (NMSearchError, StorageError) as error:
-        print(f"nmsearch: {error}", file=sys.stderr)
-        return 2
-    return 0
+        print(report(load_study(url, args.study), url))
+
+    return run_cli("nmsearch", body)
 
 
 if __name__ == "__main__":
