@@ -5,11 +5,14 @@ Times every (layer, option) of a task's search space (``task=``, ``space=``, ``e
 dense; N:M weights finalized (zeros baked into the dense weights, ``Scheme.finalize``; on CUDA
 sm80+ in fp16/bf16, Linear weights whose pattern runs as 2:4 are converted with
 ``torch.sparse.to_sparse_semi_structured``); activation masks as the sparse wrapper (mask + GEMM);
-row masks as the row-skipping conv (``skip_masked_rows``). Each layer is timed on its own input
-(captured from the dense model at the configured batch) with ``torch.utils.benchmark.Timer``
-(warm-up calls first; CUDA is synchronised), and the table keeps the median and IQR. The rest of
-the network (``<rest>``: normalisation, activations, pooling, residual adds) is timed with every
-searchable layer's output precomputed.
+row masks as the row-skipping conv (``skip_masked_rows``). Each option is deployed on every layer
+offering it and its layers are timed *inside whole forward passes* at the configured batch (a clock
+read in a forward pre-hook and a forward hook; warm-up passes first; CUDA synchronised), so each
+layer meets the caches and inputs it has in the network -- a layer timed alone on a repeated input
+runs warm in cache and the sum of such times under-predicts the network (by 20-55% on this
+project's CPU). The table keeps the median, IQR and fastest pass. The rest of the network
+(``<rest>``: normalisation, activations, pooling, residual adds) is the dense network's whole
+passes, timed without hooks, less its layers' times.
 
 The table (:class:`~evaluators.measured.LatencyTable`) is rewritten atomically after every entry;
 run the same command again after an interruption and only the missing entries are timed. At the
@@ -52,7 +55,6 @@ from search_space import (
     SearchSpace,
     SparseLayerMixin,
     prunable_modules,
-    set_submodule,
     skip_masked_rows,
 )
 
@@ -65,6 +67,8 @@ __all__ = [
     "main",
     "measure_scheme",
     "profile_model",
+    "time_call",
+    "time_layers_in_network",
 ]
 
 ADDITIVITY_WARNING = 0.20  # |table prediction / measured - 1| above this is reported as a warning
@@ -85,6 +89,7 @@ SEMI_STRUCTURED = NMPattern(2, 4)
 CLOCKS = ("wall", "cpu")
 BLOCK_S = 1e-3  # target seconds of one timed block
 MIN_BLOCKS = 10
+_TINY_S = 1e-9  # the floor of <rest>: a table entry is positive
 
 
 @dataclass(frozen=True)
@@ -229,12 +234,11 @@ def time_call(fn: Callable[[], object], settings: ProfileSettings) -> tuple[floa
     blocks: on a shared machine a preempted block is an outlier the median and minimum discard,
     not a bias spread over every block.
     """
+    cpu_clock = _check_clock(settings)
     with torch.no_grad():
         for _ in range(settings.warmup):
             fn()
-        if settings.clock == "cpu":
-            if torch.get_num_threads() != 1:
-                raise NMSearchError("clock 'cpu' needs one torch thread (torch.set_num_threads(1) / --threads 1)")
+        if cpu_clock:
             block = _cpu_block(fn)
         else:
             timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -244,8 +248,7 @@ def time_call(fn: Callable[[], object], settings: ProfileSettings) -> tuple[floa
         start = time.perf_counter()
         while len(times) < MIN_BLOCKS or time.perf_counter() - start < settings.min_run_time:
             times.append(block(number))
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return float(median), float(q3 - q1), min(times), len(times)
+    return _statistics(times)
 
 
 def _cpu_block(fn: Callable[[], object]) -> Callable[[int], float]:
@@ -260,34 +263,94 @@ def _cpu_block(fn: Callable[[], object]) -> Callable[[int], float]:
     return block
 
 
-def layer_io(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each named layer's (input, output) in one dense forward pass of ``x``."""
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
-    modules = prunable_modules(model)
-    hooks = [
-        modules[name].register_forward_hook(
-            lambda _m, args, out, name=name: captured.__setitem__(name, (args[0].detach(), out.detach()))
-        )
-        for name in names
-    ]
+class _LayerTimer:
+    """Times named modules inside whole forward passes: a clock read in a pre-hook and in a hook
+    around each (CUDA synchronised), so every layer runs with the caches and inputs it has in the
+    deployed network, not warm on a repeated input of its own."""
+
+    def __init__(self, modules: dict[str, nn.Module], clock: Callable[[], float], cuda: bool) -> None:
+        self.samples: dict[str, list[float]] = {name: [] for name in modules}
+        self._clock, self._cuda = clock, cuda
+        self._started: dict[str, float] = {}
+        self._handles = [
+            handle
+            for name, module in modules.items()
+            for handle in (
+                module.register_forward_pre_hook(lambda _m, _a, name=name: self._start(name)),
+                module.register_forward_hook(lambda _m, _a, _o, name=name: self._stop(name)),
+            )
+        ]
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return self._clock()
+
+    def _start(self, name: str) -> None:
+        self._started[name] = self._now()
+
+    def _stop(self, name: str) -> None:
+        self.samples[name].append(self._now() - self._started.pop(name))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def time_layers_in_network(
+    model: nn.Module, x: Tensor, names: Sequence[str], settings: ProfileSettings
+) -> dict[str, tuple[float, float, float, int]]:
+    """(median s, IQR s, fastest call s, timed calls) of each named layer inside whole forward passes.
+
+    After ``settings.warmup`` untimed passes, ``model(x)`` runs until ``settings.min_run_time`` has
+    passed and at least :data:`MIN_BLOCKS` passes are in; each layer is timed in every pass, between
+    a forward pre-hook and a forward hook (wall clock, or the thread's CPU time for
+    ``clock="cpu"``; CUDA synchronised at both ends).
+
+    Args:
+        model: the deployed model, on the settings' device and dtype.
+        x: its input batch.
+        names: the layers to time (module names of ``model``).
+        settings: timing settings.
+
+    Returns:
+        ``{name: (median, IQR, fastest, passes)}``.
+    """
+    cpu_clock = _check_clock(settings)
+    modules = dict(model.named_modules())
+    timer = _LayerTimer(
+        {name: modules[name] for name in names},
+        time.thread_time if cpu_clock else time.perf_counter,
+        settings.torch_device.type == "cuda",
+    )
     try:
         with torch.no_grad():
-            model(x)
+            for _ in range(settings.warmup):
+                model(x)
+            for samples in timer.samples.values():
+                samples.clear()
+            start = time.perf_counter()
+            passes = 0
+            while passes < MIN_BLOCKS or time.perf_counter() - start < settings.min_run_time:
+                model(x)
+                passes += 1
     finally:
-        for hook in hooks:
-            hook.remove()
-    return captured
+        timer.remove()
+    return {name: _statistics(samples) for name, samples in timer.samples.items()}
 
 
-class _Precomputed(nn.Module):
-    """Stands in for a searchable layer: returns its precomputed output (timing the rest of the net)."""
+def _statistics(times: Sequence[float]) -> tuple[float, float, float, int]:
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return float(median), float(q3 - q1), min(times), len(times)
 
-    def __init__(self, output: Tensor) -> None:
-        super().__init__()
-        self.output = output
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.output
+def _check_clock(settings: ProfileSettings) -> bool:
+    """Whether the thread's CPU time is the clock (which needs one torch thread: the kernels run on it)."""
+    if settings.clock != "cpu":
+        return False
+    if torch.get_num_threads() != 1:
+        raise NMSearchError("clock 'cpu' needs one torch thread (torch.set_num_threads(1) / --threads 1)")
+    return True
 
 
 def _header(model: nn.Module, space: SearchSpace, settings: ProfileSettings, fallback: str, label: str) -> dict:
@@ -371,38 +434,42 @@ def profile_model(
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dense = copy.deepcopy(model).to(device=device, dtype=TORCH_DTYPES[settings.dtype]).eval()
     x = batch_of(example_inputs, settings.batch_size).to(device=device, dtype=TORCH_DTYPES[settings.dtype])
-    io = layer_io(dense, space.layer_names, x)
 
     def save() -> None:
         LatencyTable(header, pd.DataFrame(records, columns=list(TABLE_COLUMNS))).write(path)
 
-    def record(layer: str, option: str, kernel: str, fn: Callable[[], object]) -> None:
-        median, iqr, fastest, runs = time_call(fn, settings)
+    def record(layer: str, option: str, kernel: str, timing: tuple[float, float, float, int]) -> None:
+        median, iqr, fastest, runs = timing
         records.append(
             {"layer": layer, "option": option, "median_ms": median * 1e3, "iqr_ms": iqr * 1e3}
             | {"min_ms": fastest * 1e3, "runs": runs, "kernel": kernel}
         )
         save()
         if log:
-            timing = f"{median * 1e3:9.4f} ms  IQR {iqr * 1e3:.4f}  min {fastest * 1e3:.4f}"
-            log(f"{layer:<24} {option:<12} {timing}  {kernel}")
+            timing_text = f"{median * 1e3:9.4f} ms  IQR {iqr * 1e3:.4f}  min {fastest * 1e3:.4f}"
+            log(f"{layer:<24} {option:<12} {timing_text}  {kernel}")
 
-    if (REST, DENSE.name) not in done:
-        rest = copy.deepcopy(dense)
-        for name in space.layer_names:
-            set_submodule(rest, name, _Precomputed(io[name][1]))
-        record(REST, DENSE.name, "non-searchable layers", lambda: rest(x))
-    # One deployment per option (every layer offering it), then each layer is timed on its own input.
-    options = list(dict.fromkeys(option for name in space.layer_names for option in space.options[name]))
+    # One deployment per option (every layer offering it), its layers timed inside whole passes.
+    options = list(dict.fromkeys([DENSE, *(o for name in space.layer_names for o in space.options[name])]))
     for option in options:
         names = [n for n in space.layer_names if option in space.options[n] and (n, option.name) not in done]
-        if not names:
+        rest_missing = option == DENSE and (REST, DENSE.name) not in done
+        if not names and not rest_missing:
             continue
-        deployed, kernels = deploy(dense, space.scheme({n: option for n in names}), dtype=settings.dtype)
-        modules = dict(deployed.named_modules())
+        scheme = space.dense() if rest_missing else space.scheme({n: option for n in names})
+        deployed, kernels = deploy(dense, scheme, dtype=settings.dtype)
+        timed = list(space.layer_names) if rest_missing else names
+        timings = time_layers_in_network(deployed, x, timed, settings)
+        if rest_missing:
+            # <rest>: whole passes without the hooks, less the layers' time inside passes
+            median, iqr, fastest, runs = time_call(lambda model=deployed: model(x), settings)
+            layers_median = sum(timings[n][0] for n in timed)
+            layers_fastest = sum(timings[n][2] for n in timed)
+            rest_median = max(median - layers_median, _TINY_S)  # hooks' overhead can exceed a tiny rest
+            rest = (rest_median, iqr, min(max(fastest - layers_fastest, _TINY_S), rest_median), runs)
+            record(REST, DENSE.name, "non-searchable layers", rest)
         for name in names:
-            module, layer_input = modules[name], io[name][0]
-            record(name, option.name, kernels[name], lambda m=module, i=layer_input: m(i))
+            record(name, option.name, kernels[name], timings[name])
     header["complete"] = True
     header["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     save()
