@@ -45,6 +45,7 @@ from torch.utils.benchmark import Timer
 
 from evaluators.hardware import load_profile
 from evaluators.measured import FORMAT, FORMAT_VERSION, REST, TABLE_COLUMNS, LatencyTable, MeasuredTableError
+from experiments.errors import OneLineParser, run_cli
 from search_space import (
     DENSE,
     NMPattern,
@@ -556,7 +557,7 @@ def additivity(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nmsearch profile",
         description="Measure every (layer, option) latency of a task's search space on this device.",
     )
@@ -600,57 +601,54 @@ def main(argv: list[str] | None = None) -> int:
         argv: command-line arguments (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 on bad input (one line on stderr).
+        0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C (rerun to resume).
     """
     args = _parser().parse_args(argv)
+    return run_cli("nmsearch profile", lambda: _profile(args), on_interrupt="run the same command again to resume")
+
+
+def _profile(args: argparse.Namespace) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from experiments.search import build_space, config_error_line
 
+    if args.threads < 1:
+        raise NMSearchError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     try:
-        if args.threads < 1:
-            raise NMSearchError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
         cfg = _compose(list(args.overrides))
-        settings = ProfileSettings(
-            batch_size=cfg.evaluator.batch_size,
-            dtype=cfg.evaluator.dtype,
-            fallback=args.fallback,
-            min_run_time=args.min_run_time,
-            warmup=args.warmup,
-            device=cfg.device,
-            clock=args.clock,
-        )
-        load_profile(settings.fallback or default_fallback(settings.torch_device)).dtype(settings.dtype)
-        trainer, space = build_space(cfg)
-        model, example = trainer.fresh_model(), trainer.task.example_inputs()
-        label = str(cfg.task.get("_target_", "task")).rsplit(".", 1)[-1]
-        print(
-            f"profiling {space} on {device_name(settings.torch_device)}; {settings.dtype}, batch {settings.batch_size}"
-        )
-        print(f"load average {os.getloadavg()}; writing {args.out} (rerun the same command to resume)")
-        table = dataclasses.replace(
-            profile_model(model, example, space, args.out, settings, label=label, log=print), statistic=args.statistic
-        )
-        print(f"{len(table.rows)} entries in {args.out}")
-        if not args.no_additivity:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                frame = additivity(table, model, example, additivity_schemes(space, args.random), settings)
-            print("additivity (table prediction = <rest> + layers, against the whole scheme timed end to end):")
-            print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-            for warning in caught:
-                print(f"warning: {warning.message}", file=sys.stderr)
-            header = dict(table.header) | {"additivity": frame.round(6).to_dict("records")}
-            LatencyTable(header, table.rows).write(args.out)
-    except NMSearchError as error:
-        print(f"nmsearch profile: {error}", file=sys.stderr)
-        return 2
     except (HydraException, OmegaConfBaseException) as error:
-        print(f"nmsearch profile: {config_error_line(error)}", file=sys.stderr)
-        return 2
-    return 0
+        raise NMSearchError(config_error_line(error)) from None
+    settings = ProfileSettings(
+        batch_size=cfg.evaluator.batch_size,
+        dtype=cfg.evaluator.dtype,
+        fallback=args.fallback,
+        min_run_time=args.min_run_time,
+        warmup=args.warmup,
+        device=cfg.device,
+        clock=args.clock,
+    )
+    load_profile(settings.fallback or default_fallback(settings.torch_device)).dtype(settings.dtype)
+    trainer, space = build_space(cfg)
+    model, example = trainer.fresh_model(), trainer.task.example_inputs()
+    label = str(cfg.task.get("_target_", "task")).rsplit(".", 1)[-1]
+    print(f"profiling {space} on {device_name(settings.torch_device)}; {settings.dtype}, batch {settings.batch_size}")
+    print(f"load average {os.getloadavg()}; writing {args.out} (rerun the same command to resume)")
+    table = dataclasses.replace(
+        profile_model(model, example, space, args.out, settings, label=label, log=print), statistic=args.statistic
+    )
+    print(f"{len(table.rows)} entries in {args.out}")
+    if not args.no_additivity:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frame = additivity(table, model, example, additivity_schemes(space, args.random), settings)
+        print("additivity (table prediction = <rest> + layers, against the whole scheme timed end to end):")
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        header = dict(table.header) | {"additivity": frame.round(6).to_dict("records")}
+        LatencyTable(header, table.rows).write(args.out)
 
 
 if __name__ == "__main__":
