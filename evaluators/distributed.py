@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -129,7 +129,7 @@ def check_same_config(config: Any, what: str = "config") -> None:
         )
 
 
-def shard(batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor, int]]:
+def shard(batches: Iterable[tuple[Any, Tensor]]) -> Iterator[tuple[Any, Tensor, int]]:
     """This rank's slice of every global batch, with the global batch size.
 
     Args:
@@ -145,7 +145,16 @@ def shard(batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Te
             yield inputs, targets, total
             continue
         bounds = [total * r // world for r in range(world + 1)]
-        yield inputs[bounds[me] : bounds[me + 1]], targets[bounds[me] : bounds[me + 1]], total
+        yield _rows(inputs, bounds[me], bounds[me + 1]), targets[bounds[me] : bounds[me + 1]], total
+
+
+def _rows(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a batch of inputs: a tensor, or every tensor of a tuple or dict of them."""
+    if isinstance(inputs, Mapping):
+        return {key: _rows(value, start, stop) for key, value in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(_rows(value, start, stop) for value in inputs)
+    return inputs[start:stop] if isinstance(inputs, Tensor) else inputs
 
 
 def average_gradients(optimizer: torch.optim.Optimizer, local: int, total: int) -> None:

@@ -17,6 +17,7 @@ under the dense and the sparse outputs (for embeddings).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -42,11 +43,42 @@ __all__ = [
     "fidelity_metrics",
     "is_pretrained_task",
     "kl_divergence",
+    "metric_tensor",
     "neighbor_agreement",
     "relative_error",
 ]
 
 NEIGHBORS = 10
+
+
+def metric_tensor(metric: str, dense: Tensor, sparse: Tensor, temperature: float = 1.0) -> Tensor:
+    """The differentiable value of a fidelity metric: the one definition the evaluator's floats
+    (:func:`cosine_similarity`, :func:`kl_divergence`, :func:`relative_error`) and the distillation
+    loss (:mod:`evaluators.distill`) share.
+
+    Args:
+        metric: ``"cosine"`` (mean cosine similarity of rows, last dimension = features), ``"kl"``
+            (mean ``KL(softmax(dense / T) || softmax(sparse / T))`` over rows, in nats) or
+            ``"relative_error"`` (``||sparse - dense|| / ||dense||`` over all outputs).
+        dense: Outputs of the dense model (the reference).
+        sparse: Outputs of the sparse model for the same inputs (same shape).
+        temperature: ``T`` of ``kl`` (the others ignore it).
+
+    Returns:
+        A scalar tensor in the inputs' dtype, differentiable in both.
+
+    Raises:
+        NMSearchError: An unknown metric.
+    """
+    if metric == "cosine":
+        return F.cosine_similarity(sparse.flatten(0, -2), dense.flatten(0, -2), dim=-1).mean()
+    if metric == "kl":
+        p = F.log_softmax(dense.flatten(0, -2) / temperature, dim=-1)
+        q = F.log_softmax(sparse.flatten(0, -2) / temperature, dim=-1)
+        return F.kl_div(q, p, log_target=True, reduction="batchmean")
+    if metric == "relative_error":
+        return (sparse - dense).norm() / dense.norm().clamp_min(1e-30)
+    raise NMSearchError(f"unknown fidelity metric {metric!r}: use one of {', '.join(FIDELITY_METRICS)}")
 
 
 def cosine_similarity(dense: Tensor, sparse: Tensor) -> float:
@@ -59,7 +91,7 @@ def cosine_similarity(dense: Tensor, sparse: Tensor) -> float:
     Returns:
         The mean over rows, in [-1, 1]; 1 when every row points the same way.
     """
-    return float(F.cosine_similarity(sparse.flatten(0, -2).double(), dense.flatten(0, -2).double(), dim=-1).mean())
+    return float(metric_tensor("cosine", dense.double(), sparse.double()))
 
 
 def kl_divergence(dense_logits: Tensor, sparse_logits: Tensor) -> float:
@@ -72,9 +104,7 @@ def kl_divergence(dense_logits: Tensor, sparse_logits: Tensor) -> float:
     Returns:
         The mean divergence over rows (>= 0; 0 when the distributions match).
     """
-    p = F.log_softmax(dense_logits.flatten(0, -2).double(), dim=-1)
-    q = F.log_softmax(sparse_logits.flatten(0, -2).double(), dim=-1)
-    return float(F.kl_div(q, p, log_target=True, reduction="batchmean"))
+    return float(metric_tensor("kl", dense_logits.double(), sparse_logits.double()))
 
 
 def relative_error(dense: Tensor, sparse: Tensor) -> float:
@@ -87,7 +117,7 @@ def relative_error(dense: Tensor, sparse: Tensor) -> float:
     Returns:
         The relative error (>= 0; 0 when the outputs are equal).
     """
-    return float((sparse.double() - dense.double()).norm() / dense.double().norm().clamp_min(1e-30))
+    return float(metric_tensor("relative_error", dense.double(), sparse.double()))
 
 
 def neighbor_agreement(dense: Tensor, sparse: Tensor, k: int = NEIGHBORS) -> float:
@@ -258,6 +288,9 @@ class FidelityEvaluator:
         config: method, calibration mode and metric.
         outputs: ``outputs(model, batch) -> Tensor``, the tensor compared (default
             :func:`default_outputs`); e.g. mean-pooled sentence embeddings.
+        source: what strategies that train the model (Gumbel, DominoSearch) take their data from
+            (:func:`evaluators.distill.training_source`): a :class:`PretrainedTask` (set by
+            :meth:`for_task`) or the :class:`~evaluators.Trainer` of a labelled task; ``None``: none.
 
     Raises:
         NMSearchError: no held-out batch.
@@ -274,12 +307,13 @@ class FidelityEvaluator:
         config: FidelityConfig | None = None,
         *,
         outputs: Callable[[nn.Module, Inputs], Tensor] = default_outputs,
+        source: object | None = None,
     ) -> None:
         if not heldout:
             raise NMSearchError("the fidelity evaluator needs at least one held-out batch")
         self.model, self.space, self.heldout = model, space, list(heldout)
         self.config = config or FidelityConfig()
-        self.outputs = outputs
+        self.outputs, self.source = outputs, source
         self.pruner = OneShotPruner(
             model,
             calibration,
@@ -312,7 +346,23 @@ class FidelityEvaluator:
         """
         model = model if model is not None else task.build_model()
         space = space if space is not None else SearchSpace.from_model(model, task.example_inputs())
-        return cls(model, space, task.calibration_inputs(), task.heldout_batches(), config, outputs=task.outputs)
+        return cls(
+            model, space, task.calibration_inputs(), task.heldout_batches(), config, outputs=task.outputs, source=task
+        )
+
+    def with_space(self, space: SearchSpace) -> FidelityEvaluator:
+        """This evaluator scoring the schemes of another space of the same model (e.g. DominoSearch's
+        per-layer N:M space); the one-shot pruner and the dense outputs are shared, so scores agree.
+
+        Args:
+            space: A search space of the evaluator's model.
+
+        Returns:
+            A shallow copy with ``space``.
+        """
+        evaluator = copy.copy(self)
+        evaluator.space = space
+        return evaluator
 
     def _outputs(self, model: nn.Module) -> Tensor:
         device = next(model.parameters()).device

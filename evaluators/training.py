@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from evaluators import distributed
 from evaluators.task import Batch, Task, TaskError, TrainingSchedule, check_split, check_task
 from search_space import Recipe, RecipeConfig, atomic_write, atomic_write_text, check_writable_dir
+from search_space.oneshot import call_model, move_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +163,16 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "train",
+    forward: Callable[[nn.Module, Any], Tensor] = call_model,
 ) -> EpochStats:
     """Train one epoch: per batch ``before_step(global_step)``, forward, ``loss_fn(outputs, targets)``,
     backward, optimizer step, then ``scheduler.step()``.
 
     Args:
         model: The model, put in training mode.
-        batches: ``(inputs, targets)`` pairs.
+        batches: ``(inputs, targets)`` pairs; inputs a tensor, a tuple of positional arguments or a
+            dict of keyword ones; targets class labels, or any per-sample tensor ``loss_fn`` compares
+            the outputs with (a teacher's outputs, :mod:`evaluators.distill`).
         optimizer: Steps the model's parameters.
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar; default cross-entropy.
         before_step: Called with the global step before each forward (e.g. ``Recipe.step``, a
@@ -178,23 +182,26 @@ def train_one_epoch(
         device: Where batches are moved.
         progress: Show a tqdm bar.
         description: The bar's label.
+        forward: ``forward(model, inputs)`` -> the outputs ``loss_fn`` takes (default ``model(inputs)``,
+            ``model(*inputs)`` or ``model(**inputs)``).
 
     Returns:
-        The epoch's mean loss and accuracy and the next global step.
+        The epoch's mean loss and accuracy (NaN when the targets are not class labels) and the next
+        global step.
 
     Raises:
         TrainingDivergedError: If the loss becomes NaN or infinite.
     """
     model.train()
-    step, total_loss, correct, samples = start_step, 0.0, 0, 0
+    step, total_loss, correct, samples, labels = start_step, 0.0, 0, 0, True
     bar = tqdm(batches, desc=description, leave=False, disable=not progress, dynamic_ncols=True)
     # Under torchrun each rank takes its slice of every global batch and the gradients of all
     # the optimizer's parameters are averaged: the same steps as one process (evaluators.distributed).
     for inputs, targets, total in distributed.shard(bar):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        inputs, targets = move_inputs(inputs, device), targets.to(device, non_blocking=True)
         if before_step is not None:
             before_step(step)
-        outputs = model(inputs)
+        outputs = forward(model, inputs)
         loss = loss_fn(outputs, targets)
         value = loss.item()
         if distributed.is_distributed():  # the global batch's mean loss: the same decision on every rank
@@ -208,14 +215,16 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         total_loss += value * total
-        correct += int((outputs.detach().argmax(1) == targets).sum())
+        labels = labels and not targets.is_floating_point()
+        if labels:
+            correct += int((outputs.detach().argmax(1) == targets).sum())
         samples += total
         step += 1
         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     if samples == 0:
         raise TaskError("the training loader yielded no batches (is the training split smaller than a batch?)")
     (correct,) = distributed.sum_across(correct, device=device)
-    return EpochStats(total_loss / samples, correct / samples, samples, step)
+    return EpochStats(total_loss / samples, correct / samples if labels else math.nan, samples, step)
 
 
 @torch.no_grad()

@@ -127,7 +127,8 @@ def build_fidelity(cfg: DictConfig, task: Any, evaluator_cfg: EvaluatorConfig) -
     trainer, space = build_space(cfg, task)
     accuracy = AccuracyEvaluator(trainer, space, evaluator_cfg.accuracy)
     heldout = [inputs.to(trainer.device) for inputs, _ in task.loader(evaluator_cfg.split)]
-    evaluator = FidelityEvaluator(trainer.pretrained(), space, accuracy.calibration_inputs(), heldout, fidelity)
+    model, calibration = trainer.pretrained(), accuracy.calibration_inputs()
+    evaluator = FidelityEvaluator(model, space, calibration, heldout, fidelity, source=trainer)
     return space, evaluator
 
 

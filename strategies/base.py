@@ -76,6 +76,14 @@ class Choice(str, Enum):
         return ", ".join(str(member.value) for member in cls)
 
 
+class TrainLoss(Choice):
+    """What a strategy that trains the model minimises (:meth:`evaluators.distill.TrainingSource.training`)."""
+
+    auto = "auto"  # task with labels, else distill
+    task = "task"  # the task's labelled loss (cross-entropy)
+    distill = "distill"  # the frozen dense teacher's outputs on the same unlabeled batch
+
+
 @dataclass
 class StrategyBase:
     """Shared base of the strategy dataclasses: every field is checked against its annotation when

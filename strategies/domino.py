@@ -63,8 +63,8 @@ from evaluators import (
     CompositeEvaluator,
     CostEvaluator,
     Evaluator,
+    FidelityEvaluator,
     HardwareCostModel,
-    Trainer,
     TrainingDivergedError,
     check_evaluator,
     evaluate_safely,
@@ -72,6 +72,7 @@ from evaluators import (
 )
 from evaluators.composite import find_part_or_none
 from evaluators.cost import metric_columns
+from evaluators.distill import TrainingSource, training_source
 from evaluators.training import epoch_seed, make_optimizer, seed_everything
 from search_space import (
     DENSE,
@@ -94,7 +95,7 @@ from strategies.base import (
     Choice,
     SearchResult,
     StrategyBase,
-    accuracy_part,
+    TrainLoss,
     save_checkpoint,
 )
 
@@ -455,6 +456,8 @@ def scoring_evaluator(evaluator: Evaluator, space: SearchSpace) -> Evaluator:
     such options directly."""
     if isinstance(evaluator, AccuracyEvaluator):
         return AccuracyEvaluator(evaluator.trainer, space, evaluator.config)
+    if isinstance(evaluator, FidelityEvaluator):
+        return evaluator.with_space(space)
     if isinstance(evaluator, CompositeEvaluator):
         return CompositeEvaluator(*(scoring_evaluator(part, space) for part in evaluator.parts))
     return evaluator
@@ -484,6 +487,10 @@ class DominoStrategy(StrategyBase):
     run out first, the remaining decisions are forced (logged as such): the layer with the largest
     vote share times alpha drops to its next power of two until the target is met. ``score_intermediate``
     also scores every committed scheme before the last.
+
+    ``train_loss``: ``task`` (cross-entropy on the task's labels), ``distill`` (the frozen dense model's
+    outputs on the same batch, :mod:`evaluators.distill`; ``distill_temperature`` for ``kl``) or ``auto``
+    (``task`` with labels, else ``distill``: a pre-trained task such as ``task=minilm``).
     """
 
     m: int = 16
@@ -505,6 +512,8 @@ class DominoStrategy(StrategyBase):
     dtype: str = "fp16"
     batch_size: int = 1
     score_intermediate: bool = False
+    train_loss: TrainLoss = TrainLoss.auto
+    distill_temperature: float = 1.0
     name: str = "domino"
 
     # -- validation and planning -------------------------------------------------------------
@@ -531,6 +540,8 @@ class DominoStrategy(StrategyBase):
             raise DominoError("shrink_lambda must be >= 0 and lr > 0")
         if not 0 <= self.setting("stop_tolerance") < 1:
             raise DominoError(f"stop_tolerance must be in [0, 1), got {self.stop_tolerance}")
+        if not self.distill_temperature > 0:
+            raise DominoError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if any(step < 1 for step in self.setting("shrink_double_at")):
             raise DominoError(f"shrink_double_at lists step counts >= 1, got {self.shrink_double_at}")
 
@@ -615,14 +626,14 @@ class DominoStrategy(StrategyBase):
         Domino scheme (``metadata["final_trial"]``), ``tables["domino_log"]`` the decision log."""
         check_evaluator(evaluator)
         plan = self.plan(space, evaluator)
-        trainer = accuracy_part(evaluator).trainer
+        source = training_source(evaluator)
         checkpoint = Path(run_dir) / CHECKPOINT if run_dir is not None else None
         resume = self._resume_from(checkpoint) if checkpoint is not None else self._take_resume()
         if resume is not None and resume.get("fingerprint") != space.fingerprint:
             logger.warning("the DominoSearch state is of another model (fingerprint); starting this run over")
             resume = None
         start = time.perf_counter()
-        state, steps, epochs = self._train(plan, trainer, space.fingerprint, checkpoint, resume)
+        state, steps, epochs, distill = self._train(plan, source, space.fingerprint, checkpoint, resume)
         search_s = time.perf_counter() - start
         schemes_space = domino_space(space, self.m)
         commits = state.commits if self.score_intermediate else state.commits[-1:]
@@ -647,6 +658,7 @@ class DominoStrategy(StrategyBase):
             "decisions": len(state.decisions),
             "forced_decisions": sum(decision["forced"] for decision in state.decisions),
             "variant": self.variant,
+            "train_loss": "distill" if distill else "task",
             "steps": steps,
             "epochs": epochs,
             "search_s": search_s,
@@ -691,29 +703,32 @@ class DominoStrategy(StrategyBase):
     def _train(
         self,
         plan: DominoPlan,
-        trainer: Trainer,
+        source: TrainingSource,
         fingerprint: str,
         checkpoint: Path | None,
         resume: dict[str, Any] | None,
-    ) -> tuple[DominoState, int, int]:
-        """Run the search on the pre-trained model; returns the final state, steps and epochs run.
+    ) -> tuple[DominoState, int, int, bool]:
+        """Run the search on the pre-trained model; returns the final state, steps and epochs run and
+        whether the loss was the distillation one.
         After the update of every vote step the progress is recorded (:meth:`state_dict`) and, given
         a ``checkpoint`` path, saved there; ``resume`` continues from such a progress."""
         reference = self.variant == REFERENCE
         gradient, vote_interval = self.setting("gradient"), self.setting("vote_interval")
         state = DominoState(plan, self.beta, self.variant)
-        model = trainer.pretrained()
+        schedule = source.schedule
+        smoothing = 0.0 if reference else schedule.label_smoothing  # the reference uses no smoothing
+        training = source.training(
+            self.train_loss, nn.CrossEntropyLoss(label_smoothing=smoothing), self.distill_temperature
+        )
+        model = source.pretrained()
         layers = _wrap(model, plan.layers, self.m)
         thresholds = [group_thresholds(layer.weight, self.m) for layer in layers]
         _set_masks(layers, state.n, self.m, gradient)
-        schedule = trainer.schedule
         lr = self.lr or schedule.finetune_lr
-        if reference:  # the reference's search config: plain SGD, no momentum or weight decay, no smoothing
+        if reference:  # the reference's search config: plain SGD, no momentum or weight decay
             optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
-            cross_entropy = nn.CrossEntropyLoss()
         else:
             optimizer = make_optimizer(model.parameters(), schedule, lr)
-            cross_entropy = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
         clock = {"step": 0, "epoch": 0, "epoch_start": 0}
 
         def shares() -> list[float]:
@@ -775,7 +790,7 @@ class DominoStrategy(StrategyBase):
         try:
             for epoch in range(first_epoch, self.max_epochs):
                 clock["epoch"], clock["epoch_start"] = epoch, step
-                batches = trainer.task.loader("train", shuffle=True, augment=True, seed=epoch_seed(self.seed, epoch))
+                batches = source.loader(epoch_seed(self.seed, epoch), True)
                 if epoch == first_epoch and skip:
                     if skip >= len(batches):  # the checkpoint was the epoch's last step
                         continue
@@ -783,20 +798,21 @@ class DominoStrategy(StrategyBase):
                     batches = itertools.islice(batches, skip, None)
                 stats = train_one_epoch(
                     model,
-                    batches,
+                    training.batches(batches),
                     stepper,  # type: ignore[arg-type]  # an optimizer with a hook before step()
-                    loss_fn=cross_entropy,
+                    loss_fn=training.loss,
                     before_step=before_step,
                     start_step=step,
-                    device=trainer.device,
-                    progress=trainer.progress,
+                    device=source.device,
+                    progress=source.progress,
                     description=f"domino epoch {epoch + 1}",
+                    forward=training.forward,
                 )
                 step = stats.end_step
         except _TargetReached:
-            return state, clock["step"], epoch + 1
+            return state, clock["step"], epoch + 1, training.distill
         except TrainingDivergedError as error:
-            raise TrainingDivergedError(f"DominoSearch on task {trainer.task.name!r} diverged: {error}") from None
+            raise TrainingDivergedError(f"DominoSearch on task {source.name!r} diverged: {error}") from None
         logger.warning(
             "DominoSearch: %d epochs ran out at %s %.4f (target %.4f); forcing the remaining decisions",
             self.max_epochs,
@@ -805,7 +821,7 @@ class DominoStrategy(StrategyBase):
             self.target_value,
         )
         force_to_target(state, shares, step=step, epoch=self.max_epochs - 1)
-        return state, step, self.max_epochs
+        return state, step, self.max_epochs, training.distill
 
     def shrink_strength(self, step: int) -> float:
         """The shrink's strength at (0-based) ``step``: ``shrink_lambda`` doubled once for every count in

@@ -26,9 +26,10 @@ gradient that computes every group (``active_groups=None``).
 The loss adds the cost model's expected cost ratio ``r = E[cost]/cost_dense`` (expected over the
 gates above): ``additive`` ``CE + lambda r`` (ProxylessNAS), ``fbnet`` ``CE alpha log(100 r)^beta``
 (so a dense model sits at FBNet's scale of ~100), or ``budget`` ``CE + lambda max(0, r - budget)^2``
-steering to a fraction of dense. The result is the argmax scheme (and optionally the best of k
-samples), scored by the evaluator like any candidate; ``lambdas`` (or ``budgets``) run one search
-each and trace a front.
+steering to a fraction of dense; with ``train_loss=distill`` the distillation loss of
+:mod:`evaluators.distill` (against the frozen dense model, no labels) stands in for ``CE``. The
+result is the argmax scheme (and optionally the best of k samples), scored by the evaluator like
+any candidate; ``lambdas`` (or ``budgets``) run one search each and trace a front.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from evaluators import (
     evaluate_safely,
     find_part_or_none,
 )
+from evaluators.distill import Training, TrainingSource, training_source
 from evaluators.task import Batch
 from evaluators.training import make_optimizer, seed_everything, train_one_epoch
 from search_space import (
@@ -83,7 +85,7 @@ from strategies.base import (
     Choice,
     SearchResult,
     StrategyBase,
-    accuracy_part,
+    TrainLoss,
     load_checkpoint,
     save_checkpoint,
 )
@@ -381,6 +383,10 @@ class GumbelStrategy(StrategyBase):
     its choice independent of tau; ``soft``: fbnet's tau-weighted mixture, every group computed) and
     ``active_groups`` (activation groups a logit step computes, >= 2, an unbiased estimate; ``None``:
     all) are described in the module docstring and ``docs/strategies/gumbel.md``.
+
+    ``train_loss``: what the supernet's weights and logits train on (:mod:`evaluators.distill`):
+    ``task`` (cross-entropy on the task's labels), ``distill`` (the frozen dense model's outputs on
+    the same batch; ``distill_temperature`` for ``kl``) or ``auto`` (``task`` with labels, else ``distill``).
     """
 
     epochs: int = 20
@@ -404,6 +410,8 @@ class GumbelStrategy(StrategyBase):
     active_groups: int | None = 2
     samples: int = 0
     hardware: str | None = None
+    train_loss: TrainLoss = TrainLoss.auto
+    distill_temperature: float = 1.0
     seed: int = 0
     name: str = "gumbel"
 
@@ -412,6 +420,8 @@ class GumbelStrategy(StrategyBase):
             raise NMSearchError(f"gumbel.loss = {self.loss!r} is not one of {', '.join(LOSS_FORMS)}")
         if self.tau_schedule not in TEMPERATURE_SCHEDULES:
             raise NMSearchError(f"gumbel.tau_schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}")
+        if not self.distill_temperature > 0:
+            raise NMSearchError(f"gumbel.distill_temperature must be > 0, got {self.distill_temperature}")
         if self.epochs < 1 or not 0 <= self.warmup_fraction < 1:
             raise NMSearchError("gumbel.epochs must be >= 1 and warmup_fraction in [0, 1)")
         if self.sampling == SOFT and self.estimator != FBNET:
@@ -458,7 +468,8 @@ class GumbelStrategy(StrategyBase):
     ) -> SearchResult:
         check_evaluator(evaluator)
         settings = self._validate(space)
-        trainer = accuracy_part(evaluator).trainer
+        source = training_source(evaluator)
+        training = source.training(self.train_loss, F.cross_entropy, self.distill_temperature)
         table, hardware = self._cost_table(space, evaluator)
         if self.cost_metric not in table.metrics:
             raise NMSearchError(f"gumbel.cost_metric {self.cost_metric!r} is not one of {', '.join(table.metrics)}")
@@ -478,7 +489,7 @@ class GumbelStrategy(StrategyBase):
         resumed = (self._take_resume() or {}).get("runs", {})
         self._progress = {"runs": {}}
         for setting in settings:
-            run = _SupernetRun(self, space, trainer, table, dense_cost, setting, run_dir, resumed)
+            run = _SupernetRun(self, space, source, training, table, dense_cost, setting, run_dir, resumed)
             logits = run.train()
             logs.append(run.log.assign(setting=setting))
             probs.append(run.probabilities.assign(setting=setting))
@@ -498,6 +509,7 @@ class GumbelStrategy(StrategyBase):
         objectives: tuple[Objective, ...] = evaluator.objectives
         metadata = {
             "loss": self.loss,
+            "train_loss": "distill" if training.distill else "task",
             "settings": settings,
             "cost_metric": self.cost_metric,
             "hardware": hardware,
@@ -536,14 +548,16 @@ class _SupernetRun:
         self,
         strategy: GumbelStrategy,
         space: SearchSpace,
-        trainer: Any,
+        source: TrainingSource,
+        training: Training,
         table: CostTable,
         dense_cost: float,
         setting: float,
         run_dir: str | os.PathLike | None,
         resumed: dict[str, Any],
     ) -> None:
-        self.strategy, self.space, self.trainer, self.table = strategy, space, trainer, table
+        self.strategy, self.space, self.table = strategy, space, table
+        self.source, self.training = source, training
         self.dense_cost, self.setting = dense_cost, setting
         key = json.dumps({"config": asdict(strategy), "setting": setting, "fingerprint": space.fingerprint},
                          sort_keys=True, default=str)  # fmt: skip
@@ -572,16 +586,16 @@ class _SupernetRun:
         return torch.stack(rows)
 
     def train(self) -> dict[str, Tensor]:
-        strategy, trainer, space = self.strategy, self.trainer, self.space
+        strategy, source, training, space = self.strategy, self.source, self.training, self.space
         seed_everything(strategy.seed)
-        model = trainer.pretrained().to(trainer.device)
+        model = source.pretrained().to(source.device)
         logits = {name: torch.zeros(len(space.options[name]), requires_grad=True) for name in space.searchable}
         layers = build_supernet(model, space, logits, strategy.seed)
         for layer in layers.values():
             layer.active_groups = strategy.active_groups
             layer.estimator, layer.sampling = strategy.estimator, strategy.sampling
             layer.srste_lambda = strategy.recipe.srste_lambda if strategy.recipe.estimator == "srste" else 0.0
-        schedule = trainer.task.schedule
+        schedule = source.schedule
         weights = make_optimizer(model.parameters(), schedule, strategy.weight_lr or schedule.finetune_lr)
         arch = torch.optim.Adam(list(logits.values()), lr=strategy.arch_lr)
         start, rows, prob_rows = 0, [], []
@@ -597,11 +611,11 @@ class _SupernetRun:
             arch.load_state_dict(state["arch"])
             torch.set_rng_state(state["rng"])
             start, rows, prob_rows = state["epoch"] + 1, list(state["rows"]), list(state["prob_rows"])
-        loader = trainer.task.loader("train", shuffle=True, seed=strategy.seed)  # a fixed 80/20 batch split
+        loader = source.loader(strategy.seed, False)  # a fixed 80/20 batch split
         warmup = math.ceil(strategy.warmup_fraction * strategy.epochs)
 
         def weight_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-            loss = F.cross_entropy(outputs, targets)
+            loss = training.loss(outputs, targets)
             terms = [layer.regulariser for layer in layers.values() if layer.regulariser is not None]
             for layer in layers.values():
                 layer.regulariser = None
@@ -614,7 +628,7 @@ class _SupernetRun:
             gates = self._probabilities({name: layer.cost_gates() for name, layer in layers.items()}, softmax=False)
             ratio = self.table.expected(gates, strategy.cost_metric) / self.dense_cost
             return architecture_loss(
-                F.cross_entropy(outputs, targets), ratio, strategy.loss, self.setting,
+                training.loss(outputs, targets), ratio, strategy.loss, self.setting,
                 alpha=strategy.fbnet_alpha, beta=strategy.fbnet_beta, budget_weight=strategy.budget_weight,
             )  # fmt: skip
 
@@ -623,16 +637,18 @@ class _SupernetRun:
                               strategy.tau_schedule, strategy.tau_end)  # fmt: skip
             for layer in layers.values():
                 layer.tau, layer.train_logits = tau, False
-            stats = train_one_epoch(model, _EveryNth(loader, arch=False), weights, loss_fn=weight_loss,
-                                    device=trainer.device, description=f"supernet weights {epoch}")  # fmt: skip
+            stats = train_one_epoch(model, training.batches(_EveryNth(loader, arch=False)), weights,
+                                    loss_fn=weight_loss, device=source.device, forward=training.forward,
+                                    description=f"supernet weights {epoch}")  # fmt: skip
             row = {"epoch": epoch, "tau": tau, "weight_loss": stats.loss, "weight_accuracy": stats.accuracy}
             if epoch >= warmup:
                 for layer in layers.values():
                     layer.train_logits = True
                 for p in model.parameters():
                     p.requires_grad_(False)
-                arch_stats = train_one_epoch(model, _EveryNth(loader, arch=True), arch, loss_fn=arch_loss,
-                                             device=trainer.device, description=f"supernet logits {epoch}")  # fmt: skip
+                arch_stats = train_one_epoch(model, training.batches(_EveryNth(loader, arch=True)), arch,
+                                             loss_fn=arch_loss, device=source.device, forward=training.forward,
+                                             description=f"supernet logits {epoch}")  # fmt: skip
                 for p in model.parameters():
                     p.requires_grad_(True)
                 row.update(arch_loss=arch_stats.loss, arch_accuracy=arch_stats.accuracy)
