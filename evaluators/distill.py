@@ -47,6 +47,7 @@ __all__ = [
     "TeacherBatches",
     "Training",
     "TrainingSource",
+    "check_train_loss",
     "distillation_loss",
     "frozen_teacher",
     "training_source",
@@ -280,17 +281,32 @@ class TrainingSource:
         Raises:
             NMSearchError: ``task`` on a task without labels, or an unknown ``train_loss``.
         """
-        if train_loss not in TRAIN_LOSSES:
-            raise NMSearchError(f"train_loss = {train_loss!r} is not one of {', '.join(TRAIN_LOSSES)}")
-        if train_loss == "task" and not self.labelled:
-            raise NMSearchError(
-                f"train_loss = 'task' trains on labels, but task {self.name!r} has none: "
-                "set strategy.train_loss=distill (or auto)"
-            )
+        check_train_loss(train_loss, self.labelled, self.name)
         if train_loss == "task" or (train_loss == "auto" and self.labelled):
             return Training(label_loss, False, self.outputs, self.device)
         loss = DistillationLoss(self.metric, temperature)
         return Training(loss, True, self.outputs, self.device, frozen_teacher(self.pretrained()))
+
+
+def check_train_loss(train_loss: str, labelled: bool, task: str) -> None:
+    """Refuse a ``train_loss`` the task cannot give (called again by :meth:`TrainingSource.training`;
+    the entry point calls it before loading a model).
+
+    Args:
+        train_loss: ``auto``, ``task`` or ``distill``.
+        labelled: Whether the task has labels.
+        task: The task's name (for the message).
+
+    Raises:
+        NMSearchError: An unknown ``train_loss``, or ``task`` without labels.
+    """
+    if train_loss not in TRAIN_LOSSES:
+        raise NMSearchError(f"train_loss = {train_loss!r} is not one of {', '.join(TRAIN_LOSSES)}")
+    if train_loss == "task" and not labelled:
+        raise NMSearchError(
+            f"train_loss = 'task' trains on labels, but task {task!r} has none: "
+            "set strategy.train_loss=distill (or auto)"
+        )
 
 
 def training_source(evaluator: Any) -> TrainingSource:
@@ -316,7 +332,7 @@ def training_source(evaluator: Any) -> TrainingSource:
     if fidelity is not None and is_pretrained_task(fidelity.source):
         return TrainingSource.from_pretrained(fidelity.source, fidelity.model, metric)
     raise NMSearchError(
-        "this strategy trains the model: the evaluator needs an AccuracyEvaluator part (a labelled task) or "
+        "this strategy trains the model: the evaluator must include an AccuracyEvaluator (a labelled task) or "
         "a FidelityEvaluator made by FidelityEvaluator.for_task (a pre-trained task)"
     )
 

@@ -44,6 +44,7 @@ from evaluators import (
     distributed,
     find_part,
 )
+from evaluators.distill import check_train_loss
 from evaluators.fidelity import FidelityConfig, FidelityEvaluator, is_pretrained_task
 from evaluators.training import resolve_device
 from experiments.config import EvaluatorConfig, register_configs
@@ -146,6 +147,8 @@ def build(cfg: DictConfig) -> Job:
     evaluator_cfg: EvaluatorConfig = OmegaConf.to_object(cfg.evaluator)
     hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
     task = instantiate_task(cfg.task)
+    if hasattr(strategy, "train_loss"):  # a strategy that trains: labels it asks for must exist
+        check_train_loss(strategy.train_loss, not is_pretrained_task(task), getattr(task, "name", "task"))
     if is_pretrained_task(task) or evaluator_cfg.metric:
         cost_model = build_cost_model(cfg)  # a bad profile fails before the model is loaded
         space, fidelity = build_fidelity(cfg, task, evaluator_cfg)

@@ -6,6 +6,9 @@ use it); the text is the Python documentation every interpreter ships (``pydoc_d
 
 * calibration: ``calibration_sequences`` windows of ``max_length`` contiguous tokens (no padding,
   as SparseGPT/Wanda calibrate; 32 x 128 = 4096 tokens cover the widest layer's 1536 columns);
+* training (strategies that train, with the distillation loss: ``strategy=gumbel`` or ``domino``):
+  the next ``train_sequences`` windows of the same text, in batches of ``train_batch_size``
+  shuffled by the seed (:meth:`MiniLMTask.training_batches`); unlabeled;
 * evaluation: ``eval_sentences`` other sentences (6 to 30 words of prose, at most
   ``eval_max_tokens`` tokens: a search scores every scheme on them, so they are kept short),
   embedded (mean pooling over real tokens, then L2 normalisation, as sentence-transformers
@@ -97,6 +100,8 @@ class MiniLMTask:
     max_length: int = 128
     cost_batch: int = 32
     eval_batch_size: int = 32
+    train_sequences: int = 64
+    train_batch_size: int = 8
 
     def __post_init__(self) -> None:
         fields = (
@@ -106,6 +111,8 @@ class MiniLMTask:
             "max_length",
             "cost_batch",
             "eval_batch_size",
+            "train_sequences",
+            "train_batch_size",
         )
         for field in fields:
             if getattr(self, field) < 1:
@@ -159,18 +166,44 @@ class MiniLMTask:
         """``calibration_sequences`` unpadded windows of ``max_length`` tokens of calibration text."""
         return self._windows(self.calibration_sequences)
 
-    def _windows(self, count: int) -> dict[str, Tensor]:
+    def training_batches(self, seed: int = 0) -> list[dict[str, Tensor]]:
+        """Unlabeled training inputs: ``train_sequences`` windows of ``max_length`` tokens that follow
+        the calibration windows (disjoint from them and from the evaluation sentences), in batches of
+        ``train_batch_size``.
+
+        Args:
+            seed: Seeds the order of the windows.
+
+        Returns:
+            The batches (the last one may be smaller).
+        """
+        windows = self._windows(self.train_sequences, skip=self.calibration_sequences)
+        order = torch.randperm(self.train_sequences, generator=torch.Generator().manual_seed(seed))
+        size = self.train_batch_size
+        return [
+            {key: value[order[i : i + size]] for key, value in windows.items()}
+            for i in range(0, self.train_sequences, size)
+        ]
+
+    def _windows(self, count: int, skip: int = 0) -> dict[str, Tensor]:
+        """Windows ``skip`` to ``skip + count`` of ``max_length`` tokens of the non-evaluation text."""
         tokenizer = self.tokenizer
         body = self.max_length - 2
-        needed = count * body
+        needed = (skip + count) * body
         ids: list[int] = []
         for sentence in self._split[1]:
             ids.extend(tokenizer(sentence, add_special_tokens=False)["input_ids"])
             if len(ids) >= needed:
                 break
         if len(ids) < needed:
-            raise TaskError(f"not enough calibration text for {count} windows of {self.max_length} tokens")
-        rows = [[tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id] for i in range(count)]
+            raise TaskError(
+                f"not enough text for {skip + count} windows of {self.max_length} tokens: lower "
+                "task.calibration_sequences or task.train_sequences"
+            )
+        rows = [
+            [tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id]
+            for i in range(skip, skip + count)
+        ]
         input_ids = torch.tensor(rows)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
@@ -194,4 +227,6 @@ class MiniLMTask:
             "eval_max_tokens": self.eval_max_tokens,
             "max_length": self.max_length,
             "cost_batch": self.cost_batch,
+            "train_sequences": self.train_sequences,
+            "train_batch_size": self.train_batch_size,
         }

@@ -13,6 +13,7 @@ from torch import nn
 
 import strategies.gumbel as gumbel_module
 from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer, find_part
+from evaluators.fidelity import FidelityConfig, FidelityEvaluator
 from experiments.tasks import get_task
 from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
 from strategies import SearchResult
@@ -20,6 +21,7 @@ from strategies.base import load_checkpoint, save_checkpoint
 from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
 from tests.strategies import gumbel_worker
 from tests.strategies.faults import finish, lines, wait_for_lines
+from tests.strategies.toy import TinyEncoderTask
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -406,3 +408,51 @@ def test_state_dict_round_trips_through_a_checkpoint_and_resumes(synthetic, tmp_
     assert calls == []  # both epochs were in the state
     assert resumed.trials["scheme"].tolist() == clean.trials["scheme"].tolist()
     assert resumed.tables["gumbel_probs"].equals(clean.tables["gumbel_probs"])
+
+
+# -- the distillation loss (train_loss=distill): a label-free pre-trained model ------------------
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    pytest.importorskip("transformers")
+    task = TinyEncoderTask()
+    model = task.build_model()
+    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"], ratios=["2:4", "1:4"])
+    config = FidelityConfig(oneshot="magnitude", metric="cosine")
+    fidelity = FidelityEvaluator.for_task(task, space, config, model=model)
+    cost = CostEvaluator(space, HardwareCostModel.from_profile("a100"), metrics=("bytes_mb",))
+    return space, CompositeEvaluator(fidelity, cost)
+
+
+def test_distillation_trains_a_label_free_supernet_and_its_loss_falls(tiny_encoder) -> None:
+    space, evaluator = tiny_encoder
+    strategy = GumbelStrategy(epochs=4, lambdas=(0.0,), warmup_fraction=0.0, arch_lr=0.05, weight_lr=3e-3,
+                              cost_metric="bytes_mb")  # fmt: skip  # train_loss=auto: no labels, so distill
+    result = strategy.search(space, evaluator)
+    assert result.metadata["train_loss"] == "distill"
+    log = result.tables["gumbel_log"]
+    assert (log["weight_loss"] > 0).all() and (log["arch_loss"] > 0).all()
+    assert log["weight_loss"].iloc[-1] < 0.7 * log["weight_loss"].iloc[0]  # the students learn the teacher
+    assert log["weight_accuracy"].isna().all()  # no labels, no accuracy
+    scheme = result.schemes[0]
+    space.check(scheme)
+    assert -1.0 <= result.trials.loc[0, "accuracy"] <= 1.0 and result.trials.loc[0, "state"] == "COMPLETE"
+
+
+def test_the_labelled_loss_on_a_label_free_task_is_refused_before_training(tiny_encoder, monkeypatch) -> None:
+    space, evaluator = tiny_encoder
+    monkeypatch.setattr(gumbel_module, "build_supernet", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(NMSearchError, match=r"^train_loss = 'task' trains on labels, but task 'tiny_encoder' has none"):
+        GumbelStrategy(epochs=1, train_loss="task").search(space, evaluator)
+    with pytest.raises(NMSearchError, match=r"distill_temperature must be > 0"):
+        GumbelStrategy(epochs=1, distill_temperature=0.0).search(space, evaluator)
+
+
+def test_distillation_on_a_labelled_task_uses_kl_to_the_dense_logits(synthetic) -> None:
+    space, evaluator = synthetic
+    strategy = GumbelStrategy(epochs=2, lambdas=(1.0,), cost_metric="bytes_mb", train_loss="distill",
+                              distill_temperature=2.0)  # fmt: skip
+    result = strategy.search(space, evaluator)
+    assert result.metadata["train_loss"] == "distill"
+    log = result.tables["gumbel_log"]
+    assert (log["weight_loss"] > 0).all() and log["weight_accuracy"].isna().all()
+    space.check(result.schemes[0])

@@ -116,3 +116,51 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class TinyEncoderTask:
+    """A label-free pre-trained task (the ``PretrainedTask`` interface, as ``task=minilm``) around a
+    2-layer BERT built from a tiny config: mean-pooled sentence embeddings of random token batches.
+    Needs ``transformers`` (the ``transformers`` extra)."""
+
+    name = "tiny_encoder"
+
+    def __init__(self, vocab: int = 50, length: int = 8, train_batches: int = 10, batch: int = 8) -> None:
+        self.vocab, self.length, self.train_count, self.batch = vocab, length, train_batches, batch
+
+    def build_model(self) -> nn.Module:
+        import transformers
+
+        from experiments.tasks.minilm import SentenceEncoder
+
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=self.vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=False)).eval()
+
+    def _tokens(self, count: int, seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, self.vocab, (count, self.length), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[::2, -2:] = 0  # some padding: the attention mask matters
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return self._tokens(4, 1)
+
+    def calibration_inputs(self) -> dict[str, torch.Tensor]:
+        return self._tokens(32, 2)
+
+    def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
+        return [self._tokens(16, 3), self._tokens(16, 4)]
+
+    def training_batches(self, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        return [self._tokens(self.batch, 100 + 1000 * seed + i) for i in range(self.train_count)]
+
+    @staticmethod
+    def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch)
+
+    def config(self) -> dict[str, object]:
+        return {"task": self.name}
