@@ -99,6 +99,11 @@ def test_minilm_task_end_to_end() -> None:
     assert tuple(example["input_ids"].shape) == (32, 128)
     calibration = task.calibration_inputs()
     assert calibration["attention_mask"].all() and calibration["input_ids"].numel() >= 1536
+    batches = task.training_batches(seed=0)  # unlabeled training windows, after the calibration ones
+    assert len(batches) == 8 and tuple(batches[0]["input_ids"].shape) == (8, 128)
+    rows = {tuple(row) for batch in batches for row in batch["input_ids"].tolist()}
+    assert len(rows) == 64 and not rows & {tuple(row) for row in calibration["input_ids"].tolist()}
+    assert task.training_batches(seed=1)[0]["input_ids"].tolist() != batches[0]["input_ids"].tolist()
     evaluator = FidelityEvaluator.for_task(task)
     space = evaluator.space
     assert len(space.layer_names) == 36 and {s.module_type for s in space.skipped} == {"Embedding"}
@@ -107,3 +112,16 @@ def test_minilm_task_end_to_end() -> None:
     result = evaluator.evaluate(scheme)
     assert 0.5 < result.values["accuracy"] < 1.0
     scheme.verify(scheme.finalize(evaluator.sparse_model(scheme)))
+
+
+@pytest.mark.parametrize("strategy", ["gumbel", "domino"])
+def test_the_labelled_loss_on_minilm_is_one_line_before_the_model_loads(
+    strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(MiniLMTask, "build_model", lambda self: pytest.fail("loaded the model before refusing"))
+    cfg = config(tmp_path, "task=minilm", f"strategy={strategy}", "strategy.train_loss=task")
+    with pytest.raises(NMSearchError) as error:
+        build(cfg)
+    assert str(error.value) == (
+        "train_loss = 'task' trains on labels, but task 'minilm' has none: set strategy.train_loss=distill (or auto)"
+    )

@@ -13,10 +13,11 @@ from torch import nn
 
 import strategies.base as base_module
 import strategies.domino as domino_module
-from evaluators import AccuracyEvaluator, CompositeEvaluator, HardwareCostModel, Trainer
+from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer
+from evaluators.fidelity import FidelityConfig, FidelityEvaluator
 from experiments.tasks import get_task
 from experiments.tasks.synthetic import SyntheticTask
-from search_space import NMSearchError, Scheme, weight_nm_mask
+from search_space import NMSearchError, Scheme, SearchSpace, weight_nm_mask
 from strategies import DominoStrategy
 from strategies.base import StrategyConfigError, load_checkpoint, save_checkpoint
 from strategies.domino import (
@@ -42,6 +43,7 @@ from strategies.domino import (
     vote_share,
     weight_groups,
 )
+from tests.strategies.toy import TinyEncoderTask
 
 # synthetic: 8 steps per epoch; the reference shrink (0.1 every 5th step) is sized for ~30k steps
 FAST = {"vote_interval": 4, "shrink_lambda": 2.0, "shrink_interval": 1}
@@ -547,3 +549,44 @@ def test_a_corrupt_checkpoint_restarts_with_one_warning(
     assert len(warnings) == 1 and "starting this run over" in warnings[0].getMessage()
     assert result.tables["domino_log"]["step"].iloc[0] == 0  # from the start
     assert load_checkpoint(tmp_path / CHECKPOINT) is not None  # and checkpointing again
+
+
+# -- the distillation loss (train_loss=distill): a label-free pre-trained model ------------------
+@pytest.fixture(scope="module")
+def tiny_encoder() -> tuple[SearchSpace, CompositeEvaluator]:
+    pytest.importorskip("transformers")
+    task = TinyEncoderTask(train_batches=8)
+    model = task.build_model()
+    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"], ratios=["2:4"])
+    config = FidelityConfig(oneshot="magnitude", metric="cosine")
+    fidelity = FidelityEvaluator.for_task(task, space, config, model=model)
+    return space, CompositeEvaluator(fidelity, CostEvaluator(space, HardwareCostModel.from_profile("a100")))
+
+
+def test_distillation_runs_domino_on_a_label_free_model(tiny_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    space, evaluator = tiny_encoder
+    losses = []
+    real = domino_module.train_one_epoch
+
+    def recorded(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        losses.append(stats.loss)
+        return stats
+
+    monkeypatch.setattr(domino_module, "train_one_epoch", recorded)
+    strategy = DominoStrategy(m=8, target="params", target_value=0.5, lr=0.05, max_epochs=3, **FAST)
+    result = strategy.search(space, evaluator)  # train_loss=auto: no labels, so distill
+    assert result.metadata["train_loss"] == "distill" and losses and all(loss > 0 for loss in losses)
+    scheme = result.schemes[result.metadata["final_trial"]]
+    domino_space(space, 8).check(scheme)
+    assert result.metadata["objective"] >= 0.5
+    assert result.trials["state"].tolist() == ["COMPLETE"] and 0 < result.trials["accuracy"].iloc[0] <= 1
+    with pytest.raises(NMSearchError, match=r"^train_loss = 'task' trains on labels, but task 'tiny_encoder' has none"):
+        DominoStrategy(m=8, target="params", target_value=0.5, train_loss="task").search(space, evaluator)
+
+
+def test_distillation_on_a_labelled_task(synthetic: AccuracyEvaluator) -> None:
+    strategy = DominoStrategy(m=8, target="params", target_value=0.5, train_loss="distill", **FAST)
+    result = strategy.search(synthetic.space, synthetic)
+    assert result.metadata["train_loss"] == "distill" and result.metadata["objective"] >= 0.5
+    assert result.trials["state"].tolist() == ["COMPLETE"]
