@@ -161,6 +161,7 @@ class Training:
         loss: The label loss the strategy gave, or a :class:`DistillationLoss`.
         distill: Whether the targets are the teacher's outputs.
         forward: ``forward(model, inputs) -> outputs`` (for :func:`~evaluators.training.train_one_epoch`).
+        device: Where the teacher runs.
         teacher: The frozen dense model when distilling.
     """
 
