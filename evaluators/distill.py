@@ -336,4 +336,3 @@ def training_source(evaluator: Any) -> TrainingSource:
         "this strategy trains the model: the evaluator must include an AccuracyEvaluator (a labelled task) or "
         "a FidelityEvaluator made by FidelityEvaluator.for_task (a pre-trained task)"
     )
-
