@@ -452,8 +452,9 @@ def domino_space(space: SearchSpace, m: int) -> SearchSpace:
 def scoring_evaluator(evaluator: Evaluator, space: SearchSpace) -> Evaluator:
     """``evaluator`` able to score schemes of ``space`` (a :func:`domino_space`): accuracy parts are
     rebuilt over ``space`` (same trainer and config, so the same scores), since an
-    :class:`~evaluators.AccuracyEvaluator` refuses options outside its own space; cost parts cost
-    such options directly."""
+    :class:`~evaluators.AccuracyEvaluator` refuses options outside its own space; fidelity parts
+    take ``space`` (:meth:`~evaluators.FidelityEvaluator.with_space`, sharing their pruner); cost
+    parts cost such options directly."""
     if isinstance(evaluator, AccuracyEvaluator):
         return AccuracyEvaluator(evaluator.trainer, space, evaluator.config)
     if isinstance(evaluator, FidelityEvaluator):
