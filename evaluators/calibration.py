@@ -53,6 +53,7 @@ __all__ = [
     "FACTORS",
     "KERNEL_STATUSES",
     "MEASUREMENT_COLUMNS",
+    "PAIR_CLASSES",
     "PUBLISHED_CSV",
     "CalibrationError",
     "CalibrationResult",
@@ -61,13 +62,19 @@ __all__ = [
     "factors_of",
     "fit_factors",
     "main",
+    "pair_accounting",
     "predict_ms",
     "read_measurements",
+    "repeat_agreement",
+    "source_summary",
     "speedup_scores",
 ]
 
 PUBLISHED_CSV = Path(__file__).resolve().parent / "data" / "published_gemm_2to4.csv"
 KERNEL_STATUSES = ("tuned", "untuned")
+# How two scored points relate: the pooled tau mixes rankings within one source (one fold's model),
+# across sources on one GPU (what a search on that GPU compares) and across GPUs.
+PAIR_CLASSES = ("same source", "same hardware, other source", "other hardware")
 MEASUREMENT_COLUMNS = ("hardware", "dtype", "m", "n", "k", "library", "dense_ms", "sparse_ms", "source")
 FACTORS = (
     "compute_dense",
@@ -466,6 +473,129 @@ def calibrate(
     )
 
 
+def _used(predictions: pd.DataFrame, column: str) -> pd.DataFrame:
+    missing = [c for c in ("used", "source", "hardware", "measured_speedup", column) if c not in predictions.columns]
+    if missing:
+        raise CalibrationError(f"predictions lack column {missing[0]!r}; pass CalibrationResult.predictions")
+    return predictions[predictions["used"].astype(bool)].reset_index(drop=True)
+
+
+def pair_accounting(predictions: pd.DataFrame, column: str = "loso_speedup") -> pd.DataFrame:
+    """Where the pooled Kendall tau of the speedups is won and lost: every pair of scored points by class.
+
+    Args:
+        predictions: :attr:`CalibrationResult.predictions` (only the ``used`` rows are scored).
+        column: the predicted speedup compared with the measured one (``loso_speedup`` held out,
+            ``predicted_speedup`` in sample).
+
+    Returns:
+        One row per :data:`PAIR_CLASSES` entry and a ``total``: ``pairs``, ``concordant``,
+        ``discordant``, ``tied`` (equal on either side) and ``agreement`` = (concordant - discordant)
+        / (concordant + discordant), NaN without untied pairs.
+
+    Raises:
+        CalibrationError: ``predictions`` lacks a needed column.
+    """
+    rows = _used(predictions, column)
+    i, j = np.triu_indices(len(rows), k=1)
+    measured, predicted = rows["measured_speedup"].to_numpy(), rows[column].to_numpy()
+    sign = np.sign(measured[i] - measured[j]) * np.sign(predicted[i] - predicted[j])
+    source, hardware = rows["source"].to_numpy(), rows["hardware"].to_numpy()
+    same_source = source[i] == source[j]
+    same_hardware = hardware[i] == hardware[j]
+    masks = {
+        PAIR_CLASSES[0]: same_source,
+        PAIR_CLASSES[1]: same_hardware & ~same_source,
+        PAIR_CLASSES[2]: ~same_hardware,
+        "total": np.ones_like(same_source),
+    }
+    table = []
+    for name, mask in masks.items():
+        concordant, discordant = int((sign[mask] > 0).sum()), int((sign[mask] < 0).sum())
+        untied = concordant + discordant
+        table.append(
+            {
+                "pairs": int(mask.sum()),
+                "concordant": concordant,
+                "discordant": discordant,
+                "tied": int(mask.sum()) - untied,
+                "agreement": (concordant - discordant) / untied if untied else math.nan,
+            }
+        )
+    return pd.DataFrame(table, index=pd.Index(list(masks), name="pairs of points"))
+
+
+def source_summary(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Each source's scored points, held-out error and ranking.
+
+    Args:
+        predictions: :attr:`CalibrationResult.predictions`.
+
+    Returns:
+        One row per source (in file order): ``hardware``, ``points``, the measured speedup range,
+        ``loso_median_rel_error`` and ``loso_kendall_tau`` within the source (NaN below 2 points).
+
+    Raises:
+        CalibrationError: ``predictions`` lacks a needed column.
+    """
+    rows = _used(predictions, "loso_speedup")
+    table = []
+    for source, group in rows.groupby("source", sort=False):
+        measured, held_out = group["measured_speedup"].to_numpy(), group["loso_speedup"].to_numpy()
+        tau, error = speedup_scores(measured, held_out)
+        table.append(
+            {
+                "source": source,
+                "hardware": ",".join(group["hardware"].unique()),
+                "points": len(group),
+                "measured_min": float(measured.min()),
+                "measured_max": float(measured.max()),
+                "loso_median_rel_error": error,
+                "loso_kendall_tau": tau,
+            }
+        )
+    return pd.DataFrame(table)
+
+
+def repeat_agreement(measurements: pd.DataFrame, min_shapes: int = 3) -> pd.DataFrame:
+    """How well two measurement series of the same shapes rank each other: a ceiling for any model.
+
+    A series is one (source, library) on one GPU and dtype; two series that both time at least
+    ``min_shapes`` identical (m, n, k) are compared by the Kendall tau of their measured speedups.
+    A cost model that sees only the shape predicts one speedup per shape, so it cannot rank both
+    series better than they rank each other.
+
+    Args:
+        measurements: rows with :data:`MEASUREMENT_COLUMNS` (e.g. :attr:`CalibrationResult.predictions`;
+            rows with ``used`` false are skipped when the column is there).
+        min_shapes: the fewest shared shapes for a comparison.
+
+    Returns:
+        One row per compared pair of series: ``hardware``, ``dtype``, ``series_a``, ``series_b``
+        ("source | library"), ``shapes`` and ``kendall_tau``; empty when no series share enough shapes.
+    """
+    rows = measurements[measurements["used"].astype(bool)] if "used" in measurements.columns else measurements
+    rows = rows.assign(
+        series=rows["source"] + " | " + rows["library"], speedup=rows["dense_ms"] / rows["sparse_ms"]
+    )
+    table = []
+    for (hardware, dtype), group in rows.groupby(["hardware", "dtype"], sort=False):
+        by_series = {
+            name: series.groupby(["m", "n", "k"])["speedup"].mean() for name, series in group.groupby("series", sort=False)
+        }
+        names = list(by_series)
+        for a, b in ((a, b) for index, a in enumerate(names) for b in names[index + 1 :]):
+            shared = by_series[a].index.intersection(by_series[b].index)
+            if len(shared) >= min_shapes:
+                tau = float(kendalltau(by_series[a][shared], by_series[b][shared]).statistic)
+                table.append(
+                    {"hardware": hardware, "dtype": dtype, "series_a": a, "series_b": b, "shapes": len(shared),
+                     "kendall_tau": tau}
+                )
+    columns = ["hardware", "dtype", "series_a", "series_b", "shapes", "kendall_tau"]
+    return pd.DataFrame(table, columns=columns)
+
+
 def _parse_fixed(items: Sequence[str]) -> dict[str, float]:
     if list(items) == ["none"]:
         return {}
@@ -499,7 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "which back-to-back GEMM timings cannot identify); --fix none fits all",
     )
     parser.add_argument("--all", action="store_true", help="also fit and score the rows marked kernel=untuned")
-    parser.add_argument("--table", action="store_true", help="also print every point's measured and predicted speedup")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="also print every point's measured and predicted speedup, the per-source scores, the pooled "
+        "tau's pairs by class and the agreement of repeated measurements",
+    )
     args = parser.parse_args(argv)
     if bool(args.profile) != bool(args.out):
         print("error: --profile and --out go together (which profile to write, and where)", file=sys.stderr)
@@ -516,6 +651,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         columns = ["hardware", "dtype", "m", "n", "k", "kernel", "measured_speedup", "predicted_speedup"]
         columns += ["loso_speedup", "initial_speedup"]
         print(result.predictions[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print("\nper source (held out):")
+        print(source_summary(result.predictions).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print("\npairs of points, measured vs held-out speedup:")
+        print(pair_accounting(result.predictions).to_string(float_format=lambda v: f"{v:.3f}"))
+        repeats = repeat_agreement(result.predictions)
+        if not repeats.empty:
+            print("\nrepeat measurements of the same shapes (a ceiling for a shape-only model):")
+            print(repeats.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if target is not None:
         result.profile(target).save(args.out)
         print(f"wrote {args.out}")
