@@ -510,7 +510,7 @@ def pair_accounting(predictions: pd.DataFrame, column: str = "loso_speedup") -> 
         "total": np.ones_like(same_source),
     }
     table = []
-    for name, mask in masks.items():
+    for mask in masks.values():
         concordant, discordant = int((sign[mask] > 0).sum()), int((sign[mask] < 0).sum())
         untied = concordant + discordant
         table.append(
@@ -575,13 +575,12 @@ def repeat_agreement(measurements: pd.DataFrame, min_shapes: int = 3) -> pd.Data
         ("source | library"), ``shapes`` and ``kendall_tau``; empty when no series share enough shapes.
     """
     rows = measurements[measurements["used"].astype(bool)] if "used" in measurements.columns else measurements
-    rows = rows.assign(
-        series=rows["source"] + " | " + rows["library"], speedup=rows["dense_ms"] / rows["sparse_ms"]
-    )
+    rows = rows.assign(series=rows["source"] + " | " + rows["library"], speedup=rows["dense_ms"] / rows["sparse_ms"])
     table = []
     for (hardware, dtype), group in rows.groupby(["hardware", "dtype"], sort=False):
         by_series = {
-            name: series.groupby(["m", "n", "k"])["speedup"].mean() for name, series in group.groupby("series", sort=False)
+            name: series.groupby(["m", "n", "k"])["speedup"].mean()
+            for name, series in group.groupby("series", sort=False)
         }
         names = list(by_series)
         for a, b in ((a, b) for index, a in enumerate(names) for b in names[index + 1 :]):
@@ -589,8 +588,14 @@ def repeat_agreement(measurements: pd.DataFrame, min_shapes: int = 3) -> pd.Data
             if len(shared) >= min_shapes:
                 tau = float(kendalltau(by_series[a][shared], by_series[b][shared]).statistic)
                 table.append(
-                    {"hardware": hardware, "dtype": dtype, "series_a": a, "series_b": b, "shapes": len(shared),
-                     "kendall_tau": tau}
+                    {
+                        "hardware": hardware,
+                        "dtype": dtype,
+                        "series_a": a,
+                        "series_b": b,
+                        "shapes": len(shared),
+                        "kendall_tau": tau,
+                    }
                 )
     columns = ["hardware", "dtype", "series_a", "series_b", "shapes", "kendall_tau"]
     return pd.DataFrame(table, columns=columns)

@@ -252,7 +252,10 @@ def test_repeat_agreement_compares_series_on_shared_shapes() -> None:
     shapes = [(512, 768, 3072), (2048, 768, 3072), (8192, 768, 3072), (8192, 3072, 768)]
     rows = []
     for library, speedups in (("lib-a", [1.1, 1.3, 1.5, 1.2]), ("lib-b", [1.0, 1.4, 1.3, 1.2])):
-        rows += [("a100", "fp16", m, n, k, library, 1.0, 1.0 / s, "src") for (m, n, k), s in zip(shapes, speedups)]
+        rows += [
+            ("a100", "fp16", m, n, k, library, 1.0, 1.0 / s, "src")
+            for (m, n, k), s in zip(shapes, speedups, strict=True)
+        ]
     rows += [("a100", "fp16", 512, 768, 3072, "lib-c", 1.0, 0.5, "src")]  # one shared shape: not compared
     rows += [("rtx3060", "fp16", 512, 768, 3072, "lib-a", 1.0, 0.5, "src")]  # another GPU: not compared
     frame = pd.DataFrame(rows, columns=list(MEASUREMENT_COLUMNS))
