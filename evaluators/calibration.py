@@ -11,12 +11,17 @@ overhead) are **shared** by every GPU in the file; each GPU keeps its own peaks,
 tile and padding. The fit is least squares on log dense latency and log speedup (the ratio the
 search compares; weighing it directly keeps one GPU's clock offset from bending the sparse factors).
 
+Rows whose ``library`` starts with "CUTLASS" are costed with ``gemm.sparse_row_order`` (torch's and
+the CUTLASS profiler's sparse kernels launch thread blocks in plain row order and re-read operands
+larger than the L2 cache), the others without it, whatever the profile says.
+
 An optional ``kernel`` column marks rows ``untuned`` when their own source says the kernel was not
 the tuned, shipped one (a work-in-progress integration, a too-old compiler, another architecture's
 kernels, per-call setup a later release removed); by default those rows are kept in the file and
 in the report but left out of the fit and the scores (``--all`` uses every row).
 
-Quality is cross-validated by **leaving one source out**: the parameters are fitted without that
+Quality is cross-validated by **leaving one source out** (a source on one GPU: a thread collecting
+tables from several GPUs holds independent series): the parameters are fitted without that
 source's rows, which are then predicted; over all held-out predictions the command reports the
 Kendall tau and the median relative error of the sparse speedup (dense time / sparse time).
 
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +54,7 @@ from evaluators.hardware import (
     load_profile,
 )
 from search_space import NMSearchError, Option
+from search_space.io import atomic_write_text
 
 __all__ = [
     "DEFAULT_FIXED",
@@ -66,8 +74,10 @@ __all__ = [
     "predict_ms",
     "read_measurements",
     "repeat_agreement",
+    "row_order_kernels",
     "source_summary",
     "speedup_scores",
+    "update_profile_text",
 ]
 
 PUBLISHED_CSV = Path(__file__).resolve().parent / "data" / "published_gemm_2to4.csv"
@@ -98,6 +108,12 @@ class CalibrationError(NMSearchError):
 
 def _label(source: str | Path | pd.DataFrame) -> str:
     return "measurements table" if isinstance(source, pd.DataFrame) else str(source)
+
+
+def _fold(frame: pd.DataFrame) -> pd.Series:
+    """The unit left out in cross-validation: one source on one GPU (a thread that collects several
+    people's tables on different GPUs holds independent measurement series)."""
+    return frame["source"] + " [" + frame["hardware"] + "]"
 
 
 def read_measurements(source: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -232,13 +248,31 @@ def factors_of(profile: HardwareProfile) -> np.ndarray:
     return np.clip(x, _LOWER, _UPPER)
 
 
+def row_order_kernels(frame: pd.DataFrame) -> np.ndarray:
+    """Which rows timed a sparse kernel that launches its thread blocks in plain row order.
+
+    Args:
+        frame: measurement rows with a ``library`` column.
+
+    Returns:
+        True where ``library`` starts with "CUTLASS" (any case): torch's and the CUTLASS profiler's
+        sparse kernels use the identity threadblock swizzle; cuSPARSELt rasterises for cache reuse.
+    """
+    return frame["library"].astype(str).str.strip().str.lower().str.startswith("cutlass").to_numpy()
+
+
 class _Predictor:
-    """Dense and sparse latency of every row under shared factors; terms are computed once per row."""
+    """Dense and sparse latency of every row under shared factors; terms are computed once per row.
+
+    Each row runs on its GPU's profile with ``gemm.sparse_row_order`` set from its library.
+    """
 
     def __init__(self, frame: pd.DataFrame, profiles: Mapping[str, HardwareProfile]) -> None:
         self.groups = []
-        for (hardware, dtype), rows in frame.groupby(["hardware", "dtype"], sort=False):
-            profile = profiles[hardware]
+        frame = frame.assign(_row_order=row_order_kernels(frame))
+        for (hardware, dtype, row_order), rows in frame.groupby(["hardware", "dtype", "_row_order"], sort=False):
+            base = profiles[hardware]
+            profile = replace(base, gemm=replace(base.gemm, sparse_row_order=bool(row_order)))
             spec = profile.dtype(dtype)
             option = Option(weight=spec.sparse_patterns[0])
             workloads = [Workload.linear(int(m), int(k), int(n)) for m, n, k in rows[["m", "n", "k"]].to_numpy()]
@@ -342,7 +376,7 @@ class CalibrationResult:
     def summary(self) -> str:
         factors = ", ".join(f"{k}={v:.4g}" for k, v in self.factors.items())
         used = self.predictions[self.predictions["used"]]
-        sources = used["source"].nunique()
+        sources = _fold(used).nunique()
         return (
             f"{len(used)} of {len(self.predictions)} points used, {sources} sources; fitted {factors}; "
             f"RMSE(log dense latency, log speedup) "
@@ -430,7 +464,8 @@ def calibrate(
 
         return fit_factors(predict, target, x0, fixed=fixed, label=label)
 
-    sources = frame["source"].unique()
+    folds = _fold(frame)
+    sources = folds.unique()
     if len(sources) < 2:
         raise CalibrationError(f"{label}: leave-one-source-out needs at least 2 sources, got {len(sources)}")
     everything = np.ones(len(frame), dtype=bool)
@@ -439,7 +474,7 @@ def calibrate(
     dense, sparse = predictor(x)
     held_out = np.empty(len(frame))
     for source in sources:
-        out = (frame["source"] == source).to_numpy()
+        out = (folds == source).to_numpy()
         x_without, _ = fit_on(~out)
         d, s = predictor(x_without)
         held_out[out] = (d / s)[out]
@@ -500,7 +535,7 @@ def pair_accounting(predictions: pd.DataFrame, column: str = "loso_speedup") -> 
     i, j = np.triu_indices(len(rows), k=1)
     measured, predicted = rows["measured_speedup"].to_numpy(), rows[column].to_numpy()
     sign = np.sign(measured[i] - measured[j]) * np.sign(predicted[i] - predicted[j])
-    source, hardware = rows["source"].to_numpy(), rows["hardware"].to_numpy()
+    source, hardware = _fold(rows).to_numpy(), rows["hardware"].to_numpy()
     same_source = source[i] == source[j]
     same_hardware = hardware[i] == hardware[j]
     masks = {
@@ -532,7 +567,7 @@ def source_summary(predictions: pd.DataFrame) -> pd.DataFrame:
         predictions: :attr:`CalibrationResult.predictions`.
 
     Returns:
-        One row per source (in file order): ``hardware``, ``points``, the measured speedup range,
+        One row per source and GPU (in file order): ``hardware``, ``points``, the measured speedup range,
         ``loso_median_rel_error`` and ``loso_kendall_tau`` within the source (NaN below 2 points).
 
     Raises:
@@ -540,13 +575,13 @@ def source_summary(predictions: pd.DataFrame) -> pd.DataFrame:
     """
     rows = _used(predictions, "loso_speedup")
     table = []
-    for source, group in rows.groupby("source", sort=False):
+    for (source, hardware), group in rows.groupby(["source", "hardware"], sort=False):
         measured, held_out = group["measured_speedup"].to_numpy(), group["loso_speedup"].to_numpy()
         tau, error = speedup_scores(measured, held_out)
         table.append(
             {
                 "source": source,
-                "hardware": ",".join(group["hardware"].unique()),
+                "hardware": hardware,
                 "points": len(group),
                 "measured_min": float(measured.min()),
                 "measured_max": float(measured.max()),
@@ -601,6 +636,59 @@ def repeat_agreement(measurements: pd.DataFrame, min_shapes: int = 3) -> pd.Data
     return pd.DataFrame(table, columns=columns)
 
 
+def update_profile_text(text: str, factors: Mapping[str, float], label: str = "profile") -> str:
+    """A profile YAML's text with its kernel factors replaced in place (comments and layout kept).
+
+    Args:
+        text: the YAML text of a GPU profile.
+        factors: the :data:`FACTORS` values (as :attr:`CalibrationResult.factors`).
+        label: names the file in errors.
+
+    Returns:
+        The new text: ``compute_dense``, ``compute_sparse`` (dense x ratio), ``memory``,
+        ``launch_overhead_us``, ``k_overhead``, ``sparse_overhead_us`` and, where the file has it,
+        ``mask_ns_per_value``.
+
+    Raises:
+        CalibrationError: a factor's key is missing or appears more than once.
+    """
+    values = {
+        "compute_dense": round(factors["compute_dense"], 4),
+        "compute_sparse": round(factors["compute_dense"] * factors["compute_sparse_ratio"], 4),
+        "memory": round(factors["memory"], 4),
+        "launch_overhead_us": round(factors["launch_overhead_us"], 3),
+        "k_overhead": round(factors["k_overhead"], 1),
+        "sparse_overhead_us": round(factors["sparse_overhead_us"], 2),
+        "mask_ns_per_value": round(factors["mask_ns_per_value"], 3),
+    }
+    for key, value in values.items():
+        pattern = rf"(?<![\w.])({key}:\s*)[-+0-9.eE]+"
+        text, count = re.subn(pattern, lambda match, v=value: f"{match.group(1)}{v:g}", text)
+        if count != 1 and not (key == "mask_ns_per_value" and count == 0):
+            raise CalibrationError(f"{label}: expected one '{key}:' entry to update, found {count}; is it a GPU profile?")
+    return text
+
+
+def _update_profiles(paths: Sequence[str], factors: Mapping[str, float]) -> None:
+    """Rewrite every profile, each atomically, only once all of them are known to load afterwards."""
+    texts = {}
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise CalibrationError(f"--update {name}: no such file; pass profile YAML paths (conf/hardware/a100.yaml)")
+        text = update_profile_text(path.read_text(), factors, label=name)
+        with tempfile.TemporaryDirectory() as folder:
+            check = Path(folder) / path.name
+            check.write_text(text)
+            try:
+                load_profile(check)
+            except HardwareProfileError as error:
+                raise CalibrationError(f"--update {name}: the updated profile does not load ({error})") from None
+        texts[path] = text
+    for path, text in texts.items():
+        atomic_write_text(path, text)
+
+
 def _parse_fixed(items: Sequence[str]) -> dict[str, float]:
     if list(items) == ["none"]:
         return {}
@@ -635,6 +723,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--all", action="store_true", help="also fit and score the rows marked kernel=untuned")
     parser.add_argument(
+        "--update",
+        nargs="+",
+        metavar="YAML",
+        help="profile files to rewrite in place with the fitted factors (comments kept, atomic, all or none)",
+    )
+    parser.add_argument(
         "--table",
         action="store_true",
         help="also print every point's measured and predicted speedup, the per-source scores, the pooled "
@@ -664,9 +758,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not repeats.empty:
             print("\nrepeat measurements of the same shapes (a ceiling for a shape-only model):")
             print(repeats.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if target is not None:
-        result.profile(target).save(args.out)
-        print(f"wrote {args.out}")
+    try:
+        if target is not None:
+            result.profile(target).save(args.out)
+            print(f"wrote {args.out}")
+        if args.update:
+            _update_profiles(args.update, result.factors)
+            print(f"updated {', '.join(args.update)}")
+    except NMSearchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -81,6 +81,7 @@ __all__ = [
     "Roofline",
     "Workload",
     "compressed_fraction",
+    "dram_rereads",
     "executed_macs",
     "format_fraction",
     "gemm_terms",
@@ -340,6 +341,49 @@ def executed_macs(terms: GemmTerms, profile: HardwareProfile) -> np.ndarray:
     return terms.calls[:, None] * slots * k_loop
 
 
+def dram_rereads(terms: GemmTerms, profile: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
+    """How many times each plan reads its inputs and its weights from DRAM (1 = once).
+
+    Dense kernels read each tensor once (libraries rasterise tiles for cache reuse), and so do
+    sparse ones unless the profile says ``gemm.sparse_row_order``: torch's CUTLASS kernels use the
+    identity threadblock swizzle over the sparse operand ``A`` (the weights; the activations for a
+    sparse-activation plan), so one wave of ``sms`` tiles spans ``c = min(sms, tiles along the
+    sparse operand)`` of its row tiles and ``r = ceil(sms / that)`` of the other operand's; every
+    wave reads those panels over the whole K. An operand that fits in ``gemm.l2_mb`` is read once.
+
+    Args:
+        terms: the entries' GEMM shapes and per-plan bytes.
+        profile: its ``gemm`` block (SMs, tile, sparse padding, ``l2_mb``, ``sparse_row_order``).
+
+    Returns:
+        ``(input_reads, weight_reads)``, each ``(entries, plans)``, at least 1.
+    """
+    gemm = profile.gemm
+    ones = np.ones_like(terms.weight_bytes)
+    if not gemm.sparse_row_order or gemm.sms == gemm.tile_m == gemm.tile_n == 1:
+        return ones, ones.copy()
+    rows, outputs = terms.rows[:, None], terms.outputs[:, None]
+    sparse = terms.speedup > 1
+    padded_rows = np.where(sparse, _ceil_to(rows, np.array([1, gemm.sparse_row_multiple, 1])), rows)
+    padded_outputs = np.where(sparse, _ceil_to(outputs, np.array([1, 1, gemm.sparse_row_multiple])), outputs)
+    tile_m = np.clip(2 ** np.ceil(np.log2(np.maximum(padded_rows, 1))), MIN_TILE_ROWS, gemm.tile_m)
+    row_tiles, out_tiles = np.ceil(padded_rows / tile_m), np.ceil(padded_outputs / gemm.tile_n)
+    waves = np.ceil(row_tiles * out_tiles / gemm.sms)
+    # Sparse weights walk the output tiles first, sparse activations the row tiles.
+    walks_outputs = np.array([True, True, False])
+    walked, other = np.where(walks_outputs, out_tiles, row_tiles), np.where(walks_outputs, row_tiles, out_tiles)
+    span_walked = np.minimum(gemm.sms, walked)
+    span_other = np.minimum(other, np.ceil(gemm.sms / walked))
+    output_reads = waves * np.where(walks_outputs, span_walked, span_other) * gemm.tile_n / padded_outputs
+    row_reads = waves * np.where(walks_outputs, span_other, span_walked) * tile_m / padded_rows
+    cache = gemm.l2_mb * 1e6
+    gemms = terms.gemms[:, None]
+    activation = np.stack([terms.input_bytes, terms.input_bytes, terms.input_sparse_bytes], axis=1)
+    input_reads = np.where(sparse & (activation / gemms > cache), np.maximum(row_reads, 1.0), 1.0)
+    weight_reads = np.where(sparse & (terms.weight_bytes / gemms > cache), np.maximum(output_reads, 1.0), 1.0)
+    return input_reads, weight_reads
+
+
 @dataclass(frozen=True)
 class Roofline:
     """Per-entry costs of the chosen plan (seconds, bytes, joules)."""
@@ -385,7 +429,11 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
         compress[:, 0] = compress[:, 1] = masked
         compress[:, 2] = terms.input_bytes + terms.input_sparse_bytes
     gemm_bytes = terms.weight_bytes + activation + terms.output_bytes[:, None]
-    memory = gemm_bytes / bandwidth
+    # Time counts what the kernel reads from DRAM (sparse kernels re-read operands larger than the
+    # cache); bytes and energy count each tensor once, as the plan stores it.
+    input_reads, weight_reads = dram_rereads(terms, profile)
+    traffic = terms.weight_bytes * weight_reads + activation * input_reads + terms.output_bytes[:, None]
+    memory = traffic / bandwidth
     # The pass also selects the kept values: compute per activation value (CPU: a sort per group).
     select_s = np.where(terms.activation_sparse & (not fused), terms.input_values * profile.gemm.mask_ns_per_value, 0.0)
     compress_s = compress / bandwidth + (compress > 0) * (launch[:, None] + select_s[:, None] * 1e-9)

@@ -107,7 +107,11 @@ class GemmShape:
     fill and epilogue) on top of its K loop, so a sparse kernel whose K loop is halved gains less
     than 2x at small K. ``sparse_overhead_us`` is a sparse kernel's extra fixed cost per call.
     ``mask_ns_per_value`` is the compute time per activation value of a dynamic N:M mask pass
-    (selecting the kept values) on top of its memory traffic. The defaults make the model a plain
+    (selecting the kept values) on top of its memory traffic. ``l2_mb`` is the last-level cache.
+    ``sparse_row_order`` says the sparse kernels launch their thread blocks in plain row order over
+    the sparse operand (torch's CUTLASS kernels): an operand larger than the cache is then read
+    from DRAM again by every wave that touches it. Dense libraries, cuSPARSELt and TensorRT
+    rasterise tiles for cache reuse: each tensor is read once. The defaults make the model a plain
     roofline.
     """
 
@@ -118,6 +122,8 @@ class GemmShape:
     k_overhead: float = 0.0
     sparse_overhead_us: float = 0.0
     mask_ns_per_value: float = 0.0
+    l2_mb: float = 0.0
+    sparse_row_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,6 +297,8 @@ _GEMM_FIELDS = (
     "k_overhead",
     "sparse_overhead_us",
     "mask_ns_per_value",
+    "l2_mb",
+    "sparse_row_order",
 )
 _DTYPE_FIELDS = ("dense_tflops", "sparse_tflops", "sparse_patterns", "pj_per_mac")
 
@@ -340,6 +348,9 @@ def _parse_gemm(gemm: _Fields) -> GemmShape:
         sparse_overhead_us=gemm.number("sparse_overhead_us", allow_low=True),
         # Optional: profiles without dynamic-mask measurements charge the memory pass only.
         mask_ns_per_value=gemm.number("mask_ns_per_value", allow_low=True) if "mask_ns_per_value" in gemm.data else 0.0,
+        # Optional: without a cache size every tensor is read once (the compulsory traffic).
+        l2_mb=gemm.number("l2_mb", allow_low=True) if "l2_mb" in gemm.data else 0.0,
+        sparse_row_order=gemm.flag("sparse_row_order") if "sparse_row_order" in gemm.data else False,
     )
 
 

@@ -105,20 +105,23 @@ def test_the_fit_reproduces_on_the_shipped_csv() -> None:
     shipped = dict(zip(FACTORS, factors_of(load_profile("a100")), strict=True))
     for name in FACTORS:
         assert result.factors[name] == pytest.approx(shipped[name], rel=0.01), name
-    for name in ("h100_sxm", "l4", "orin", "rtx3060", "rtx4090"):
-        assert np.allclose(factors_of(load_profile(name)), factors_of(load_profile("a100")))
+    for name in ("h100_sxm", "h100_pcie", "h200", "l4", "orin", "rtx3060", "rtx4070tis", "rtx4090"):
+        assert np.allclose(factors_of(load_profile(name)), factors_of(load_profile("a100")), rtol=1e-3)
     # The validation numbers docs/results/cost-model-validation.md reports.
-    assert result.loso_median_rel_error == pytest.approx(0.074, abs=0.005)
-    assert result.loso_kendall_tau == pytest.approx(0.442, abs=0.01)
-    assert int(result.predictions["used"].sum()) == 29
-    # What limits that tau (the diagnosis the validation page reports): the pairs across GPUs carry
-    # it, the pairs within one GPU are ranked wrong more often than right, and the two kernels of
-    # pytorch#90119 timed on the same six shapes rank each other only at tau 0.73.
+    assert result.loso_median_rel_error == pytest.approx(0.065, abs=0.005)
+    assert result.loso_kendall_tau == pytest.approx(0.471, abs=0.01)
+    assert int(result.predictions["used"].sum()) == 40
+    summary = source_summary(result.predictions).set_index("hardware")
+    # The RTX 4070 Ti SUPER's drop from 1.9x to 1.4x (CUTLASS re-reading operands past its L2) is
+    # predicted held out; the RTX 3060's smaller one is not.
+    assert summary.loc["rtx4070tis", "loso_median_rel_error"] < 0.05
+    assert summary.loc["rtx4070tis", "loso_kendall_tau"] > 0.5
+    assert summary.loc["rtx3060", "loso_kendall_tau"] < -0.7
+    # What limits the tau: within one source the pairs are ranked wrong about as often as right,
+    # and the two kernels of pytorch#90119 timed on the same six shapes rank each other at 0.73.
     pairs = pair_accounting(result.predictions)
-    assert pairs.loc["total", "pairs"] == 29 * 28 // 2
-    assert pairs.loc["other hardware", "agreement"] > 0.9
-    within_gpu = pairs.loc[["same source", "same hardware, other source"], ["concordant", "discordant"]].sum()
-    assert within_gpu["concordant"] < within_gpu["discordant"]
+    assert pairs.loc["total", "pairs"] == 40 * 39 // 2
+    assert pairs.loc["same source", "agreement"] < 0.0 < pairs.loc["other hardware", "agreement"]
     repeats = repeat_agreement(result.predictions)
     assert len(repeats) == 1 and repeats["shapes"].item() == 6
     assert repeats["kendall_tau"].item() == pytest.approx(0.733, abs=0.001)
@@ -147,7 +150,7 @@ def write(tmp_path: Path, frame: pd.DataFrame, name: str = "points.csv") -> Path
         (lambda f: f.assign(kernel="fast"), "kernel must be one of tuned, untuned"),
         (lambda f: f.iloc[:0], "no data rows"),
         (lambda f: f.iloc[[0]], "at least 2 sources"),
-        (lambda f: f.assign(source="one"), "at least 2 sources"),
+        (lambda f: f.assign(source="one", hardware="a100"), "at least 2 sources"),
         (lambda f: f.iloc[[0, 20]], "2 measured values cannot fit 4 parameters"),
     ],
 )

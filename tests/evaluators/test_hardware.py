@@ -12,7 +12,19 @@ from evaluators.hardware import (
 )
 from search_space import NMPattern, NMSearchError
 
-SHIPPED = ["a100", "cpu_x86_avx2", "h100_pcie", "h100_sxm", "h200", "ideal_nm", "l4", "orin", "rtx3060", "rtx4090"]
+SHIPPED = [
+    "a100",
+    "cpu_x86_avx2",
+    "h100_pcie",
+    "h100_sxm",
+    "h200",
+    "ideal_nm",
+    "l4",
+    "orin",
+    "rtx3060",
+    "rtx4070tis",
+    "rtx4090",
+]
 CPUS = ["cpu_x86_avx2"]
 GPUS = [name for name in SHIPPED if name not in ("ideal_nm", *CPUS)]
 
@@ -153,7 +165,10 @@ def test_missing_field_names_file_and_field(tmp_path) -> None:
     ("edit", "fragment"),
     [
         (lambda d: d["efficiency"].update(memory=1.5), "'efficiency.memory' must be a number in (0, 1]"),
-        (lambda d: d["efficiency"].update(compute_sparse=0.99), "'efficiency.compute_sparse' must not exceed"),
+        (
+            lambda d: d["efficiency"].update(compute_dense=0.9, compute_sparse=0.95),
+            "'efficiency.compute_sparse' must not exceed",
+        ),
         (lambda d: d.update(memory_bandwidth_gbs="fast"), "'memory_bandwidth_gbs' must be a number"),
         (lambda d: d.update(launch_overhead_us=-1), "'launch_overhead_us' must be a number in [0, inf]"),
         (lambda d: d.update(fused_activation_compression="no"), "'fused_activation_compression' must be true or false"),
