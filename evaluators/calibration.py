@@ -665,7 +665,9 @@ def update_profile_text(text: str, factors: Mapping[str, float], label: str = "p
         pattern = rf"(?<![\w.])({key}:\s*)[-+0-9.eE]+"
         text, count = re.subn(pattern, lambda match, v=value: f"{match.group(1)}{v:g}", text)
         if count != 1 and not (key == "mask_ns_per_value" and count == 0):
-            raise CalibrationError(f"{label}: expected one '{key}:' entry to update, found {count}; is it a GPU profile?")
+            raise CalibrationError(
+                f"{label}: expected one '{key}:' entry to update, found {count}; is it a GPU profile?"
+            )
     return text
 
 

@@ -20,7 +20,9 @@ from evaluators.calibration import (
     predict_ms,
     read_measurements,
     repeat_agreement,
+    row_order_kernels,
     source_summary,
+    update_profile_text,
 )
 from evaluators.hardware import load_profile
 
@@ -271,3 +273,54 @@ def test_repeat_agreement_compares_series_on_shared_shapes() -> None:
     assert repeat_agreement(frame, min_shapes=5).empty
     unused = frame.assign(used=frame["library"] != "lib-b")  # rows not scored are not compared either
     assert repeat_agreement(unused).empty
+
+
+def test_row_order_kernels_follow_the_library_column() -> None:
+    frame = pd.DataFrame(
+        {
+            "library": [
+                "CUTLASS (torch to_sparse_semi_structured)",
+                " cutlass profiler",
+                "cuSPARSELt sample vs CUTLASS dense (profiler)",
+                "torch to_sparse_semi_structured",
+            ]
+        }
+    )
+    assert row_order_kernels(frame).tolist() == [True, True, False, False]
+
+
+def test_update_profile_text_keeps_comments_and_loads(tmp_path) -> None:
+    original = (Path(__file__).resolve().parents[2] / "conf" / "hardware" / "a100.yaml").read_text()
+    factors = dict(TRUE, compute_dense=0.9, compute_sparse_ratio=0.5, k_overhead=123.45)
+    text = update_profile_text(original, factors)
+    assert text.splitlines()[0] == original.splitlines()[0]  # the header comment stays
+    path = tmp_path / "a100.yaml"
+    path.write_text(text)
+    updated = load_profile(path)
+    assert updated.efficiency.compute_dense == 0.9 and updated.efficiency.compute_sparse == 0.45
+    assert updated.gemm.k_overhead == 123.5 and updated.gemm.sparse_overhead_us == TRUE["sparse_overhead_us"]
+    assert updated.gemm.l2_mb == load_profile("a100").gemm.l2_mb  # non-fitted fields untouched
+    with pytest.raises(CalibrationError, match="expected one 'compute_sparse:' entry to update, found 0"):
+        update_profile_text("compute_dense: 1\n", factors, label="x.yaml")
+
+
+def test_command_line_updates_every_profile_or_none(tmp_path, capsys) -> None:
+    points = write(tmp_path, synthetic())
+    source = Path(__file__).resolve().parents[2] / "conf" / "hardware"
+    first, second = tmp_path / "a100.yaml", tmp_path / "rtx3060.yaml"
+    first.write_text((source / "a100.yaml").read_text())
+    second.write_text((source / "rtx3060.yaml").read_text())
+    assert main([str(points), "--update", str(first), str(second)]) == 0
+    assert f"updated {first}, {second}" in capsys.readouterr().out
+    for path in (first, second):
+        assert load_profile(path).gemm.k_overhead == pytest.approx(TRUE["k_overhead"], rel=1e-3)
+        assert "# " in path.read_text()  # comments kept
+    before = first.read_text()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\n")
+    assert main([str(points), "--update", str(first), str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.yaml" in err and "expected one" in err
+    assert first.read_text() == before  # all or none
+    assert main([str(points), "--update", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err

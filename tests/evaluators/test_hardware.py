@@ -187,6 +187,8 @@ def test_missing_field_names_file_and_field(tmp_path) -> None:
         (lambda d: d["gemm"].pop("sparse_overhead_us"), "missing field 'gemm.sparse_overhead_us'"),
         (lambda d: d.update(compressed_dense_kernels=["2-4"]), "'compressed_dense_kernels'"),
         (lambda d: d.update(compressed_dense_kernels="2:4"), "'compressed_dense_kernels' must be a list"),
+        (lambda d: d["gemm"].update(l2_mb=-1), "'gemm.l2_mb' must be a number in [0, inf]"),
+        (lambda d: d["gemm"].update(sparse_row_order="yes"), "'gemm.sparse_row_order' must be true or false"),
     ],
 )
 def test_bad_fields_are_named(tmp_path, edit, fragment: str) -> None:
@@ -221,3 +223,17 @@ def test_gemm_block_and_compressed_dense_kernels_are_optional_and_round_trip(tmp
     assert reader.reads_compressed_when_dense(p("3:8")) and not reader.reads_compressed_when_dense(p("2:4"))
     reader.save(tmp_path / "round.yaml")
     assert load_profile(tmp_path / "round.yaml") == reader
+
+
+def test_cache_and_row_order_fields_are_optional(tmp_path) -> None:
+    data = profile_data()
+    data["gemm"].pop("l2_mb", None)
+    data["gemm"].pop("sparse_row_order", None)
+    plain = load_profile(write(tmp_path, data)).gemm
+    assert plain.l2_mb == 0.0 and plain.sparse_row_order is False
+    data["gemm"].update(l2_mb=48, sparse_row_order=True)
+    set_ = load_profile(write(tmp_path, data)).gemm
+    assert set_.l2_mb == 48.0 and set_.sparse_row_order is True
+    # Shipped GPUs give their L2 size; none assumes row-order sparse kernels (torch picks cuSPARSELt).
+    assert load_profile("a100").gemm.l2_mb == 40 and load_profile("rtx3060").gemm.l2_mb == 3
+    assert not any(load_profile(name).gemm.sparse_row_order for name in available_profiles())
