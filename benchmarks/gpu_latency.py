@@ -52,6 +52,7 @@ DEVICE_PROFILES = (
     ("A100", "a100"),
     ("L4", "l4"),
     ("RTX 4090", "rtx4090"),
+    ("RTX 4070 Ti SUPER", "rtx4070tis"),
     ("RTX 3060", "rtx3060"),
     ("Orin", "orin"),
 )
