@@ -110,19 +110,19 @@ def test_the_fit_reproduces_on_the_shipped_csv() -> None:
     for name in ("h100_sxm", "h100_pcie", "h200", "l4", "orin", "rtx3060", "rtx4070tis", "rtx4090"):
         assert np.allclose(factors_of(load_profile(name)), factors_of(load_profile("a100")), rtol=1e-3)
     # The validation numbers docs/results/cost-model-validation.md reports.
-    assert result.loso_median_rel_error == pytest.approx(0.065, abs=0.005)
-    assert result.loso_kendall_tau == pytest.approx(0.471, abs=0.01)
-    assert int(result.predictions["used"].sum()) == 40
+    assert result.loso_median_rel_error == pytest.approx(0.092, abs=0.005)
+    assert result.loso_kendall_tau == pytest.approx(0.514, abs=0.01)
+    assert int(result.predictions["used"].sum()) == 39
     summary = source_summary(result.predictions).set_index("hardware")
     # The RTX 4070 Ti SUPER's drop from 1.9x to 1.4x (CUTLASS re-reading operands past its L2) is
     # predicted held out; the RTX 3060's smaller one is not.
-    assert summary.loc["rtx4070tis", "loso_median_rel_error"] < 0.05
+    assert summary.loc["rtx4070tis", "loso_median_rel_error"] < 0.06
     assert summary.loc["rtx4070tis", "loso_kendall_tau"] > 0.5
     assert summary.loc["rtx3060", "loso_kendall_tau"] < -0.7
     # What limits the tau: within one source the pairs are ranked wrong about as often as right,
     # and the two kernels of pytorch#90119 timed on the same six shapes rank each other at 0.73.
     pairs = pair_accounting(result.predictions)
-    assert pairs.loc["total", "pairs"] == 40 * 39 // 2
+    assert pairs.loc["total", "pairs"] == 39 * 38 // 2
     assert pairs.loc["same source", "agreement"] < 0.0 < pairs.loc["other hardware", "agreement"]
     repeats = repeat_agreement(result.predictions)
     assert len(repeats) == 1 and repeats["shapes"].item() == 6
