@@ -159,10 +159,65 @@ def architecture_loss(
 class _Group:
     """Options of one layer that share an activation choice: one GEMM with a soft weight mask."""
 
-    def __init__(self, activation: NMPattern | None, members: list[int], weights: list[NMPattern | None]) -> None:
+    def __init__(
+        self, index: int, activation: NMPattern | None, members: list[int], weights: list[NMPattern | None]
+    ) -> None:
+        self.index = index  # position in GumbelLayer.groups
         self.activation = activation
         self.members = members  # option indices
         self.weights = weights  # each member's weight pattern
+        self.start = 0  # where the members sit in GumbelLayer's group-ordered gates
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``hard + p - p.detach()`` as one node: the one-hot of ``index`` forward, the identity to ``p``
+    backward (the same values and gradient as the three-op form)."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, index: int) -> Tensor:
+        hard = torch.zeros_like(p)
+        hard[index] = 1.0
+        return hard
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _GateGradients(torch.autograd.Function):
+    """The identity on a layer's output that adds the gates' gradients of groups it did not compute.
+
+    A group whose gates are all 0 in the forward pass (every unsampled group of a hard sample) outputs
+    exactly 0 and passes exactly 0 back to its input: all it contributes is its gates' gradient
+    ``<dL/dy, f_o>``, reached through the GEMM's weight gradient alone. So its forward GEMM and its
+    input-gradient GEMM are skipped; backward runs only ``dL/dW_eff`` (and ``dL/dshare`` through the
+    bias). It also carries the zero-valued control variate of :meth:`GumbelLayer._baseline`.
+
+    Inputs: the output of the computed groups, the layer, the baseline scalar (or ``None``), then per
+    skipped group its masked input, effective weight and share.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, layer: GumbelLayer, baseline: Tensor | None, *skipped: Tensor) -> Tensor:
+        ctx.layer = layer
+        ctx.shapes = [w.shape for w in skipped[1::3]]
+        ctx.baseline = baseline is not None
+        ctx.save_for_backward(out if ctx.baseline else None, *skipped[0::3])
+        return out.clone()  # a new tensor, not a view: later in-place ops on it stay legal
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        out, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads: list[Tensor | None] = [grad, None, None]
+        if ctx.baseline and needs[2]:
+            grads[2] = (grad * out).sum()
+        bias = ctx.layer.layer.bias
+        for i, (x, shape) in enumerate(zip(inputs, ctx.shapes, strict=True)):
+            need_weight, need_share = needs[4 + 3 * i], needs[5 + 3 * i] and bias is not None
+            grad_weight, grad_bias = ctx.layer._weight_gradient(x, grad, shape, need_weight, need_share)
+            grads += [None, grad_weight, (grad_bias * bias.detach()).sum() if need_share else None]
+        return tuple(grads)
 
 
 class GumbelLayer(nn.Module):
@@ -176,7 +231,9 @@ class GumbelLayer(nn.Module):
     with the straight-through (SR-STE) masked weight. A logit step computes the sampled activation
     group and ``active_groups - 1`` others drawn uniformly, each scaled by the inverse of its
     inclusion probability in the gate gradient (Horvitz-Thompson), so the logit gradient is an
-    unbiased estimate of the one computing every group.
+    unbiased estimate of the one computing every group. A computed group whose gates are all 0 in
+    the forward pass (the unsampled ones of a hard sample) contributes only its gates' gradient, so
+    it runs no forward GEMM, only a weight-gradient GEMM in backward (:class:`_GateGradients`).
     """
 
     def __init__(self, layer: SparseLayerMixin, options: Sequence[Option], logits: Tensor) -> None:
@@ -186,11 +243,18 @@ class GumbelLayer(nn.Module):
         self.logits = logits
         by_activation: dict[NMPattern | None, _Group] = {}
         for index, option in enumerate(self.options):
-            group = by_activation.setdefault(option.activation, _Group(option.activation, [], []))
+            group = by_activation.get(option.activation)
+            if group is None:
+                group = by_activation[option.activation] = _Group(len(by_activation), option.activation, [], [])
             group.members.append(index)
             group.weights.append(option.weight)
         self.groups = list(by_activation.values())
         self.group_of = {index: group for group in self.groups for index in group.members}
+        order = [index for group in self.groups for index in group.members]
+        for group in self.groups:
+            group.start = order.index(group.members[0])
+        # The gates in group order: one gather per step, then each group's gates are a slice.
+        self._order = torch.tensor(order)
         self.weight_patterns = list(dict.fromkeys(o.weight for o in self.options))
         self.tau = 1.0
         self.active_groups: int | None = 2
@@ -200,8 +264,10 @@ class GumbelLayer(nn.Module):
         self.srste_lambda = 0.0
         self.regulariser: Tensor | None = None
         self.gates: Tensor | None = None
+        self._drawn: tuple[Tensor, int, bool] | None = None
         self._masks: tuple[tuple[int, int], dict[NMPattern | None, Tensor]] | None = None
-        self._stacks: list[Tensor] = []
+        self._stacks: dict[str, list[Tensor]] = {}
+        self._coefficients: dict[tuple, Tensor] = {}
 
     def sample(self) -> Tensor:
         """Gates over the options for one forward pass.
@@ -215,14 +281,29 @@ class GumbelLayer(nn.Module):
         logits = self.logits if self.train_logits else self.logits.detach()
         if self.estimator == PROXYLESSNAS:
             p = logits.softmax(-1)
-            hard = F.one_hot(torch.multinomial(p.detach(), 1)[0], len(p)).to(p.dtype)
-            return hard + p - p.detach()
+            # torch.multinomial(p, 1)'s own algorithm, argmax(p / q) with q ~ Exp(1) drawn from the same
+            # generator (the same index, the same random stream), without its validity checks' syncs: a
+            # NaN logit shows in the next logit step's loss (its cost term goes through every p).
+            index = int((p.detach() / torch.empty_like(p).exponential_()).argmax())
+            return self._record(_StraightThrough.apply(p, index) if p.requires_grad else self._one_hot(p, index), index)
         noise = -torch.empty_like(logits).exponential_().log()
         soft = ((logits + noise) / self.tau).softmax(-1)
         if self.sampling == SOFT:
             return soft
-        hard = F.one_hot(soft.detach().argmax(), len(soft)).to(soft.dtype)
-        return hard + soft - soft.detach()
+        index = int(soft.detach().argmax())
+        return self._record(_StraightThrough.apply(soft, index) if soft.requires_grad else self._one_hot(soft, index),
+                            index)  # fmt: skip
+
+    @staticmethod
+    def _one_hot(like: Tensor, index: int) -> Tensor:
+        hard = torch.zeros_like(like, requires_grad=False)
+        hard[index] = 1.0
+        return hard
+
+    def _record(self, gates: Tensor, index: int) -> Tensor:
+        """Remember a one-hot draw, so ``forward`` knows its index without reading the gates back."""
+        self._drawn = (gates, index, True)
+        return gates
 
     def cost_gates(self) -> Tensor:
         """What the cost term weighs the options' costs by, so it is differentiated like the loss: the
@@ -240,11 +321,24 @@ class GumbelLayer(nn.Module):
         if self._masks is None or self._masks[0] != key:
             scores = w.detach().abs()
             masks = {p: nm_mask(scores, p.n, p.m, dim=1, dtype=w.dtype) if p else None for p in self.weight_patterns}
-            ones = torch.ones_like(w.detach())
-            # Per group, its members' masks stacked once: the soft mask is one contraction with the gates.
-            self._stacks = [torch.stack([ones if p is None else masks[p] for p in g.weights]) for g in self.groups]
             self._masks = (key, masks)
+            self._stacks = {}
         return self._masks[1]
+
+    def _stack(self, group: _Group, weighted: bool) -> Tensor:
+        """A group's members' masks ``E_o`` (or masked weights ``W * E_o``) stacked, built once per weight
+        version: a group's soft mask (or its soft-masked frozen weight) is one contraction with its gates."""
+        kind = "weighted" if weighted else "masks"
+        stacks = self._stacks.get(kind)
+        if stacks is None:
+            masks, w = self._weight_masks(), self.layer.weight.detach()
+            if weighted:
+                stacks = [torch.stack([w if p is None else w * masks[p] for p in g.weights]) for g in self.groups]
+            else:
+                ones = torch.ones_like(w)
+                stacks = [torch.stack([ones if p is None else masks[p] for p in g.weights]) for g in self.groups]
+            self._stacks[kind] = stacks
+        return stacks[group.index]
 
     def _computed(self, chosen: int) -> list[tuple[_Group, float]]:
         """The groups a logit step computes, each with its gate-gradient scale (1 / inclusion probability)."""
@@ -259,47 +353,98 @@ class GumbelLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gates = self.sample()
         self.gates = gates
-        chosen = int(gates.detach().argmax())
+        drawn, self._drawn = self._drawn, None
+        one_hot = drawn is not None and drawn[0] is gates
+        chosen = drawn[1] if one_hot else int(gates.detach().argmax())
         if self.sampling == HARD and not (self.train_logits and torch.is_grad_enabled()):
             return self._sampled(x, chosen)
         masks = self._weight_masks()
         weight = self.layer.weight
-        out = None
+        trains_weight = torch.is_grad_enabled() and weight.requires_grad
         computed = self._computed(chosen)
+        if one_hot:  # forward gates are 1 at the draw, 0 elsewhere
+            zero = {group.index for group, _ in computed} - {self.group_of[chosen].index}
+        else:
+            values = gates.detach().tolist()
+            zero = {group.index for group, _ in computed if not any(values[m] for m in group.members)}
+        ordered = gates.index_select(0, self._order)
+        out, skipped = None, []
         for group, scale in computed:
-            member_gates = gates[group.members] * scale if scale != 1.0 else gates[group.members]
+            member_gates = ordered.narrow(0, group.start, len(group.members))
+            if scale != 1.0:
+                member_gates = member_gates * scale
             share = member_gates.sum()  # hard: 1 for the sampled group, 0 otherwise (forward value)
-            stack = self._stacks[self.groups.index(group)]
-            soft = torch.tensordot(member_gates.to(weight.dtype), stack, dims=1)
-            # Forward: W * soft. Backward: the weights get the straight-through gradient scaled by the
-            # group's share, the gates get <grad, W * E_o> for every member.
-            effective = share * weight + weight.detach() * (soft - share)
+            if trains_weight:
+                soft = torch.tensordot(member_gates.to(weight.dtype), self._stack(group, False), dims=1)
+                # Forward: W * soft. Backward: the weights get the straight-through gradient scaled by the
+                # group's share, the gates get <grad, W * E_o> for every member.
+                effective = share * weight + weight.detach() * (soft - share)
+            else:  # frozen weights (a logit step): sum_o g_o (W * E_o), the same value and gate gradient
+                effective = torch.tensordot(member_gates.to(weight.dtype), self._stack(group, True), dims=1)
+            if group.index in zero and not isinstance(group.activation, RowPattern):
+                skipped.append((group, effective, share))
+                continue
             y = self._apply(x, group.activation, effective, share)
             out = y if out is None else out + y
-        if len(computed) < len(self.groups):
-            out = out + self._baseline(gates, computed, out)
+        if out is None:  # every computed gate is 0: compute one group for the output's value
+            group, effective, share = skipped.pop(0)
+            out = self._apply(x, group.activation, effective, share)
+        baseline = self._baseline(gates, computed) if len(computed) < len(self.groups) else None
+        if torch.is_grad_enabled() and (skipped or baseline is not None):
+            inputs = []
+            for group, effective, share in skipped:
+                mask = self.layer.input_mask(x, group.activation) if group.activation else None
+                inputs += [x * mask if mask is not None else x, effective, share]
+            out = _GateGradients.apply(out, self, baseline, *inputs)
         chosen_weight = self.options[chosen].weight
-        if self.srste_lambda and chosen_weight is not None and torch.is_grad_enabled() and weight.requires_grad:
+        if self.srste_lambda and chosen_weight is not None and trains_weight:
             # SR-STE as a loss term: its gradient is srste_lambda * (1 - E) * W.
             pruned = weight * (1 - masks[chosen_weight])
             term = 0.5 * self.srste_lambda * pruned.pow(2).sum()
             self.regulariser = term if self.regulariser is None else self.regulariser + term
         return out
 
-    def _baseline(self, gates: Tensor, computed: list[tuple[_Group, float]], out: Tensor) -> Tensor:
-        """A zero-valued term giving the gates a control variate for the estimated gradients.
+    def _baseline(self, gates: Tensor, computed: list[tuple[_Group, float]]) -> Tensor | None:
+        """The scalar whose gradient gives the gates a control variate for the estimated gradients.
 
         A gate's gradient is ``v_o = <dL/dout, f_o>``; the logits get ``J^T v`` with ``J`` the Jacobian of
         a softmax, so adding a constant ``b`` to every ``v_o`` changes nothing (``J^T 1 = 0``). With ``b``
         the sampled option's own ``v`` (known exactly: ``out`` is its output), the estimate becomes
         ``b + (v_o - b) / pi_o`` for the computed options and ``b`` for the others: still unbiased, with
         the variance of ``v_o - b`` instead of ``v_o`` (options differ little from the sampled one).
+        :class:`_GateGradients` gives this scalar the gradient ``<dL/dout, out>`` (a zero-valued term
+        ``scalar * out.detach()``), so the gates get ``b`` times their coefficients.
         """
-        coefficients = torch.ones(len(self.options), dtype=gates.dtype)
-        for group, scale in computed:
-            coefficients[group.members] = 1.0 - scale
-        live = gates - gates.detach()  # 0 forward, the gates' gradient backward
-        return (live * coefficients).sum() * out.detach()
+        if not gates.requires_grad:
+            return None
+        key = (tuple((group.index, scale) for group, scale in computed), gates.dtype, gates.device)
+        coefficients = self._coefficients.get(key)
+        if coefficients is None:
+            coefficients = torch.ones(len(self.options), dtype=gates.dtype, device=gates.device)
+            for group, scale in computed:
+                coefficients[group.members] = 1.0 - scale
+            self._coefficients[key] = coefficients
+        return torch.dot(gates, coefficients)
+
+    def _weight_gradient(
+        self, x: Tensor, grad: Tensor, shape: torch.Size, weight: bool, bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``dL/dW`` of ``y = gemm(x, W)`` for an output gradient ``grad`` (no input gradient), and the
+        output gradient summed per output channel (a bias's gradient), each only if asked for."""
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            padding = layer.padding
+            if layer.padding_mode != "zeros" or isinstance(padding, str):  # as _conv_forward: pad, then conv
+                mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+                x, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, grad.new_empty(1).expand(shape), [shape[0]] if bias else None, layer.stride, padding,
+                layer.dilation, False, [0, 0], layer.groups, [False, weight, bias],
+            )  # fmt: skip
+            return grad_weight, grad_bias
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if weight else None
+        return grad_weight, rows.sum(0) if bias else None
 
     def _sampled(self, x: Tensor, chosen: int) -> Tensor:
         """The sampled option alone: ``W * E`` forward, the dense (SR-STE) gradient to ``W``."""
@@ -323,15 +468,18 @@ class GumbelLayer(nn.Module):
         mask = self.layer.input_mask(x, activation) if activation else None
         if isinstance(activation, RowPattern):
             # Row masks select output positions; skipped rows output zero, bias included.
-            y = self._gemm(x, weight) + share * self._bias_view(x)
+            y = self._add_bias(self._gemm(x, weight), share)
             return y * mask if mask is not None else y
-        return self._gemm(x * mask if mask is not None else x, weight) + share * self._bias_view(x)
+        return self._add_bias(self._gemm(x * mask if mask is not None else x, weight), share)
 
-    def _bias_view(self, x: Tensor) -> Tensor | float:
+    def _add_bias(self, y: Tensor, share: Tensor | float) -> Tensor:
+        """``y + share * bias`` (nothing to add without a bias)."""
         bias = self.layer.bias
         if bias is None:
-            return 0.0
-        return bias.view(1, -1, 1, 1) if isinstance(self.layer, nn.Conv2d) else bias
+            return y
+        if not (isinstance(share, float) and share == 1.0):
+            bias = share * bias
+        return y + (bias.view(1, -1, 1, 1) if isinstance(self.layer, nn.Conv2d) else bias)
 
     def _gemm(self, x: Tensor, weight: Tensor) -> Tensor:
         if isinstance(self.layer, nn.Conv2d):

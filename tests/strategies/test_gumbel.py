@@ -9,13 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import strategies.gumbel as gumbel_module
 from evaluators import AccuracyEvaluator, CompositeEvaluator, CostEvaluator, HardwareCostModel, Trainer, find_part
 from evaluators.fidelity import FidelityConfig, FidelityEvaluator
 from experiments.tasks import get_task
-from search_space import NMSearchError, Option, RecipeConfig, SearchSpace, sparsify
+from search_space import NMSearchError, Option, RecipeConfig, RowPattern, SearchSpace, nm_mask, sparsify
 from strategies import SearchResult
 from strategies.base import load_checkpoint, save_checkpoint
 from strategies.gumbel import GumbelLayer, GumbelStrategy, architecture_loss, build_supernet, temperature
@@ -89,13 +90,21 @@ def test_one_gemm_per_active_activation_group_and_logits_outside_parameters(monk
     layer(x)
     assert len(calls) == 1  # a weight step computes the sampled option alone
     calls.clear()
+    gradients = []
+    weight_gradient = GumbelLayer._weight_gradient
+    monkeypatch.setattr(
+        GumbelLayer, "_weight_gradient", lambda self, *a: gradients.append(1) or weight_gradient(self, *a)
+    )
     layer.train_logits, layer.active_groups = True, None
-    layer(x)
-    assert len(calls) == 4  # a logit step: all groups, never one per option (8)
+    layer(x).sum().backward()
+    # a logit step: all groups, never one per option (8); the unsampled groups (all gates 0) only
+    # run the weight-gradient GEMM their gates need, in backward
+    assert (len(calls), len(gradients)) == (1, 3)
     calls.clear()
+    gradients.clear()
     layer.active_groups = 2
-    layer(x)
-    assert len(calls) == 2
+    layer(x).sum().backward()
+    assert (len(calls), len(gradients)) == (1, 1)
 
 
 @pytest.mark.parametrize("chosen", [1, 2])
@@ -127,6 +136,85 @@ def test_gradients_reach_every_logit_and_only_the_sampled_path_trains_the_weight
     layer(x).pow(2).sum().backward()
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+
+
+def _direct_step(layer: GumbelLayer, x: torch.Tensor) -> torch.Tensor:
+    """A supernet forward written out directly (torch.multinomial, every computed group's GEMM, the control
+    variate as an explicit zero-valued term): the reference for the fused forward's values and gradients."""
+    logits = layer.logits if layer.train_logits else layer.logits.detach()
+    if layer.estimator == "proxylessnas":
+        p = logits.softmax(-1)
+        gates = torch.nn.functional.one_hot(torch.multinomial(p.detach(), 1)[0], len(p)).to(p.dtype) + p - p.detach()
+    else:
+        soft = ((logits - torch.empty_like(logits).exponential_().log()) / layer.tau).softmax(-1)
+        gates = torch.nn.functional.one_hot(soft.detach().argmax(), len(soft)).to(soft.dtype) + soft - soft.detach()
+    chosen = int(gates.detach().argmax())
+    first = next(g for g in layer.groups if chosen in g.members)
+    computed = [(group, 1.0) for group in layer.groups]
+    if layer.active_groups is not None and layer.active_groups < len(layer.groups):
+        others = [g for g in layer.groups if g is not first]
+        picks = torch.randperm(len(others))[: layer.active_groups - 1].tolist()
+        computed = [(first, 1.0), *((others[i], len(others) / (layer.active_groups - 1)) for i in picks)]
+    sparse, weight = layer.layer, layer.layer.weight
+    out = None
+    for group, scale in computed:
+        member = gates[group.members] * scale
+        masks = [torch.ones_like(weight) if w is None else nm_mask(weight.abs(), w.n, w.m, dim=1).float()
+                 for w in group.weights]  # fmt: skip
+        soft_mask = sum(g * m for g, m in zip(member, masks, strict=True))
+        share = member.sum()
+        effective = share * weight + weight.detach() * (soft_mask - share)
+        mask = sparse.input_mask(x, group.activation) if group.activation else None
+        rows = isinstance(group.activation, RowPattern)  # a mask of the output positions
+        inputs = x * mask if mask is not None and not rows else x
+        y = (
+            sparse._conv_forward(inputs, effective, None)
+            if isinstance(sparse, nn.Conv2d)
+            else F.linear(inputs, effective)
+        )
+        if sparse.bias is not None:
+            y = y + share * (sparse.bias.view(1, -1, 1, 1) if isinstance(sparse, nn.Conv2d) else sparse.bias)
+        if rows and mask is not None:
+            y = y * mask
+        out = y if out is None else out + y
+    if len(computed) < len(layer.groups):
+        coefficients = torch.ones(len(layer.options))
+        for group, scale in computed:
+            coefficients[group.members] = 1.0 - scale
+        out = out + ((gates - gates.detach()) * coefficients).sum() * out.detach()
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["proxylessnas", "fbnet"])
+@pytest.mark.parametrize("active", [2, None])
+@pytest.mark.parametrize("train_weights", [False, True])
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect"), (4, 16, 5, 5)),
+                                        (lambda: nn.Conv2d(16, 8, 3, stride=2, bias=False), (4, 16, 7, 7)),
+                                        (lambda: nn.Linear(16, 6), (3, 5, 16))])  # fmt: skip
+def test_logit_step_equals_a_direct_computation(make, shape, estimator, active, train_weights) -> None:
+    module = make()
+    options = ["dense", "w2:4", "w1:8", "a2:4", "w2:4+a2:4", "a1:8", "w1:4+a1:4"]
+    options += ["r0.3", "w2:4+r0.3"] if isinstance(module, nn.Conv2d) else []  # rows: computed in full
+    torch.manual_seed(0)
+    layer = _layer(module, options)
+    layer.estimator, layer.active_groups, layer.train_logits, layer.tau = estimator, active, True, 0.7
+    layer.layer.weight.requires_grad_(train_weights)
+    with torch.no_grad():
+        layer.logits.copy_(torch.randn(len(options)))
+    params = [layer.logits] + ([layer.layer.weight] if train_weights else [])
+    for seed in range(4):  # several draws: sampled groups, others, every step path
+        results = []
+        for forward in (layer, lambda x: _direct_step(layer, x)):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+            torch.manual_seed(100 + seed)
+            out = forward(x)
+            probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+            loss = (out * probe + out.pow(2)).sum()
+            results.append((out.detach(), *torch.autograd.grad(loss, [x, *params])))
+        for fused, direct in zip(*results, strict=True):
+            # float rounding only: sums in another order (the GEMMs' outputs and input gradients are equal)
+            torch.testing.assert_close(fused, direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
+        assert results[0][1].abs().sum() > 0  # the input gradient is exercised
 
 
 def _logit_grads(layer: GumbelLayer, x: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, seed: int):
