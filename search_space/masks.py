@@ -25,6 +25,8 @@ from search_space.patterns import NMPattern, check_divisible
 # waits for a descheduled OpenMP thread on a busy machine, so it only pays for M <= 4 (6
 # comparisons: 3-4x faster than argsort quiet or loaded). From M = 5 on, one stable sort of
 # every group costs a constant three kernels (copy, sort, scatter) whatever the load.
+# N = 1 needs no rank at all: one argmax (the first maximum) in four kernels, 3-5x faster than the
+# sort at 1:8 and on par with the pairwise rank at 1:4 (docs/results/masks.md).
 _PAIRWISE_MAX_M = 4
 
 
@@ -53,6 +55,14 @@ def _sorted_keep(groups: Tensor, n: int, dim: int, dtype: torch.dtype) -> Tensor
     order = groups.movedim(dim, -1).contiguous().argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros(groups.shape, dtype=dtype, device=groups.device)
     keep.movedim(dim, -1).scatter_(-1, order.narrow(-1, 0, n), 1)
+    return keep
+
+
+def _first_max_keep(groups: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """N = 1: keep each group's first maximum (``argmax`` returns the first one), as a stable sort would."""
+    first = groups.movedim(dim, -1).contiguous().argmax(dim=-1, keepdim=True)
+    keep = torch.zeros(groups.shape, dtype=dtype, device=groups.device)
+    keep.movedim(dim, -1).scatter_(-1, first, 1)
     return keep
 
 
@@ -85,7 +95,9 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype
         return torch.ones_like(scores, dtype=dtype)
     scores = scores.detach()
     groups = scores.unflatten(dim, (size // m, m))
-    if m <= _PAIRWISE_MAX_M:
+    if n == 1:
+        keep = _first_max_keep(groups, dim + 1, dtype)
+    elif m <= _PAIRWISE_MAX_M:
         keep = _pairwise_keep(groups, n, m, dim + 1, dtype)
     else:
         keep = _sorted_keep(groups, n, dim + 1, dtype)

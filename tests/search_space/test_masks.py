@@ -15,7 +15,7 @@ from search_space import (
     weight_column_norms,
     weight_nm_mask,
 )
-from search_space.masks import _pairwise_keep, _sorted_keep
+from search_space.masks import _first_max_keep, _pairwise_keep, _sorted_keep
 
 
 def brute_force_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
@@ -238,12 +238,15 @@ def kernel_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int]:
 @settings(max_examples=300, deadline=None)
 @given(kernel_cases(), st.sampled_from([torch.bool, torch.float32, torch.float16]))
 def test_both_mask_kernels_equal_stable_sort(case: tuple[torch.Tensor, int, int, int], out: torch.dtype) -> None:
-    """Whatever M, the pairwise rank and the sort kernel give the stable-sort mask, so the
-    measured switch between them (``_PAIRWISE_MAX_M``) can move without changing any mask."""
+    """Whatever M, the pairwise rank and the sort kernel (and for N = 1 the first maximum) give the
+    stable-sort mask, so the measured switch between them (``_PAIRWISE_MAX_M``) can move without
+    changing any mask."""
     scores, n, m, dim = case
     expected = stable_sort_oracle(scores, n, m, dim)
     groups = scores.unflatten(dim, (-1, m))
-    for keep in (_pairwise_keep(groups, n, m, dim + 1, out), _sorted_keep(groups, n, dim + 1, out)):
+    kernels = [_pairwise_keep(groups, n, m, dim + 1, out), _sorted_keep(groups, n, dim + 1, out)]
+    kernels += [_first_max_keep(groups, dim + 1, out)] if n == 1 else []
+    for keep in kernels:
         assert keep.dtype == out
         assert torch.equal(keep.flatten(dim, dim + 1).bool(), expected)
     if n < m:
