@@ -326,17 +326,19 @@ class GumbelLayer(nn.Module):
         return self._masks[1]
 
     def _stack(self, group: _Group, weighted: bool) -> Tensor:
-        """A group's members' masks ``E_o`` (or masked weights ``W * E_o``) stacked, built once per weight
-        version: a group's soft mask (or its soft-masked frozen weight) is one contraction with its gates."""
+        """A group's members' masks ``E_o`` (or masked weights ``W * E_o``) as the rows of a matrix, built
+        once per weight version: a group's soft mask (or soft-masked frozen weight) is one product with
+        its gates."""
         kind = "weighted" if weighted else "masks"
         stacks = self._stacks.get(kind)
         if stacks is None:
             masks, w = self._weight_masks(), self.layer.weight.detach()
             if weighted:
-                stacks = [torch.stack([w if p is None else w * masks[p] for p in g.weights]) for g in self.groups]
+                rows = [[w if p is None else w * masks[p] for p in g.weights] for g in self.groups]
             else:
                 ones = torch.ones_like(w)
-                stacks = [torch.stack([ones if p is None else masks[p] for p in g.weights]) for g in self.groups]
+                rows = [[ones if p is None else masks[p] for p in g.weights] for g in self.groups]
+            stacks = [torch.stack(r).flatten(1) for r in rows]
             self._stacks[kind] = stacks
         return stacks[group.index]
 
@@ -375,12 +377,12 @@ class GumbelLayer(nn.Module):
                 member_gates = member_gates * scale
             share = member_gates.sum()  # hard: 1 for the sampled group, 0 otherwise (forward value)
             if trains_weight:
-                soft = torch.tensordot(member_gates.to(weight.dtype), self._stack(group, False), dims=1)
+                soft = (member_gates.to(weight.dtype) @ self._stack(group, False)).view(weight.shape)
                 # Forward: W * soft. Backward: the weights get the straight-through gradient scaled by the
                 # group's share, the gates get <grad, W * E_o> for every member.
                 effective = share * weight + weight.detach() * (soft - share)
             else:  # frozen weights (a logit step): sum_o g_o (W * E_o), the same value and gate gradient
-                effective = torch.tensordot(member_gates.to(weight.dtype), self._stack(group, True), dims=1)
+                effective = (member_gates.to(weight.dtype) @ self._stack(group, True)).view(weight.shape)
             if group.index in zero and not isinstance(group.activation, RowPattern):
                 skipped.append((group, effective, share))
                 continue
