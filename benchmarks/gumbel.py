@@ -1,6 +1,7 @@
 """Gumbel supernet: step cost against a dense step, and a lambda sweep on digits.
 
     python benchmarks/gumbel.py steps [--repeats 20] [--models digits cifar] [--groups 2 all] [--threads 1]
+                                      [--clock wall|cpu]
     python benchmarks/gumbel.py sweep [--lambdas 0 0.1 0.3 1 3] [--epochs 20] [--out docs/gumbel]
 
 ``steps``: supernet steps against one dense SGD step of the same model and batch, in rounds that
@@ -8,7 +9,9 @@ run them back to back (median of the per-round ratio): the digits CNN (batch 32)
 ResNet-18 (batch 32, 32x32), with the default space (13 options per layer, 5 activation choices).
 A weight step computes the sampled option alone; a logit step (weights frozen, Adam on the
 logits) computes ``--groups`` activation groups per layer (2, the default, and all); the epoch
-mix is what a training epoch costs per step (4 weight steps per logit step).
+mix is what a training epoch costs per step (4 weight steps per logit step). ``--clock cpu`` times
+each step by this thread's CPU time instead of the wall clock (with ``--threads 1`` every op runs on
+this thread): on a shared, loaded machine it leaves out the time the process waited for a core.
 
 ``sweep``: GumbelStrategy over a lambda sweep on digits (cost: bytes moved on A100, batch 1;
 accuracy: the finetune fidelity, 3 epochs SR-STE, validation split), against the uniform
@@ -72,7 +75,9 @@ def logit_step(model: nn.Module, logits: list[torch.Tensor], x: torch.Tensor, y:
     return step
 
 
-def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: int | None, repeats: int) -> dict:
+def step_ratio(
+    make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: int | None, repeats: int, clock: callable
+) -> dict:
     """Medians of the per-round ratios of a supernet step to a dense step: a weight step (the sampled
     option alone), a logit step (``active_groups`` activation groups) and the mix of a training epoch
     (``ARCH_SHARE - 1`` weight steps per logit step)."""
@@ -86,7 +91,7 @@ def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: 
             layer.active_groups = active_groups
             layer.train_logits = label == "logits"
         steps[label] = sgd_step(net, x, y) if label == "weights" else logit_step(net, list(logits.values()), x, y)
-    times = interleaved_s(steps, repeats)
+    times = interleaved_s(steps, repeats, clock)
     row = {"dense_ms": statistics.median(times["dense"]) * 1e3}
     for label in ("weights", "logits"):
         ratios = [s / d for s, d in zip(times[label], times["dense"], strict=True)]
@@ -99,8 +104,10 @@ def step_ratio(make: callable, x: torch.Tensor, y: torch.Tensor, active_groups: 
     return row
 
 
-def steps(repeats: int, models: list[str], groups: list[int | None]) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+def steps(repeats: int, models: list[str], groups: list[int | None], clock: str = "wall") -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} clock, "
+          f"load average {os.getloadavg()}")  # fmt: skip
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     digits = get_task("digits")
     cases = {
         "digits CNN, batch 32": (digits.build_model, torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))),
@@ -116,7 +123,7 @@ def steps(repeats: int, models: list[str], groups: list[int | None]) -> None:
             continue
         for active in groups:
             torch.manual_seed(0)
-            row = step_ratio(make, x, y, active, repeats)
+            row = step_ratio(make, x, y, active, repeats, timer)
             rows.append({"model": label, "active_groups": active or "all", **row})
             print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".2f"), flush=True)
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
@@ -248,6 +255,7 @@ def main() -> None:
     p_steps.add_argument("--models", nargs="+", choices=("digits", "cifar"), default=["digits", "cifar"])
     p_steps.add_argument("--groups", nargs="+", default=["2", "all"], help="active_groups values (all: every group)")
     p_steps.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier when shared)")
+    p_steps.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time")
     p_sweep = sub.add_parser("sweep")
     p_sweep.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])
     p_sweep.add_argument("--epochs", type=int, default=20)
@@ -258,7 +266,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "steps":
         torch.set_num_threads(args.threads)
-        steps(args.repeats, args.models, [None if g == "all" else int(g) for g in args.groups])
+        if args.clock == "cpu" and args.threads != 1:
+            parser.error("--clock cpu times this thread alone: use it with --threads 1")
+        steps(args.repeats, args.models, [None if g == "all" else int(g) for g in args.groups], args.clock)
     elif args.command == "sweep":
         sweep(args.lambdas, args.epochs, args.out)
     else:

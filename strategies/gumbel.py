@@ -369,6 +369,8 @@ class GumbelLayer(nn.Module):
         else:
             values = gates.detach().tolist()
             zero = {group.index for group, _ in computed if not any(values[m] for m in group.members)}
+        if self._order.device != gates.device:  # the layer may be built on the CPU, then moved
+            self._order = self._order.to(gates.device)
         ordered = gates.index_select(0, self._order)
         out, skipped = None, []
         for group, scale in computed:
