@@ -264,7 +264,7 @@ class GumbelLayer(nn.Module):
         self.srste_lambda = 0.0
         self.regulariser: Tensor | None = None
         self.gates: Tensor | None = None
-        self._drawn: tuple[Tensor, int, bool] | None = None
+        self._drawn: tuple[Tensor, int] | None = None
         self._masks: tuple[tuple[int, int], dict[NMPattern | None, Tensor]] | None = None
         self._stacks: dict[str, list[Tensor]] = {}
         self._coefficients: dict[tuple, Tensor] = {}
@@ -302,7 +302,7 @@ class GumbelLayer(nn.Module):
 
     def _record(self, gates: Tensor, index: int) -> Tensor:
         """Remember a one-hot draw, so ``forward`` knows its index without reading the gates back."""
-        self._drawn = (gates, index, True)
+        self._drawn = (gates, index)
         return gates
 
     def cost_gates(self) -> Tensor:
