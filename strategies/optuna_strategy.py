@@ -67,6 +67,12 @@ class _EvaluationFailed(Exception):
     """Raised inside the Optuna objective so the trial is recorded as failed (and caught)."""
 
 
+def _is_queued(trial: FrozenTrial) -> bool:
+    """Enqueued (the warm start) or a retry of an interrupted trial (Optuna's retry callback
+    records ``failed_trial``), as opposed to a fresh draw of the sampler."""
+    return bool(trial.system_attrs.get("fixed_params")) or "failed_trial" in trial.system_attrs
+
+
 def _skip(trial: optuna.Trial, reason: str) -> NoReturn:
     """End a trial unevaluated (state PRUNED), the reason recorded."""
     trial.set_user_attr(SKIPPED_ATTR, reason)
@@ -246,6 +252,7 @@ class OptunaStrategy(StrategyBase):
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
         current: list[optuna.Trial] = []  # the trial being run, for _taken_over
+        dead_seen: dict[int, float] = {}  # see _due_retries
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             current[:] = [trial]
@@ -262,11 +269,11 @@ class OptunaStrategy(StrategyBase):
                 if shared:
                     claim_trial(study, trial, token)
                 frozen = study._storage.get_trial(trial._trial_id)
-                queued = bool(frozen.system_attrs.get("fixed_params") or frozen.params)  # enqueued or a retry
+                queued = _is_queued(frozen)
                 choices = {name: trial.suggest_categorical(name, space.option_names(name)) for name in space.searchable}
                 scheme = space.scheme(choices, provenance={"strategy": self.name, "trial": trial.number})
                 trial.set_user_attr("scheme", json.dumps(scheme.to_json()))
-                earlier = self._wait_for_turn(study, trial, choices, queued, shared, leases, deadline)
+                earlier = self._wait_for_turn(study, trial, choices, queued, shared, leases, deadline, dead_seen)
                 if earlier is not None:
                     number, stored = earlier
                     evaluation = Evaluation(stored.values, info={**stored.info, "duplicate_of": number})
@@ -327,29 +334,38 @@ class OptunaStrategy(StrategyBase):
         shared: bool,
         leases: bool,
         deadline: float | None,
+        dead_seen: dict[int, float],
     ) -> tuple[int, Evaluation] | None:
         """Hold a trial whose scheme is drawn until it may be evaluated, so that workers sharing a
         study neither overrun the budget nor score one scheme twice. Trials only wait for trials
         with lower numbers (no deadlock): until each has drawn its scheme, one with the same scheme
         has finished (then its evaluation is reused), and until the budget has room. A trial of a
-        dead worker stops counting once it is failed. Returns ``(trial number, evaluation)`` to
-        reuse, or ``None`` to evaluate; raises ``TrialPruned`` when the budget is full (or, for a
-        fresh draw, when queued retries fill what is left of it)."""
+        dead worker stops counting once it is failed; its retry takes its place, ahead of fresh
+        draws: a fresh draw leaves room for queued trials, for running queued trials with higher
+        numbers (which wait for it) and for retries due but not yet queued (:meth:`_due_retries`);
+        it yields when those fill the budget, and waits while only a due retry does. Returns
+        ``(trial number, evaluation)`` to reuse, or ``None`` to evaluate; raises ``TrialPruned``
+        when the budget is full, when a fresh draw yields, or at the deadline."""
         while True:
             trials = study.get_trials(deepcopy=False)
             ahead = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number]
             finished = self._finished(trials)
-            if self.n_trials is not None and finished >= self.n_trials:
+            budget = self.n_trials
+            if budget is not None and finished >= budget:
                 _skip(trial, _SURPLUS)
-            waiting = sum(t.state == TrialState.WAITING for t in trials)
-            if (
-                self.n_trials is not None
-                and not queued
-                and waiting
-                and finished + len(ahead) + waiting >= self.n_trials
-            ):
-                _skip(trial, _YIELDED)
-            blocked = (self.n_trials is not None and finished + len(ahead) >= self.n_trials) or any(
+            reserved = due = 0
+            if budget is not None and not queued:
+                due = self._due_retries(trials, dead_seen)
+                reserved = due + sum(
+                    t.state == TrialState.WAITING
+                    or (t.state == TrialState.RUNNING and t.number > trial.number and _is_queued(t))
+                    for t in trials
+                )
+                # Yield to queued or running retries (never wait for them: they wait for this
+                # trial); only a retry that is not queued yet is waited for, briefly.
+                if reserved > due and finished + len(ahead) + reserved >= budget:
+                    _skip(trial, _YIELDED)
+            blocked = (budget is not None and finished + len(ahead) + reserved >= budget) or any(
                 set(t.params) != set(choices) or (self.reuse_evaluations and t.params == choices) for t in ahead
             )
             if not blocked:
@@ -359,6 +375,26 @@ class OptunaStrategy(StrategyBase):
             time.sleep(_POLL_S)
             if shared:
                 fail_stale_trials(study, self.grace_period_s, self.max_retry, leases=leases)
+
+    def _due_retries(self, trials: Sequence[FrozenTrial], dead_seen: dict[int, float]) -> int:
+        """Trials failed for a dead worker (not by the evaluator) whose retry is due but not in the
+        storage yet: the worker that failed one queues its retry right after (two writes), so a
+        fresh draw may see the failure first. ``dead_seen`` records when this search first saw
+        each; one still without a retry after ``grace_period_s`` no longer counts (its failing
+        worker died between the two writes), so the search never waits for it for ever."""
+        retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+        now = time.monotonic()
+        due = 0
+        for t in trials:
+            if (
+                t.state != TrialState.FAIL
+                or t.user_attrs.get(FAIL_REASON_ATTR)
+                or t.number in retried
+                or len(t.system_attrs.get("retry_history", [])) >= self.max_retry  # as the retry callback
+            ):
+                continue
+            due += now - dead_seen.setdefault(t.number, now) <= self.grace_period_s
+        return due
 
     @staticmethod
     def _record(

@@ -205,6 +205,69 @@ def test_trials_of_a_killed_worker_are_retried_not_lost(space, tmp_path: Path, k
     assert evaluator.calls == len(complete) - repeats  # a repeated scheme reuses its evaluation
 
 
+
+# -- a dead worker's retry goes before fresh draws (issue 21) -------------------------------------
+LAYER = ("2:4", "dense")
+
+
+def _study_with_a_dead_trial(
+    tmp_path: Path, user_attrs: dict | None = None, system_attrs: dict | None = None
+) -> tuple[optuna.Study, optuna.Trial, optuna.Trial]:
+    """A 2-trial budget with one trial finished; trial 1 of a worker that died, just failed (its
+    retry not queued yet); trial 2, a fresh draw of a live worker, was waiting behind it."""
+    tmp_path.mkdir(exist_ok=True)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'x.db'}")
+    distributions = {"layer": optuna.distributions.CategoricalDistribution(LAYER)}
+    study.add_trial(optuna.create_trial(params={"layer": "dense"}, distributions=distributions, value=1.0))
+    dead, fresh = study.ask(), study.ask()
+    for trial in (dead, fresh):
+        trial.suggest_categorical("layer", LAYER)
+    for key, value in (user_attrs or {}).items():
+        dead.set_user_attr(key, value)
+    for key, value in (system_attrs or {}).items():
+        study._storage.set_trial_system_attr(dead._trial_id, key, value)
+    study._storage.set_trial_state_values(dead._trial_id, optuna.trial.TrialState.FAIL)
+    return study, dead, fresh
+
+
+def _turn(strategy: OptunaStrategy, study: optuna.Study, trial: optuna.Trial, dead_seen: dict, wait_s: float = 0.3):
+    queued = "failed_trial" in study._storage.get_trial(trial._trial_id).system_attrs
+    deadline = time.monotonic() + wait_s
+    return strategy._wait_for_turn(study, trial, dict(trial.params), queued, False, False, deadline, dead_seen)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_dead_workers_retry_takes_the_last_slot_before_a_fresh_draw(tmp_path: Path) -> None:
+    study, dead, fresh = _study_with_a_dead_trial(tmp_path)
+    strategy, seen = OptunaStrategy(n_trials=2, max_retry=3, grace_period_s=60), {}
+    # failed, retry not queued yet: the fresh draw waits for it (here until its deadline)
+    with pytest.raises(optuna.TrialPruned, match="timeout_s ran out while it waited"):
+        _turn(strategy, study, fresh, seen)
+    retry_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    retry_callback(study, study._storage.get_trial(dead._trial_id))
+    with pytest.raises(optuna.TrialPruned, match="yields its budget slot"):  # queued: yield to it
+        _turn(strategy, study, fresh, seen)
+    retry = study.ask()  # another worker takes the retry; its number is higher than the fresh draw's
+    assert retry.params == dead.params and retry.number > fresh.number
+    with pytest.raises(optuna.TrialPruned, match="yields its budget slot"):  # running: still yield
+        _turn(strategy, study, fresh, seen)
+    study.tell(fresh, state=optuna.trial.TrialState.PRUNED)
+    assert _turn(strategy, study, retry, seen) is None  # the retry is evaluated: nothing is lost
+
+
+def test_a_fresh_draw_does_not_wait_for_a_retry_that_will_not_come(tmp_path: Path) -> None:
+    study, dead, fresh = _study_with_a_dead_trial(tmp_path)
+    strategy = OptunaStrategy(n_trials=2, max_retry=3, grace_period_s=60)
+    # its failing worker died before queueing the retry: reserved for grace_period_s only
+    assert _turn(strategy, study, fresh, {dead.number: time.monotonic() - 61}) is None
+    # retries used up (as the retry callback counts them): no retry comes
+    study, dead, fresh = _study_with_a_dead_trial(tmp_path / "used_up", system_attrs={"retry_history": [7, 8, 9]})
+    assert _turn(strategy, study, fresh, {}) is None
+    # failed by the evaluator: it counts against the budget (one slot left of 3) and is not retried
+    study, dead, fresh = _study_with_a_dead_trial(tmp_path / "evaluator", user_attrs={"fail_reason": "broken"})
+    assert _turn(OptunaStrategy(n_trials=3, max_retry=3, grace_period_s=60), study, fresh, {}) is None
+
+
 def test_pareto_front_of_result_uses_completed_feasible_rows(space) -> None:
     result = OptunaStrategy(n_trials=15).search(space, ToyEvaluator(space))
     front = pareto_front(result.completed, result.objectives)

@@ -103,14 +103,8 @@ def test_kill_9_at_three_points_and_resume_loses_and_repeats_nothing(space, tmp_
     assert dict(zip(frame["trial"], frame["state"], strict=True)) == stored
 
 
-# Known bug, open in issue 21: when the 200-trial budget fills while a killed worker's trial is still
-# re-enqueued, that retry is recorded as skipped (PRUNED) and `progress` counts it lost (1 of 200).
-KILLED_RETRY_SKIPPED = "a killed worker's re-enqueued trial can be skipped once the budget is full (counted lost)"
-KILLED_TWO = pytest.param(2, marks=pytest.mark.xfail(reason=KILLED_RETRY_SKIPPED, strict=False))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [0, KILLED_TWO])
+@pytest.mark.parametrize("kill", [0, 2])
 def test_four_workers_share_a_journal_file_budget(tmp_path: Path, kill: int) -> None:
     _, counts, logs = many_workers(f"journal:{tmp_path / 'study.journal'}", tmp_path, kill)
     _check(counts, 200, kill, logs)
@@ -118,7 +112,7 @@ def test_four_workers_share_a_journal_file_budget(tmp_path: Path, kill: int) -> 
 
 @pytest.mark.postgres
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [0, KILLED_TWO])
+@pytest.mark.parametrize("kill", [0, 2])
 def test_four_workers_share_a_postgresql_study(postgres_url: str, tmp_path: Path, kill: int) -> None:
     _, counts, logs = many_workers(postgres_url, tmp_path, kill)
     _check(counts, 200, kill, logs)
