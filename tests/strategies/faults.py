@@ -71,10 +71,14 @@ def kill_and_resume(
     storage: str, run_dir: Path, points: tuple[int, ...], budget: int, *, sleep_s: float = 0.1, grace_s: int = 60
 ) -> tuple[optuna.Study, dict[str, Any]]:
     """One worker, SIGKILLed when it has started ``points[i]`` evaluations, restarted at once (well
-    within the heartbeat grace period) each time; the last run completes and saves the result."""
+    within the heartbeat grace period) each time; the last run completes and saves the result.
+    Each killed run hangs inside evaluation ``points[i]``, so the kill lands mid-evaluation
+    however late it comes (a loaded machine can delay it past a short evaluation)."""
     marker = run_dir / "started"
     for point in points:
-        process = worker(storage, budget, sleep_s=sleep_s, marker=marker, run_dir=run_dir, grace_period_s=grace_s)
+        process = worker(
+            storage, budget, sleep_s=sleep_s, marker=marker, run_dir=run_dir, grace_period_s=grace_s, hang_at=point
+        )
         wait_for_lines(marker, point, process)
         os.kill(process.pid, signal.SIGKILL)  # mid-evaluation: no chance to mark the trial failed
         process.wait()
@@ -87,15 +91,25 @@ def many_workers(
     storage: str, tmp: Path, kill: int, *, budget: int = 200, workers: int = 4, grace_s: int = 20
 ) -> tuple[optuna.Study, dict[str, Any], str]:
     """``workers`` processes on one study with a shared ``budget``; ``kill`` of them (declared to
-    run on other machines, so only the heartbeat can tell they died) are SIGKILLed mid-trial."""
+    run on other machines, so only the heartbeat can tell they died) are SIGKILLed inside their
+    second evaluation (where they hang until killed)."""
     processes, markers = [], []
     for index in range(workers):
         doomed = index < kill
         markers.append(tmp / f"started_{index}")
         env = {HOST_ENV: f"remote-{index}"} if doomed else {}
-        sleep_s = 0.5 if doomed else 0.01  # a doomed worker is surely inside an evaluation when killed
+        sleep_s = 0.5 if doomed else 0.01
         processes.append(
-            worker(storage, budget, index, sleep_s=sleep_s, marker=markers[-1], env=env, grace_period_s=grace_s)
+            worker(
+                storage,
+                budget,
+                index,
+                sleep_s=sleep_s,
+                marker=markers[-1],
+                env=env,
+                grace_period_s=grace_s,
+                hang_at=2 if doomed else None,
+            )
         )
     for index in range(kill):
         wait_for_lines(markers[index], 2, processes[index])

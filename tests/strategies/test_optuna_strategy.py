@@ -205,7 +205,6 @@ def test_trials_of_a_killed_worker_are_retried_not_lost(space, tmp_path: Path, k
     assert evaluator.calls == len(complete) - repeats  # a repeated scheme reuses its evaluation
 
 
-
 # -- a dead worker's retry goes before fresh draws (issue 21) -------------------------------------
 LAYER = ("2:4", "dense")
 

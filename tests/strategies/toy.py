@@ -31,7 +31,9 @@ class ToyEvaluator:
     """accuracy falls and latency drops with sparsity; activations cost more accuracy than weights.
 
     ``fail_when`` makes schemes whose choices contain that option name fail; ``sleep_s`` slows
-    every evaluation, ``sleep_trial_marker`` (a path) is touched when an evaluation starts.
+    every evaluation; ``marker`` (a path) gets a line when an evaluation starts; the evaluation
+    that writes line ``hang_at`` of it never returns, so a process killed once the marker has
+    that many lines is surely killed inside that evaluation.
     """
 
     objectives = (
@@ -41,9 +43,14 @@ class ToyEvaluator:
     )
 
     def __init__(
-        self, space: SearchSpace, fail_when: str | None = None, sleep_s: float = 0.0, marker: str | None = None
+        self,
+        space: SearchSpace,
+        fail_when: str | None = None,
+        sleep_s: float = 0.0,
+        marker: str | None = None,
+        hang_at: int | None = None,
     ):
-        self.space, self.fail_when, self.sleep_s, self.marker = space, fail_when, sleep_s, marker
+        self.space, self.fail_when, self.sleep_s, self.marker, self.hang_at = space, fail_when, sleep_s, marker, hang_at
         self.calls = 0
 
     def evaluate(self, scheme: Scheme) -> Evaluation:
@@ -51,6 +58,9 @@ class ToyEvaluator:
         if self.marker:
             with open(self.marker, "a") as handle:
                 handle.write(f"{scheme.choices}\n")
+            if self.hang_at is not None and len(Path(self.marker).read_text().splitlines()) >= self.hang_at:
+                while True:  # until killed
+                    time.sleep(60)
         time.sleep(self.sleep_s)
         if self.fail_when and any(self.fail_when in o for o in scheme.choices.values()):
             return Evaluation.failure(self.objectives, f"diverged on {self.fail_when}")
@@ -77,11 +87,14 @@ def worker(
     run_dir: str | os.PathLike = "",
     grace_period_s: int = 3,
     env: dict[str, str] | None = None,
+    hang_at: int | None = None,
 ) -> subprocess.Popen:
-    """A worker process running an Optuna search of the toy space on ``storage`` (see ``main``)."""
+    """A worker process running an Optuna search of the toy space on ``storage`` (see ``main``;
+    ``hang_at``: see :class:`ToyEvaluator`)."""
     command = [
         sys.executable, "-m", "tests.strategies.toy", storage, str(n_trials), str(index),
         "--sleep", str(sleep_s), "--marker", str(marker), "--run-dir", str(run_dir), "--grace", str(grace_period_s),
+        *(["--hang-at", str(hang_at)] if hang_at is not None else []),
     ]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -99,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--marker", default="")
     parser.add_argument("--run-dir", default="")
     parser.add_argument("--grace", type=int, default=3)
+    parser.add_argument("--hang-at", type=int, default=None)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = toy_space()
@@ -109,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_s=1,
         grace_period_s=args.grace,
     )
-    result = strategy.search(space, ToyEvaluator(space, sleep_s=args.sleep, marker=args.marker or None))
+    evaluator = ToyEvaluator(space, sleep_s=args.sleep, marker=args.marker or None, hang_at=args.hang_at)
+    result = strategy.search(space, evaluator)
     if args.run_dir:
         result.save(args.run_dir)
 
