@@ -36,10 +36,11 @@ class Progress:
     """Trial counts of a study, over all its workers.
 
     ``launched``: trials that started (every trial but the queued ones); ``finished``: completed
-    evaluations; ``failed``: evaluations the evaluator failed; ``interrupted``: trials whose worker
-    stopped or died mid-trial; ``re_enqueued``: interrupted trials queued again; ``lost``:
-    interrupted trials neither finished by a retry (or a reused evaluation) nor still queued or
-    running; ``skipped``: trials ended unevaluated (budget already full); ``running`` and
+    evaluations; ``failed``: evaluations the evaluator failed; ``interrupted``: trials whose
+    worker stopped or died mid-trial; ``re_enqueued``: interrupted trials queued again;
+    ``lost``: interrupted trials whose scheme was not evaluated after all (by a retry, or by
+    another trial of the same scheme) and whose retry is not queued or running; ``skipped``:
+    trials ended unevaluated (the budget was full, or the slot went to a retry); ``running`` and
     ``waiting`` (queued) right now.
     """
 
