@@ -4,8 +4,8 @@
 
 Needs the ``transformers`` extra (``pip install 'nmsearch[transformers]'``); nothing is downloaded.
 Objective: embedding cosine to the dense model on the ``minilm`` task's held-out sentences
-(:class:`~evaluators.fidelity.FidelityEvaluator`); cost: modelled latency on the a100 profile, fp16,
-the task's 32 x 128 token batch.
+(:class:`~evaluators.fidelity.FidelityEvaluator`); cost: modelled latency on the ``--profile`` (a100), fp16,
+``--cost-batch`` sequences of 128 tokens (the task's 32 by default).
 
 1. **Methods**: magnitude, Wanda and SparseGPT at uniform weight 2:4 and 1:4, sequential
    calibration (the papers' setting), on ``--method-sentences`` held-out sentences
@@ -76,6 +76,11 @@ def main() -> None:
     parser.add_argument("--no-methods", dest="methods", action="store_false", help="keep minilm_methods.csv")
     parser.add_argument("--sensitivity", default="w2:4", help="options each layer is pruned to alone")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--ratios", nargs="+", help="N:M ratios of the weights-only space (default: the space's)")
+    parser.add_argument("--profile", default="a100", help="hardware profile of the modelled latency")
+    parser.add_argument(
+        "--cost-batch", type=int, default=None, help="128-token sequences the cost model prices (default: the task's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -86,9 +91,11 @@ def main() -> None:
     task = MiniLMTask()
     t0 = time.perf_counter()
     model = task.build_model()
-    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"])
+    ratios = {"ratios": args.ratios} if args.ratios else {}
+    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"], **ratios)
     calibration, heldout = task.calibration_inputs(), task.heldout_batches()
-    cost_model = HardwareCostModel.from_profile("a100", dtype="fp16", batch_size=task.cost_batch)
+    cost_batch = args.cost_batch or task.cost_batch
+    cost_model = HardwareCostModel.from_profile(args.profile, dtype="fp16", batch_size=cost_batch)
     cost = CostEvaluator(space, cost_model, ["latency_ms"])
     print(f"{space}; loaded in {time.perf_counter() - t0:.0f}s")
 
@@ -188,7 +195,7 @@ def main() -> None:
     front = front.sort_values("latency_ms")
     ax.step(front["latency_ms"], front["accuracy"], where="post", c="tab:blue", label="optuna front")
     ax.axhline(COSINE_TARGET, c="k", lw=0.6, ls=":")
-    ax.set_xlabel("modelled latency [ms] (a100, fp16, 32 x 128 tokens)")
+    ax.set_xlabel(f"modelled latency [ms] ({args.profile}, fp16, {cost_batch} x 128 tokens)")
     ax.set_ylabel("embedding cosine to dense")
     ax.set_ylim(max(0.0, frame["cosine"].min() - 0.05), 1.005)
     ax.set_title(f"all-MiniLM-L6-v2, SparseGPT one-shot, {len(optuna_points)} Optuna trials")
