@@ -1,11 +1,13 @@
 """The row-skipping inference kernel: a row-masked conv computing only its kept GEMM rows.
 
 The row-mask policy (patterns, scores, selection) is :mod:`search_space.rows`; this module only
-executes a mask that policy chose. :class:`RowSkippingConv2d` gathers the kept im2col rows from a
-channels-last copy of the input, runs one GEMM per conv group and scatters the result;
-:func:`skip_masked_rows` swaps it in for every row-masked conv of a model. Its ``auto`` path times
-both ways of computing with :class:`torch.utils.benchmark.Timer` (which synchronises CUDA, so on a
-GPU it compares kernel times, not launch times).
+executes a mask that policy chose. :class:`RowSkippingConv2d` computes the kept rows with the fused
+C++ kernel of :mod:`search_space.row_extension` (fp32 CPU inputs of ungrouped convs, when it
+builds), else by gathering the kept im2col rows from a channels-last copy of the input, one GEMM
+per conv group and a scatter; :func:`skip_masked_rows` swaps it in for every row-masked conv of a
+model. Its ``auto`` path times the row-skipping kernel against the dense conv with
+:class:`torch.utils.benchmark.Timer` (which synchronises CUDA, so on a GPU it compares kernel times,
+not launch times).
 """
 
 from __future__ import annotations
@@ -20,13 +22,23 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from search_space.patterns import NMSearchError
+from search_space.row_extension import pack_row_weight, row_conv_op
 from search_space.rows import RowPattern, RowScores, conv_output_size, row_keep_mask, row_masked_layers
 
-__all__ = ["ROW_PATHS", "RowSkippingConv2d", "RowsFastPathError", "row_gather_indices", "skip_masked_rows"]
+__all__ = [
+    "ROW_KERNELS",
+    "ROW_PATHS",
+    "RowSkippingConv2d",
+    "RowsFastPathError",
+    "row_gather_indices",
+    "skip_masked_rows",
+]
 
 # How RowSkippingConv2d computes: skip the rows, run the dense conv and zero them, or time both
 # on the first input of each shape and keep the faster.
 ROW_PATHS = ("rows", "dense", "auto")
+# The kernels behind them: the fused C++ one, the pure-PyTorch gather one, the masked dense conv.
+ROW_KERNELS = ("fused", "gather", "dense")
 _AUTO_ROUNDS = 5
 
 
@@ -51,16 +63,22 @@ class _ShapeState:
 
     key: tuple
     output_size: tuple[int, int]
-    gather: Tensor  # (rows * taps,) rows of the padded channels-last input
-    scatter: Tensor  # (rows,) rows of the (batch * Ho * Wo, Cout) output
-    source: Tensor  # (batch * Ho * Wo,) row of ``results`` each output row copies: ``rows`` (zero) if skipped
-    padded: Tensor  # (B, Hp, Wp, C), zero border
-    columns: Tensor  # (rows * taps, C): the kept im2col rows
-    products: Tensor | None  # (groups, rows, Cout / groups), grouped convs only
-    results: Tensor  # grouped convs: (rows + 1, Cout), the GEMMs' rows and a last row of zeros
+    scatter: Tensor  # (rows,) kept rows of the (batch * Ho * Wo, Cout) output
     keep: Tensor  # (Ho, Wo) in the input's dtype: 1 kept, 0 skipped (the masked dense path)
-    dense: bool = False  # run the masked dense conv for this shape (path "dense", or "auto" found it faster)
+    kernel: str  # the ROW_KERNELS entry in use: "fused", "gather" (the row-skipping ones) or "dense"
+    # The fused kernel: its op, skipped output rows (batch * Ho * Wo - rows,) and arguments
+    fused: Callable[..., Tensor] | None = None
+    skipped: Tensor | None = None
+    geometry: list[int] | None = None  # (kh, kw, sh, sw, dh, dw, top, left)
     weight: Tensor | None = None  # (Cout, C/g, kh, kw) channels-last, for the masked dense conv
+    # The gather kernel's indices and buffers:
+    gather: Tensor | None = None  # (rows * taps,) rows of the padded channels-last input
+    # (batch * Ho * Wo,) row of ``results`` each output row copies: ``rows`` (zero) if skipped
+    source: Tensor | None = None
+    padded: Tensor | None = None  # (B, Hp, Wp, C), zero border
+    columns: Tensor | None = None  # (rows * taps, C): the kept im2col rows
+    products: Tensor | None = None  # (groups, rows, Cout / groups), grouped convs only
+    results: Tensor | None = None  # grouped convs: (rows + 1, Cout), the GEMMs' rows and a last row of zeros
     # Views made once, so a call runs few ops (their dispatch costs count on small layers):
     interior: Tensor | None = None  # padded[:, top : top + H, left : left + W]
     kept_results: Tensor | None = None  # results[:rows], grouped convs
@@ -113,8 +131,14 @@ def row_gather_indices(
 class RowSkippingConv2d(nn.Module):
     """Inference-only conv computing only the kept GEMM rows of a row-masked conv.
 
-    Per call: copy the input into a zero-bordered channels-last buffer, gather the kept im2col rows
-    (``kh kw`` channel vectors each) with one ``index_select``, multiply by the precomputed
+    For fp32 CPU inputs of an ungrouped conv it runs the fused C++ kernel
+    (:mod:`search_space.row_extension`): per tile of kept output positions, im2col rows built in a
+    thread-local buffer straight from the channels-last input, a GEMM against the packed weight with
+    oneDNN's micro-kernel, results written into the channels-last output (:attr:`kernel_in_use`
+    ``"fused"``). Where that kernel is unavailable (no compiler, other dtypes or devices, grouped
+    convs) the ``"gather"`` kernel runs instead; per call: copy the input into a zero-bordered
+    channels-last buffer, gather the kept im2col rows (``kh kw`` channel vectors each) with one
+    ``index_select``, multiply by the precomputed
     ``(kh kw C/g, Cout/g)`` weight matrix (one ``mm``; one ``bmm`` over the groups of a grouped
     conv), add the bias, and scatter the rows into a channels-last output (one ``index_select``
     reading each output row from the GEMM's rows or, for skipped rows, a zero row).
@@ -172,12 +196,20 @@ class RowSkippingConv2d(nn.Module):
         self.register_buffer("matrix", matrix.contiguous())
         grouped_bias = None if bias is None else bias.detach().reshape(groups, 1, cout // groups).clone()
         self.register_buffer("bias", grouped_bias)
+        # The fused kernel's weight layout (not saved: it is rebuilt from ``matrix``).
+        packed = pack_row_weight(matrix[0]) if groups == 1 else None
+        self.register_buffer("packed", packed, persistent=False)
         self._plan: _ShapeState | None = None
 
     @property
     def path_in_use(self) -> str | None:
         """``"rows"`` or ``"dense"``: how the last input shape is computed (``None`` before the first call)."""
-        return None if self._plan is None else ("dense" if self._plan.dense else "rows")
+        return None if self._plan is None else ("dense" if self._plan.kernel == "dense" else "rows")
+
+    @property
+    def kernel_in_use(self) -> str | None:
+        """The :data:`ROW_KERNELS` entry computing the last input shape (``None`` before the first call)."""
+        return None if self._plan is None else self._plan.kernel
 
     def dense_weight(self) -> Tensor:
         """The ``(Cout, C/g, kh, kw)`` weight the GEMM matrix was built from."""
@@ -248,36 +280,60 @@ class RowSkippingConv2d(nn.Module):
         left, right, top, bottom = self.padding
         padded_size = (height + top + bottom, width + left + right)
         gather, scatter = row_gather_indices(keep, batch, padded_size, self.kernel_size, self.stride, self.dilation)
-        groups, _, cout_per_group = self.matrix.shape
-        rows, taps = scatter.numel(), self.kernel_size[0] * self.kernel_size[1]
-        source = torch.full((batch * keep.numel(),), rows, dtype=torch.long)
-        source[scatter] = torch.arange(rows)
+        fused = (
+            self.path != "dense"
+            and self.packed is not None
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and row_conv_op() is not None
+        )
         options = {"dtype": x.dtype, "device": x.device}
-        self._plan = _ShapeState(
+        self._plan = plan = _ShapeState(
             key=key(),  # after keep_mask(): it may have set the field's input size
             output_size=tuple(keep.shape),
-            gather=gather.to(x.device),
             scatter=scatter.to(x.device),
-            source=source.to(x.device),
-            padded=torch.zeros(batch, *padded_size, self.in_channels, **options),
-            columns=torch.zeros(gather.numel() + (taps if groups == 1 else 0), self.in_channels, **options),
-            products=torch.empty(groups, rows, cout_per_group, **options) if groups > 1 else None,
-            results=torch.zeros(rows + 1 if groups > 1 else 0, self.out_channels, **options),
             keep=keep.to(**options),
-            dense=self.path == "dense",
+            kernel="dense" if self.path == "dense" else ("fused" if fused else "gather"),
             weight=None if self.path == "rows" else self.dense_weight().contiguous(memory_format=torch.channels_last),
         )
-        plan = self._plan
-        plan.interior = plan.padded[:, top : top + height, left : left + width]
+        if fused:
+            kept = torch.zeros(batch * keep.numel(), dtype=torch.bool)
+            kept[scatter] = True
+            plan.fused, plan.skipped = row_conv_op(), torch.nonzero(~kept).flatten()
+            plan.geometry = [*self.kernel_size, *self.stride, *self.dilation, top, left]
+        elif plan.kernel == "gather":
+            self._plan_gather(plan, gather, batch, padded_size, (height, width), options)
+        if self.path == "auto":
+            plan.kernel = "dense" if self._dense_is_faster(x, plan) else plan.kernel
+        return plan
+
+    def _plan_gather(
+        self,
+        plan: _ShapeState,
+        gather: Tensor,
+        batch: int,
+        padded_size: tuple[int, int],
+        input_size: tuple[int, int],
+        options: dict,
+    ) -> None:
+        """The gather kernel's indices, buffers and views."""
+        groups, _, cout_per_group = self.matrix.shape
+        rows, taps = plan.scatter.numel(), self.kernel_size[0] * self.kernel_size[1]
+        source = torch.full((batch * plan.keep.numel(),), rows, dtype=torch.long)
+        source[plan.scatter.cpu()] = torch.arange(rows)
+        plan.gather, plan.source = gather.to(options["device"]), source.to(options["device"])
+        plan.padded = torch.zeros(batch, *padded_size, self.in_channels, **options)
+        plan.columns = torch.zeros(gather.numel() + (taps if groups == 1 else 0), self.in_channels, **options)
+        plan.products = torch.empty(groups, rows, cout_per_group, **options) if groups > 1 else None
+        plan.results = torch.zeros(rows + 1 if groups > 1 else 0, self.out_channels, **options)
+        _, _, top, _ = self.padding
+        plan.interior = plan.padded[:, top : top + input_size[0], self.padding[0] : self.padding[0] + input_size[1]]
         plan.kept_results = plan.results[:rows]
         if groups == 1:
             plan.gemm_columns = plan.columns.view(rows + 1, -1)
             plan.columns = plan.columns[: gather.numel()]  # what the gather writes
             plan.gemm_matrix = self.matrix[0]
             plan.gemm_bias = None if self.bias is None else self.bias[0]
-        if self.path == "auto":
-            plan.dense = self._dense_is_faster(x, plan)
-        return plan
 
     def _dense_is_faster(self, x: Tensor, plan: _ShapeState) -> bool:
         """Time both paths on ``x`` (after a warm-up call each); medians decide."""
@@ -311,7 +367,7 @@ class RowSkippingConv2d(nn.Module):
                 "train the row-masked SparseConv2d instead (or run under torch.no_grad())"
             )
         plan = self._plan_for(x)
-        return self._masked_dense(x, plan) if plan.dense else self._skip_rows(x, plan)
+        return self._masked_dense(x, plan) if plan.kernel == "dense" else self._skip_rows(x, plan)
 
     def _masked_dense(self, x: Tensor, plan: _ShapeState) -> Tensor:
         """The dense conv with the skipped rows zeroed: no work saved, the reference the kernel matches."""
@@ -325,6 +381,12 @@ class RowSkippingConv2d(nn.Module):
         return out.mul_(plan.keep)
 
     def _skip_rows(self, x: Tensor, plan: _ShapeState) -> Tensor:
+        if plan.fused is not None:
+            bias = None if self.bias is None else self.bias.view(-1)
+            out_h, out_w = plan.output_size
+            return plan.fused(
+                x, self.packed, bias, plan.scatter, plan.skipped, self.out_channels, out_h, out_w, plan.geometry
+            )
         batch, channels, _, _ = x.shape
         source = x.permute(0, 2, 3, 1)
         if not any(self.padding) and source.is_contiguous():  # channels-last input, no border: read it in place

@@ -1,5 +1,4 @@
 import itertools
-import math
 
 import pytest
 import torch
@@ -16,8 +15,6 @@ from search_space import (
     RecipeConfigError,
     RowPattern,
     RowScores,
-    RowsFastPathError,
-    RowSkippingConv2d,
     Scheme,
     SearchSpace,
     pruned_rows,
@@ -26,7 +23,6 @@ from search_space import (
     row_masked_layers,
     row_ramp_sparsity,
     select_row_masks,
-    skip_masked_rows,
     sparsify,
 )
 from search_space.rows import candidate_seed, conv_output_size, pool_row_scores, random_row_scores
@@ -255,155 +251,6 @@ def test_select_row_masks_bad_input() -> None:
     sparse = Scheme.uniform_rows(space, 0.2).apply(small_cnn())
     with pytest.raises(NMSearchError, match="candidates must be a positive integer"):
         select_row_masks(sparse, torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), candidates=0)
-
-
-# -- the row-skipping inference kernel ---------------------------------------------------------
-CONVS = {
-    "3x3": dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
-    "3x3 stride 2": dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, stride=2, bias=False),
-    "1x1 stride 2": dict(in_channels=8, out_channels=16, kernel_size=1, stride=2, bias=False),
-    "1x1": dict(in_channels=8, out_channels=12, kernel_size=1),
-    "grouped dilated": dict(in_channels=8, out_channels=16, kernel_size=3, padding=2, dilation=2, groups=4),
-    "depthwise same": dict(in_channels=8, out_channels=8, kernel_size=(3, 5), padding="same", groups=8),
-    "no padding": dict(in_channels=8, out_channels=16, kernel_size=3),
-}
-
-
-@pytest.mark.parametrize("config", CONVS.values(), ids=CONVS.keys())
-@pytest.mark.parametrize("sparsity", [0.2, 0.0])
-def test_row_skipping_kernel_equals_the_masked_dense_conv(config: dict, sparsity: float) -> None:
-    conv = nn.Conv2d(**config)
-    weight = "2:4" if conv.groups == 1 else None
-    layer = sparsify(conv, weight=weight, activation="r0.3", name="c")
-    layer.mask_state = MaskState(row_sparsity=sparsity)  # 0.0: the same path with no row skipped
-    fast = RowSkippingConv2d.from_layer(layer)
-    for x in (torch.randn(2, 8, 11, 9), torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)):
-        with torch.no_grad():
-            expected = layer(x)
-            out = fast(x)
-            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)  # cached plan
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        assert (fast._plan.gemm_matrix is not None) == (conv.groups == 1)  # one plain mm unless grouped
-        zero_rows = int((out.abs().sum((0, 1)) == 0).sum())
-        assert zero_rows == (pruned_rows(math.prod(out.shape[-2:]), sparsity) if sparsity else 0)
-
-
-@pytest.mark.parametrize("config", CONVS.values(), ids=CONVS.keys())
-@pytest.mark.parametrize("path", ["dense", "auto"])
-def test_masked_dense_and_auto_paths_equal_the_masked_dense_conv(config: dict, path: str) -> None:
-    layer = sparsify(nn.Conv2d(**config), activation="r0.3", name="c")
-    fast = RowSkippingConv2d.from_layer(layer, path=path)
-    assert fast.path_in_use is None and f"path='{path}'" in repr(fast)
-    x = torch.randn(2, 8, 11, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.dense_weight(), layer.sparse_weight())
-    assert fast.path_in_use == "dense" if path == "dense" else fast.path_in_use in ("rows", "dense")
-    rows = RowSkippingConv2d.from_layer(layer)
-    with torch.no_grad():
-        rows(x)
-    assert rows.path_in_use == "rows"
-
-
-def test_auto_path_keeps_the_faster_path_per_shape(monkeypatch) -> None:
-    layer = sparsify(nn.Conv2d(8, 8, 3, padding=1), activation="r0.2", name="c")
-    fast = RowSkippingConv2d.from_layer(layer, path="auto")
-    slow = {"dense": 0.0, "rows": 0.0}
-    timed = []
-
-    def seconds(run):
-        timed.append(run())  # the timed call really runs the path
-        return slow[timed_path["now"]]
-
-    timed_path = {"now": ""}
-
-    def dense(x, plan, original=fast._masked_dense):
-        timed_path["now"] = "dense"
-        return original(x, plan)
-
-    def rows(x, plan, original=fast._skip_rows):
-        timed_path["now"] = "rows"
-        return original(x, plan)
-
-    monkeypatch.setattr(fast, "_masked_dense", dense)
-    monkeypatch.setattr(fast, "_skip_rows", rows)
-    monkeypatch.setattr("search_space.row_kernel._seconds", seconds)
-    slow.update(dense=1.0, rows=2.0)
-    with torch.no_grad():
-        fast(torch.randn(1, 8, 6, 6))
-        assert fast.path_in_use == "dense" and len(timed) == 2
-        slow.update(dense=2.0, rows=1.0)
-        fast(torch.randn(1, 8, 6, 6))  # same shape: the choice is kept
-        assert fast.path_in_use == "dense" and len(timed) == 2
-        fast(torch.randn(1, 8, 7, 7))  # a new shape is timed again
-        assert fast.path_in_use == "rows"
-
-
-def test_auto_path_times_with_torch_benchmark() -> None:
-    from search_space import row_kernel
-
-    calls = []
-    assert row_kernel._seconds(lambda: calls.append(1) or torch.zeros(1)) >= 0
-    assert len(calls) >= 1 + row_kernel._AUTO_ROUNDS  # a warm-up call, then the timed rounds
-
-
-def test_unknown_path_is_refused() -> None:
-    layer = sparsify(nn.Conv2d(4, 4, 3), activation="r0.2", name="c")
-    with pytest.raises(RowsFastPathError, match=r"layer 'c': path must be one of .*'auto'.*got 'fast'"):
-        RowSkippingConv2d.from_layer(layer, path="fast")
-
-
-def test_row_skipping_kernel_outputs_do_not_alias_its_work_buffers() -> None:
-    layer = sparsify(nn.Conv2d(4, 6, 3, padding=1), activation="r0.3", name="c")
-    fast = RowSkippingConv2d.from_layer(layer)
-    x, y = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
-        first = fast(x)
-        kept = first.clone()
-        second = fast(y)
-        fast(x).mul_(0)  # writing into an output leaves the next call alone
-        torch.testing.assert_close(first, kept)
-        torch.testing.assert_close(second, layer(y), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)
-
-
-def test_skip_masked_rows_converts_a_model() -> None:
-    model = small_cnn().eval()
-    space = SearchSpace.from_model(model, torch.randn(1, 3, 16, 16), targets=ROWS)
-    scheme = space.scheme({"0": "r0.2", "3": "w2:4+r0.3", "5": "r0.1"})
-    sparse = scheme.apply(model)
-    x = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        expected = sparse(x)
-        fast = skip_masked_rows(sparse)
-        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
-    assert [type(fast[i]).__name__ for i in (0, 3, 5)] == ["RowSkippingConv2d"] * 3
-    assert type(sparse[0]).__name__ == "SparseConv2d"  # a copy unless inplace=True
-    assert "rows_skipped=0.3" in repr(fast[3])
-    auto = skip_masked_rows(sparse, path="auto")
-    with torch.no_grad():
-        torch.testing.assert_close(auto(x), expected, atol=1e-5, rtol=1e-5)
-    assert {auto[i].path for i in (0, 3, 5)} == {"auto"} and auto[3].path_in_use in ("rows", "dense")
-    with pytest.raises(NMSearchError, match="no row-masked layers"):
-        skip_masked_rows(small_cnn())
-
-
-def test_row_skipping_kernel_bad_input() -> None:
-    reflect = sparsify(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), activation="r0.2", name="r")
-    with pytest.raises(RowsFastPathError, match=r"layer 'r': .*padding_mode='zeros' only, got 'reflect'"):
-        RowSkippingConv2d.from_layer(reflect)
-    with pytest.raises(RowsFastPathError, match="has no row mask"):
-        RowSkippingConv2d.from_layer(sparsify(nn.Conv2d(4, 4, 3), weight="2:4", name="w"))
-    fast = RowSkippingConv2d.from_layer(sparsify(nn.Conv2d(4, 4, 3), activation="r0.2", name="c"))
-    with pytest.raises(RowsFastPathError, match="batched"):
-        fast(torch.randn(4, 8, 8))
-    with pytest.raises(RowsFastPathError, match="expected 4 input channels, got 3"):
-        fast(torch.randn(1, 3, 8, 8))
-    with pytest.raises(RowsFastPathError, match="inference-only"):
-        fast(torch.randn(1, 4, 8, 8, requires_grad=True))
-    for error in (RowsFastPathError, InvalidSparsityError):
-        assert issubclass(error, NMSearchError)
 
 
 def test_row_scores_fallback_and_cache() -> None:

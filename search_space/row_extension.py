@@ -1,0 +1,124 @@
+"""The fused row-skipping convolution's C++ extension: compiled on first use, cached, optional.
+
+``search_space/csrc/row_conv.cpp`` is compiled with :func:`torch.utils.cpp_extension.load` the first
+time a process needs it (about 20-40 s) into ``$NMSEARCH_CACHE_DIR/extensions/`` (default
+``~/.cache/nmsearch/extensions/``), in a folder named after a hash of the source, the torch version
+and the compiler flags; later processes only load the built library. Where it cannot be built (no
+C++ compiler, no Python headers, another platform), one warning line is issued and
+:class:`~search_space.row_kernel.RowSkippingConv2d` keeps its pure-PyTorch gather path.
+
+``NMSEARCH_ROW_EXTENSION``: ``0`` never builds nor uses the extension (the pure-PyTorch path);
+``require`` turns a failed build into an error (CI); unset or anything else: use it when it builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from search_space.patterns import NMSearchError
+
+__all__ = [
+    "ROW_CONV_BLOCK_N",
+    "ROW_EXTENSION_ENV",
+    "RowExtensionError",
+    "extension_dir",
+    "pack_row_weight",
+    "row_conv_op",
+]
+
+ROW_EXTENSION_ENV = "NMSEARCH_ROW_EXTENSION"
+# Column-block width of the packed weight; must equal kBlockN in csrc/row_conv.cpp.
+ROW_CONV_BLOCK_N = 64
+_SOURCE = Path(__file__).parent / "csrc" / "row_conv.cpp"
+# Portable flags only (no -march=native: the build may be shared between machines); the
+# micro-kernel is oneDNN's, chosen at run time for this CPU. -fopenmp: at::parallel_for is inline.
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_state: dict[str, Callable[..., torch.Tensor] | None] = {}
+
+
+class RowExtensionError(NMSearchError):
+    """The fused row-skipping extension could not be built while ``NMSEARCH_ROW_EXTENSION=require``."""
+
+
+def extension_dir() -> Path:
+    """Where this source, torch version and flag set is built: ``<cache>/extensions/row_conv-<hash>``.
+
+    Returns:
+        The build folder (not created).
+    """
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{_CFLAGS}|{_LDFLAGS}".encode())
+    cache = Path(os.environ.get("NMSEARCH_CACHE_DIR") or Path.home() / ".cache" / "nmsearch").expanduser()
+    return cache / "extensions" / f"row_conv-{digest.hexdigest()[:16]}"
+
+
+def row_conv_op() -> Callable[..., torch.Tensor] | None:
+    """The fused kernel ``torch.ops.nmsearch_rows.row_conv``, built on the first call of a process.
+
+    Returns:
+        The op, or ``None`` when ``NMSEARCH_ROW_EXTENSION=0`` or it could not be built (after one
+        warning line naming the cause); the answer is kept for the rest of the process.
+
+    Raises:
+        RowExtensionError: If the build fails while ``NMSEARCH_ROW_EXTENSION=require``.
+    """
+    mode = os.environ.get(ROW_EXTENSION_ENV, "")
+    if mode == "0":
+        return None
+    if "op" not in _state:
+        try:
+            _state["op"] = _build()
+        except Exception as error:  # any build or load failure means: use the pure-PyTorch path
+            cause = " ".join(str(error).split())[-300:]
+            if mode == "require":
+                raise RowExtensionError(f"the fused row-skipping extension did not build: {cause}") from error
+            warnings.warn(
+                f"nmsearch: the fused row-skipping conv extension did not build, using the slower "
+                f"pure-PyTorch path (set {ROW_EXTENSION_ENV}=0 to silence): {cause}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _state["op"] = None
+    return _state["op"]
+
+
+def _build() -> Callable[..., torch.Tensor]:
+    if hasattr(torch.ops.nmsearch_rows, "row_conv"):  # already loaded in this process
+        return torch.ops.nmsearch_rows.row_conv
+    from torch.utils.cpp_extension import load  # imported lazily: it is slow to import
+
+    directory = extension_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    load(
+        name="nmsearch_row_conv",
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=_LDFLAGS,
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.nmsearch_rows.row_conv
+
+
+def pack_row_weight(matrix: torch.Tensor) -> torch.Tensor:
+    """The ``(K, Cout)`` GEMM weight in the fused kernel's layout.
+
+    Args:
+        matrix: ``(kh kw C, Cout)``: row ``(r, s, c)`` holds the weights of input channel ``c`` at
+            kernel offset ``(r, s)``.
+
+    Returns:
+        A contiguous 1-D tensor: the column blocks ``matrix[:, j : j + 64]`` (the last one narrower),
+        each row-major, one after the other.
+    """
+    blocks = matrix.split(ROW_CONV_BLOCK_N, dim=1)
+    return torch.cat([block.contiguous().flatten() for block in blocks])
