@@ -9,6 +9,8 @@ C++ compiler, no Python headers, another platform), one warning line is issued a
 
 ``NMSEARCH_ROW_EXTENSION``: ``0`` never builds nor uses the extension (the pure-PyTorch path);
 ``require`` turns a failed build into an error (CI); unset or anything else: use it when it builds.
+``NMSEARCH_EXTENSION_DIR`` overrides the ``<cache>/extensions`` folder (the test suite pins it to
+the real cache, so tests that point ``NMSEARCH_CACHE_DIR`` at a temporary folder do not rebuild).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from search_space.patterns import NMSearchError
 
 __all__ = [
+    "EXTENSION_DIR_ENV",
     "ROW_CONV_BLOCK_N",
     "ROW_EXTENSION_ENV",
     "RowExtensionError",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 ROW_EXTENSION_ENV = "NMSEARCH_ROW_EXTENSION"
+EXTENSION_DIR_ENV = "NMSEARCH_EXTENSION_DIR"
 # Column-block width of the packed weight; must equal kBlockN in csrc/row_conv.cpp.
 ROW_CONV_BLOCK_N = 64
 _SOURCE = Path(__file__).parent / "csrc" / "row_conv.cpp"
@@ -49,15 +53,21 @@ class RowExtensionError(NMSearchError):
 
 
 def extension_dir() -> Path:
-    """Where this source, torch version and flag set is built: ``<cache>/extensions/row_conv-<hash>``.
+    """Where this source, torch version and flag set is built: ``<extensions>/row_conv-<hash>``.
+
+    ``<extensions>`` is ``$NMSEARCH_EXTENSION_DIR``, else ``$NMSEARCH_CACHE_DIR/extensions``, else
+    ``~/.cache/nmsearch/extensions``.
 
     Returns:
         The build folder (not created).
     """
     digest = hashlib.sha256(_SOURCE.read_bytes())
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{_CFLAGS}|{_LDFLAGS}".encode())
-    cache = Path(os.environ.get("NMSEARCH_CACHE_DIR") or Path.home() / ".cache" / "nmsearch").expanduser()
-    return cache / "extensions" / f"row_conv-{digest.hexdigest()[:16]}"
+    extensions = os.environ.get(EXTENSION_DIR_ENV)
+    if not extensions:
+        cache = os.environ.get("NMSEARCH_CACHE_DIR") or Path.home() / ".cache" / "nmsearch"
+        extensions = Path(cache) / "extensions"
+    return Path(extensions).expanduser() / f"row_conv-{digest.hexdigest()[:16]}"
 
 
 def row_conv_op() -> Callable[..., torch.Tensor] | None:

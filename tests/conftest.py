@@ -6,11 +6,15 @@ import matplotlib
 import pytest
 import torch
 
+from search_space.row_extension import extension_dir
 from tests.postgres import PostgresUnavailable, create_database, postgres_server
 
 matplotlib.use("Agg")
 
 REQUIRE_POSTGRES = "NMSEARCH_REQUIRE_POSTGRES"  # set by CI: a missing server fails instead of skipping
+# The fused row-skipping extension is built once per machine into the real cache, also for tests
+# that point NMSEARCH_CACHE_DIR at a temporary folder (it would be rebuilt there, 20-40 s each).
+os.environ.setdefault("NMSEARCH_EXTENSION_DIR", str(extension_dir().parent))
 
 
 @pytest.fixture(autouse=True)

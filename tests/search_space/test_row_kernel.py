@@ -21,7 +21,14 @@ from search_space import (
     skip_masked_rows,
     sparsify,
 )
-from search_space.row_extension import ROW_EXTENSION_ENV, RowExtensionError, pack_row_weight, row_conv_op
+from search_space.row_extension import (
+    EXTENSION_DIR_ENV,
+    ROW_EXTENSION_ENV,
+    RowExtensionError,
+    extension_dir,
+    pack_row_weight,
+    row_conv_op,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = ("weights", "rows")
@@ -166,6 +173,15 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch) -> None:
     assert issubclass(RowExtensionError, NMSearchError)
 
 
+def test_extension_dir_follows_the_cache_unless_pinned(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(EXTENSION_DIR_ENV)
+    monkeypatch.setenv("NMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    built = extension_dir()
+    assert built.parent == tmp_path / "cache" / "extensions" and built.name.startswith("row_conv-")
+    monkeypatch.setenv(EXTENSION_DIR_ENV, str(tmp_path / "pinned"))
+    assert extension_dir() == tmp_path / "pinned" / built.name  # the name hashes source, torch and flags
+
+
 @pytest.mark.slow
 def test_a_machine_without_a_compiler_gets_the_fallback(tmp_path: Path) -> None:
     """A real failed build (a fresh cache, a compiler that does not exist) in a fresh process."""
@@ -187,6 +203,7 @@ def test_a_machine_without_a_compiler_gets_the_fallback(tmp_path: Path) -> None:
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "NMSEARCH_CACHE_DIR": str(tmp_path),
+        EXTENSION_DIR_ENV: "",  # not the suite's pinned (built) one: a fresh build in tmp_path
         "CXX": str(tmp_path / "no-such-c++"),
         ROW_EXTENSION_ENV: "",
     }
