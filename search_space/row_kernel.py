@@ -13,6 +13,7 @@ not launch times).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,13 +47,13 @@ class RowsFastPathError(NMSearchError):
     """A convolution or call the row-skipping inference kernel does not support."""
 
 
-def _seconds(run: Callable[[], Tensor]) -> float:
+def _seconds(run: Callable[[], Tensor], clock: Callable[[], float] = time.perf_counter) -> float:
     """Shortest of ``_AUTO_ROUNDS`` timed calls of ``run`` after a warm-up call (CUDA synchronised).
 
     The minimum, not the median: other jobs on a shared machine only ever add time to a call.
     """
     run()
-    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(stmt="run()", globals={"run": run}, timer=clock, num_threads=torch.get_num_threads())
     return min(timer.timeit(1).mean for _ in range(_AUTO_ROUNDS))
 
 
@@ -336,9 +337,15 @@ class RowSkippingConv2d(nn.Module):
             plan.gemm_bias = None if self.bias is None else self.bias[0]
 
     def _dense_is_faster(self, x: Tensor, plan: _ShapeState) -> bool:
-        """Time both paths on ``x`` (after a warm-up call each); medians decide."""
-        rows = _seconds(lambda: self._skip_rows(x, plan))
-        return _seconds(lambda: self._masked_dense(x, plan)) < rows
+        """Time both paths on ``x`` (after a warm-up call each); the shortest calls decide.
+
+        On a CPU with one torch thread the clock is this thread's CPU time, which leaves out the
+        time other jobs hold the core (the choice would otherwise follow the machine's load).
+        """
+        single = x.device.type == "cpu" and torch.get_num_threads() == 1
+        clock = time.thread_time if single else time.perf_counter
+        rows = _seconds(lambda: self._skip_rows(x, plan), clock)
+        return _seconds(lambda: self._masked_dense(x, plan), clock) < rows
 
     def forward(self, x: Tensor) -> Tensor:
         """The conv's output with the skipped rows zero, computing only the kept rows (on the ``rows`` path).

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,8 @@ def test_auto_path_keeps_the_faster_path_per_shape(kernel: str, monkeypatch) -> 
     slow = {"dense": 0.0, "rows": 0.0}
     timed = []
 
-    def seconds(run):
+    def seconds(run, clock):
+        assert clock is time.thread_time  # one torch thread on the CPU: its CPU time
         timed.append(run())  # the timed call really runs the path
         return slow[timed_path["now"]]
 
@@ -258,6 +260,7 @@ def test_auto_path_keeps_the_faster_path_per_shape(kernel: str, monkeypatch) -> 
     monkeypatch.setattr(fast, "_skip_rows", rows)
     monkeypatch.setattr("search_space.row_kernel._seconds", seconds)
     slow.update(dense=1.0, rows=2.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     with torch.no_grad():
         fast(torch.randn(1, 8, 6, 6))
         assert fast.path_in_use == "dense" and len(timed) == 2
@@ -272,8 +275,10 @@ def test_auto_path_times_with_torch_benchmark() -> None:
     from search_space import row_kernel
 
     calls = []
-    assert row_kernel._seconds(lambda: calls.append(1) or torch.zeros(1)) >= 0
-    assert len(calls) >= 1 + row_kernel._AUTO_ROUNDS  # a warm-up call, then the timed rounds
+    for clock in (time.perf_counter, time.thread_time):
+        calls.clear()
+        assert row_kernel._seconds(lambda: calls.append(1) or torch.zeros(1), clock) >= 0
+        assert len(calls) >= 1 + row_kernel._AUTO_ROUNDS  # a warm-up call, then the timed rounds
 
 
 def test_unknown_path_is_refused() -> None:
