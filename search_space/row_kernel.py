@@ -327,8 +327,8 @@ class RowSkippingConv2d(nn.Module):
         plan.columns = torch.zeros(gather.numel() + (taps if groups == 1 else 0), self.in_channels, **options)
         plan.products = torch.empty(groups, rows, cout_per_group, **options) if groups > 1 else None
         plan.results = torch.zeros(rows + 1 if groups > 1 else 0, self.out_channels, **options)
-        _, _, top, _ = self.padding
-        plan.interior = plan.padded[:, top : top + input_size[0], self.padding[0] : self.padding[0] + input_size[1]]
+        left, _, top, _ = self.padding
+        plan.interior = plan.padded[:, top : top + input_size[0], left : left + input_size[1]]
         plan.kept_results = plan.results[:rows]
         if groups == 1:
             plan.gemm_columns = plan.columns.view(rows + 1, -1)
