@@ -19,8 +19,12 @@ import torch
 from torch import Tensor
 
 from search_space.patterns import NMPattern, check_divisible
+from search_space.row_extension import nm_mask_op
 
-# Kernel choice, measured with ``python benchmarks/masks.py --load`` (docs/results/masks.md):
+# On the CPU the one-pass C++ kernel (csrc/nm_mask.cpp, built with the row-skipping conv) ranks each
+# group in registers with one parallel loop: one thread barrier per mask, so it keeps its speed on a
+# busy machine (docs/results/masks.md). Where it is not built, and on other devices:
+# kernel choice, measured with ``python benchmarks/masks.py --load`` (docs/results/masks.md):
 # the pairwise rank launches about 3 * M(M-1)/2 small kernels, each a thread barrier that
 # waits for a descheduled OpenMP thread on a busy machine, so it only pays for M <= 4 (6
 # comparisons: 3-4x faster than argsort quiet or loaded). From M = 5 on, one stable sort of
@@ -28,6 +32,7 @@ from search_space.patterns import NMPattern, check_divisible
 # N = 1 needs no rank at all: one argmax (the first maximum) in four kernels, 3-5x faster than the
 # sort at 1:8 and on par with the pairwise rank at 1:4 (docs/results/masks.md).
 _PAIRWISE_MAX_M = 4
+_FUSED_MAX_M = 64  # kMaxM of csrc/nm_mask.cpp: a group's scores live on the stack
 
 
 def _pairwise_keep(groups: Tensor, n: int, m: int, dim: int, dtype: torch.dtype) -> Tensor:
@@ -94,6 +99,12 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = -1, *, dtype: torch.dtype
     if n == m:
         return torch.ones_like(scores, dtype=dtype)
     scores = scores.detach()
+    if scores.device.type == "cpu" and scores.is_floating_point() and m <= _FUSED_MAX_M:
+        op = nm_mask_op()
+        if op is not None:
+            keep = torch.empty(scores.shape, dtype=dtype)
+            op(scores.contiguous(), keep, n, m, dim)
+            return keep
     groups = scores.unflatten(dim, (size // m, m))
     if n == 1:
         keep = _first_max_keep(groups, dim + 1, dtype)

@@ -16,6 +16,7 @@ from search_space import (
     weight_nm_mask,
 )
 from search_space.masks import _first_max_keep, _pairwise_keep, _sorted_keep
+from search_space.row_extension import nm_mask_op
 
 
 def brute_force_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
@@ -238,8 +239,8 @@ def kernel_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int]:
 @settings(max_examples=300, deadline=None)
 @given(kernel_cases(), st.sampled_from([torch.bool, torch.float32, torch.float16]))
 def test_both_mask_kernels_equal_stable_sort(case: tuple[torch.Tensor, int, int, int], out: torch.dtype) -> None:
-    """Whatever M, the pairwise rank and the sort kernel (and for N = 1 the first maximum) give the
-    stable-sort mask, so the measured switch between them (``_PAIRWISE_MAX_M``) can move without
+    """Whatever M, the pairwise rank, the sort kernel, the one-pass C++ kernel (and for N = 1 the first
+    maximum) give the stable-sort mask, so the measured switch between them (``_PAIRWISE_MAX_M``) can move without
     changing any mask."""
     scores, n, m, dim = case
     expected = stable_sort_oracle(scores, n, m, dim)
@@ -249,5 +250,10 @@ def test_both_mask_kernels_equal_stable_sort(case: tuple[torch.Tensor, int, int,
     for keep in kernels:
         assert keep.dtype == out
         assert torch.equal(keep.flatten(dim, dim + 1).bool(), expected)
+    fused = nm_mask_op()  # the one-pass C++ kernel (CPU), when the extension is built
+    if fused is not None and m <= 64:
+        keep = torch.empty(scores.shape, dtype=out)
+        fused(scores.contiguous(), keep, n, m, dim)
+        assert torch.equal(keep.bool(), expected)
     if n < m:
         assert torch.equal(nm_mask(scores, n, m, dim), expected)

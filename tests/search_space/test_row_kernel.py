@@ -158,7 +158,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch) -> None:
     monkeypatch.setattr(row_extension, "_state", {})
     monkeypatch.setattr(row_extension, "_build", no_compiler)
     monkeypatch.delenv(ROW_EXTENSION_ENV, raising=False)
-    with pytest.warns(RuntimeWarning, match=r"did not build, using the slower pure-PyTorch path .*'c\+\+'"):
+    with pytest.warns(RuntimeWarning, match=r"did not build, using the slower pure-PyTorch kernels .*'c\+\+'"):
         assert row_conv_op() is None
     assert row_conv_op() is None  # remembered: no second warning (pytest's filter makes one an error)
     layer = sparsify(nn.Conv2d(4, 6, 3, padding=1), activation="r0.3", name="c")
@@ -178,7 +178,7 @@ def test_extension_dir_follows_the_cache_unless_pinned(tmp_path: Path, monkeypat
     monkeypatch.delenv(EXTENSION_DIR_ENV)
     monkeypatch.setenv("NMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     built = extension_dir()
-    assert built.parent == tmp_path / "cache" / "extensions" and built.name.startswith("row_conv-")
+    assert built.parent == tmp_path / "cache" / "extensions" and built.name.startswith("cpu_kernels-")
     monkeypatch.setenv(EXTENSION_DIR_ENV, str(tmp_path / "pinned"))
     assert extension_dir() == tmp_path / "pinned" / built.name  # the name hashes source, torch and flags
 
