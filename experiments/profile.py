@@ -306,7 +306,8 @@ def time_layers_in_network(
     After ``settings.warmup`` untimed passes, ``model(x)`` runs until ``settings.min_run_time`` has
     passed and at least :data:`MIN_BLOCKS` passes are in; each layer is timed in every pass, between
     a forward pre-hook and a forward hook (wall clock, or the thread's CPU time for
-    ``clock="cpu"``; CUDA synchronised at both ends).
+    ``clock="cpu"``; CUDA synchronised at both ends), less what the hooks measure around a module
+    that does nothing (their own cost).
 
     Args:
         model: the deployed model, on the settings' device and dtype.
@@ -318,12 +319,10 @@ def time_layers_in_network(
         ``{name: (median, IQR, fastest, passes)}``.
     """
     cpu_clock = _check_clock(settings)
+    clock, cuda = (time.thread_time if cpu_clock else time.perf_counter), settings.torch_device.type == "cuda"
+    overhead = _hook_overhead(clock, cuda)
     modules = dict(model.named_modules())
-    timer = _LayerTimer(
-        {name: modules[name] for name in names},
-        time.thread_time if cpu_clock else time.perf_counter,
-        settings.torch_device.type == "cuda",
-    )
+    timer = _LayerTimer({name: modules[name] for name in names}, clock, cuda)
     try:
         with torch.no_grad():
             for _ in range(settings.warmup):
@@ -337,7 +336,21 @@ def time_layers_in_network(
                 passes += 1
     finally:
         timer.remove()
-    return {name: _statistics(samples) for name, samples in timer.samples.items()}
+    return {name: _statistics([max(t - overhead, _TINY_S) for t in samples]) for name, samples in timer.samples.items()}
+
+
+def _hook_overhead(clock: Callable[[], float], cuda: bool, calls: int = 200) -> float:
+    """Median time the hooks measure around a module that does nothing (``nn.Identity``): the
+    hooked call's own cost, taken off every layer's samples so small layers are not inflated."""
+    probe = nn.Identity()
+    timer = _LayerTimer({"probe": probe}, clock, cuda)
+    x = torch.zeros(())
+    try:
+        for _ in range(calls):
+            probe(x)
+    finally:
+        timer.remove()
+    return float(np.median(timer.samples["probe"]))
 
 
 def _statistics(times: Sequence[float]) -> tuple[float, float, float, int]:
