@@ -30,24 +30,9 @@ from search_space.row_extension import (
     pack_row_weight,
     row_conv_op,
 )
+from tests.search_space.test_rows import ROWS, small_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("weights", "rows")
-
-
-def small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 4),
-    )
 
 
 @pytest.fixture(scope="session")
