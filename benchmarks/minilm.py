@@ -70,7 +70,8 @@ def score(evaluator: CompositeEvaluator, scheme: Scheme, label: str, kind: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--random", type=int, default=12)
+    parser.add_argument("--random", type=int, default=12, help="random schemes scored as a baseline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler and of the random schemes")
     parser.add_argument("--method-sentences", type=int, default=256, help="held-out sentences of the methods table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--no-methods", dest="methods", action="store_false", help="keep minilm_methods.csv")
@@ -139,7 +140,7 @@ def main() -> None:
     picked = [*allocations[3::4], allocations[-1]]
     strategy = OptunaStrategy(
         n_trials=args.trials,
-        seed=0,
+        seed=args.seed,
         objectives=["accuracy", "latency_ms"],
         warm_start_schemes=[dict(s.choices) for s in picked],
     )
@@ -153,7 +154,8 @@ def main() -> None:
     # 3. baselines and the chosen scheme
     points = [score(scorer, scheme, label, "uniform") for label, scheme in space.uniform_schemes().items()]
     points += [score(scorer, s, f"allocation step {s.provenance['step']}", "allocation") for s in picked]
-    points += [score(scorer, space.random(seed), f"random {seed}", "random") for seed in range(args.random)]
+    random_seeds = range(1000 * args.seed, 1000 * args.seed + args.random)
+    points += [score(scorer, space.random(seed), f"random {seed}", "random") for seed in random_seeds]
     completed = result.completed
     for row in completed.to_dict("records"):
         points.append(
