@@ -358,12 +358,17 @@ def _parse_patterns(fields: _Fields, key: str) -> tuple[NMPattern, ...]:
     raw = fields.data.get(key, [])
     if not isinstance(raw, list):
         raise fields.error(f"field {key!r} must be a list of N:M strings, got {raw!r}")
+    return _sparse_patterns(fields, raw, repr(key))
+
+
+def _sparse_patterns(fields: _Fields, raw: list, label: str) -> tuple[NMPattern, ...]:
+    """The sparse N:M patterns listed in field ``label`` (each one parsed; dense ones refused)."""
     try:
         patterns = tuple(NMPattern.parse(p) for p in raw)
     except NMSearchError as error:
-        raise fields.error(f"field {key!r}: {error}") from None
+        raise fields.error(f"field {label}: {error}") from None
     if any(p.is_dense for p in patterns):
-        raise fields.error(f"field {key!r} must list sparse N:M patterns (N < M)")
+        raise fields.error(f"field {label} must list sparse N:M patterns (N < M)")
     return patterns
 
 
@@ -377,12 +382,7 @@ def _parse_dtype(dtypes: _Fields, name: str) -> DtypeSpec:
     if raw_patterns == ANY_PATTERN:
         patterns: tuple[NMPattern, ...] | str = ANY_PATTERN
     elif isinstance(raw_patterns, list):
-        try:
-            patterns = tuple(NMPattern.parse(p) for p in raw_patterns)
-        except NMSearchError as error:
-            raise spec.error(f"field 'dtypes.{name}.sparse_patterns': {error}") from None
-        if any(p.is_dense for p in patterns):
-            raise spec.error(f"field 'dtypes.{name}.sparse_patterns' must list sparse N:M patterns (N < M)")
+        patterns = _sparse_patterns(spec, raw_patterns, f"'dtypes.{name}.sparse_patterns'")
     else:
         raise spec.error(
             f"field 'dtypes.{name}.sparse_patterns' must be a list of N:M strings or {ANY_PATTERN!r}, "
