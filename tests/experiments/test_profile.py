@@ -26,13 +26,7 @@ class Tiny(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """As the CLI: at 2 threads on a loaded machine a tiny conv stalls on its preempted thread (~60 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -24,14 +23,7 @@ from tests.strategies import gumbel_worker
 from tests.strategies.faults import finish, lines, wait_for_lines
 from tests.strategies.toy import TinyEncoderTask
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The layers here are tiny: one intra-op thread is faster, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_temperature_schedules() -> None:
