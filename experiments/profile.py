@@ -9,7 +9,7 @@ row masks as the row-skipping conv (``skip_masked_rows``). Each option is deploy
 offering it and its layers are timed *inside whole forward passes* at the configured batch (a clock
 read in a forward pre-hook and a forward hook; warm-up passes first; CUDA synchronised), so each
 layer meets the caches and inputs it has in the network -- a layer timed alone on a repeated input
-runs warm in cache and the sum of such times under-predicts the network (by 20-55% on this
+runs warm in cache and the sum of such times under-predicts the network (by 23-56% on this
 project's CPU). The table keeps the median, IQR and fastest pass. The rest of the network
 (``<rest>``: normalisation, activations, pooling, residual adds) is the dense network's whole
 passes, timed without hooks, less its layers' times.
@@ -90,7 +90,7 @@ SEMI_STRUCTURED = NMPattern(2, 4)
 CLOCKS = ("wall", "cpu")
 BLOCK_S = 1e-3  # target seconds of one timed block
 MIN_BLOCKS = 10
-_TINY_S = 1e-9  # the floor of <rest>: a table entry is positive
+_TINY_S = 1e-9  # the floor of a timed entry (<rest>, a layer less the hooks' cost): table entries are positive
 
 
 @dataclass(frozen=True)
