@@ -83,6 +83,8 @@ def main() -> None:
         "--cost-batch", type=int, default=None, help="128-token sequences the cost model prices (default: the task's)"
     )
     args = parser.parse_args()
+    if args.cost_batch is not None and args.cost_batch < 1:
+        parser.error(f"--cost-batch must be a positive number of sequences, got {args.cost_batch}")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--csv", type=Path, help="write the per-run table here")
     args = parser.parse_args()
+    missing = [str(run) for run in args.runs if not (run / "minilm_front.csv").is_file()]
+    if missing:
+        parser.error(f"no minilm_front.csv in {', '.join(missing)}: run benchmarks/minilm.py --out DIR first")
     fronts = {run: pd.read_csv(run / "minilm_front.csv") for run in args.runs}
     every = pd.concat(fronts.values())
     worst = np.array([every["cosine"].min(), every["latency_ms"].max()])
