@@ -1,14 +1,15 @@
 """Predicted vs measured speedups on this CPU: the cost model against what nmsearch deploys here.
 
-    python benchmarks/cost_vs_measured.py [--rounds 15] [--csv docs/results/cost_vs_measured_cpu.csv]
+    python benchmarks/cost_vs_measured.py [--rounds 25] [--csv docs/results/cost_vs_measured_cpu.csv]
                                           [--fit] [--update conf/hardware/cpu_x86_avx2.yaml]
+                                          [--measured earlier.csv] [--repeat-of earlier.csv]
 
 Every layer (Linear and 3x3 Conv2d, batch 1 and 64, fp32) is deployed as nmsearch deploys it on a
 CPU and timed: the dense layer; ``w2:4`` and ``w1:8`` as finalized weights (zeros baked into a plain
 dense module, ``Scheme.finalize``: the only way N:M weights run here); ``a2:4`` as the dynamic
 activation mask (the sparse wrapper computing the N:M mask of every input); ``r0.2`` / ``r0.3`` on
 convs as the row-skipping kernel (``skip_masked_rows``). Each round runs every option of a layer
-back to back (a few calls each); times are medians over rounds. The cost model
+back to back (a few calls each, after a warm-up). The cost model
 (:class:`~evaluators.cost.HardwareCostModel`, ``--profile``, fp32, the layer's batch) predicts
 each option's latency; the table shows predicted and measured latency and speedup over dense.
 
@@ -18,10 +19,15 @@ shared machine a multi-threaded kernel stalls whenever one of its threads is pre
 conv went from 0.8 ms to 76-156 ms at 2 threads under load 15).
 
 ``--fit`` fits the profile's CPU factors (dense compute efficiency, per-call overhead, per-tile K
-overhead, the dynamic mask's selection time per value; memory efficiency stays 1: the profile's
+overhead, the dynamic mask's selection time per value and fixed cost per call, the row-skipping
+kernel's GEMM efficiency and gather time per value; memory efficiency stays 1: the profile's
 bandwidth is the measured copy bandwidth) to the measured latencies with
 :func:`evaluators.calibration.fit_factors` and prints the table again;
-``--update`` also rewrites those numbers in the profile YAML (comments kept, atomic write).
+``--update`` also rewrites those numbers in the profile YAML (comments kept, atomic write). The fit
+weighs log latency and log speedup (the ratio a search compares; a mask pass's fixed cost is small
+in a layer's latency but not in its speedup). ``--measured`` refits an earlier run's ``--csv``
+without timing again; ``--repeat-of`` reports how well this run's speedups agree with an earlier
+run's (Kendall tau): no model can rank this machine's timings better than they rank each other.
 
 Targets (benchmark, not test): every speedup within 25% of measured, Kendall tau >= 0.8 over all
 points, and no option that runs dense predicted faster than dense by more than its real saving.
@@ -54,7 +60,15 @@ from search_space.io import atomic_write_text
 
 TARGETS = ("weights", "activations", "rows")
 WEIGHT_OPTIONS = ("w2:4", "w1:8")
-CPU_FITTED = ("compute_dense", "launch_overhead_us", "k_overhead", "mask_ns_per_value")
+CPU_FITTED = (
+    "compute_dense",
+    "launch_overhead_us",
+    "k_overhead",
+    "mask_ns_per_value",
+    "mask_overhead_us",
+    "compute_rows_ratio",
+    "row_gather_ns_per_value",
+)
 
 
 @dataclass(frozen=True)
@@ -105,9 +119,14 @@ def time_case(case: LayerCase, batch: int, rounds: int) -> list[dict]:
             assert modules[option](x).shape == reference.shape
         calls = {}
         for option, module in modules.items():
+            # Warm up first: a first call (a kernel library loading, a lazy build) is not the
+            # layer's time, and sizing the rounds from it would time that option one cold call at a time.
+            for _ in range(3):
+                module(x)
             start = time.perf_counter()
-            module(x)
-            calls[option] = max(1, int(0.004 / max(time.perf_counter() - start, 1e-6)))
+            for _ in range(3):
+                module(x)
+            calls[option] = max(1, int(0.004 / max((time.perf_counter() - start) / 3, 1e-6)))
         samples: dict[str, list[float]] = {option: [] for option in options}
         for _ in range(rounds):
             for option, module in modules.items():
@@ -142,6 +161,55 @@ def predict(rows: list[dict], profile: HardwareProfile) -> np.ndarray:
     return np.array(out)
 
 
+def read_measured(path: Path) -> list[dict]:
+    """The measured rows of an earlier run's ``--csv`` (refit without timing again); exits in one line if unusable."""
+    cases = {case.label: case for case in CASES}
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise SystemExit(f"--measured {path}: cannot read it ({error}); pass a file written by --csv") from None
+    missing = [c for c in ("layer", "batch", "option", "measured_ms", "spread") if c not in frame.columns]
+    if missing:
+        raise SystemExit(f"--measured {path}: missing column {missing[0]!r}; pass a file written by --csv")
+    unknown = sorted(set(frame["layer"]) - set(cases))
+    if unknown:
+        raise SystemExit(f"--measured {path}: unknown layer {unknown[0]!r}; this script times {', '.join(cases)}")
+    if not (pd.to_numeric(frame["measured_ms"], errors="coerce") > 0).all():
+        raise SystemExit(f"--measured {path}: every measured_ms must be a positive number")
+    rows = []
+    for (label, batch), group in frame.groupby(["layer", "batch"], sort=False):
+        if "dense" not in set(group["option"]):
+            raise SystemExit(f"--measured {path}: {label} at batch {batch} has no dense row; speedups need it")
+        case = cases[label]
+        model = nn.Sequential(case.build())
+        space = SearchSpace.from_model(model, torch.randn(int(batch), *case.input_shape), targets=TARGETS)
+        dense_ms = float(group.loc[group["option"] == "dense", "measured_ms"].iloc[0])
+        for record in group.itertuples():
+            if record.option not in space.option_names("0"):
+                raise SystemExit(f"--measured {path}: option {record.option!r} is not one of {label}'s options")
+            rows.append(
+                {
+                    "layer": label,
+                    "kind": "conv" if case.rows else "linear",
+                    "batch": int(batch),
+                    "option": record.option,
+                    "measured_ms": float(record.measured_ms),
+                    "measured_speedup": dense_ms / float(record.measured_ms),
+                    "spread": float(record.spread),
+                    "space": space,
+                }
+            )
+    return rows
+
+
+def with_speedups(rows: list[dict], latencies: np.ndarray) -> np.ndarray:
+    """Latencies followed by every non-dense row's speedup over its layer's dense row (what a fit weighs)."""
+    dense = {(row["layer"], row["batch"]): i for i, row in enumerate(rows) if row["option"] == "dense"}
+    sparse = [i for i, row in enumerate(rows) if row["option"] != "dense"]
+    reference = [dense[rows[i]["layer"], rows[i]["batch"]] for i in sparse]
+    return np.concatenate([latencies, latencies[reference] / latencies[sparse]])
+
+
 def table(rows: list[dict], predicted: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame([{k: v for k, v in row.items() if k != "space"} for row in rows])
     frame["predicted_ms"] = predicted
@@ -173,6 +241,20 @@ def report(frame: pd.DataFrame, title: str) -> None:
     )
 
 
+def repeat_agreement(frame: pd.DataFrame, other: list[dict]) -> None:
+    """How well two timings of the same points agree: the ceiling of any model's score here."""
+    earlier = pd.DataFrame([{k: v for k, v in row.items() if k != "space"} for row in other])
+    pairs = frame.merge(earlier, on=["layer", "batch", "option"], suffixes=("", "_earlier"))
+    pairs = pairs[pairs["option"] != "dense"]
+    tau, median = speedup_scores(pairs["measured_speedup_earlier"].to_numpy(), pairs["measured_speedup"].to_numpy())
+    worst = pairs.iloc[int(np.argmax(np.abs(pairs["measured_speedup"] / pairs["measured_speedup_earlier"] - 1)))]
+    print(
+        f"repeat agreement with the earlier run ({len(pairs)} speedups): Kendall tau {tau:.3f}, median |difference| "
+        f"{median:.1%}; largest: {worst['layer']} batch {worst['batch']} {worst['option']} "
+        f"{worst['measured_speedup_earlier']:.3f} then {worst['measured_speedup']:.3f}"
+    )
+
+
 def update_profile(path: Path, profile: HardwareProfile) -> None:
     """Rewrite the fitted CPU factors in place (comments kept); the result must load."""
     text = path.read_text()
@@ -182,6 +264,9 @@ def update_profile(path: Path, profile: HardwareProfile) -> None:
         r"(compute_sparse:\s*)[0-9.]+": round(profile.efficiency.compute_dense, 3),  # no sparse cores; <= dense
         r"(k_overhead:\s*)[0-9.]+": round(profile.gemm.k_overhead, 2),
         r"(mask_ns_per_value:\s*)[0-9.]+": round(profile.gemm.mask_ns_per_value, 3),
+        r"(mask_overhead_us:\s*)[0-9.]+": round(profile.gemm.mask_overhead_us, 2),
+        r"(row_gather_ns_per_value:\s*)[0-9.]+": round(profile.gemm.row_gather_ns_per_value, 3),
+        r"(compute_rows:\s*)[0-9.]+": round(profile.efficiency.rows, 3),
     }
     for pattern, value in numbers.items():
         text, count = re.subn(pattern, lambda m, v=value: f"{m.group(1)}{v}", text)
@@ -202,6 +287,10 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine, multi-threaded kernels stall on preempted threads)",
     )
     parser.add_argument("--csv", type=Path, help="write the (fitted, if --fit) table here")
+    parser.add_argument("--measured", type=Path, help="read the measurements from an earlier --csv instead of timing")
+    parser.add_argument(
+        "--repeat-of", type=Path, help="an earlier run's --csv: report how well the two timings agree (the ceiling)"
+    )
     parser.add_argument("--fit", action="store_true", help="fit the CPU factors to the measurements")
     parser.add_argument("--update", type=Path, help="with --fit: profile YAML to rewrite with the fitted factors")
     args = parser.parse_args()
@@ -212,16 +301,24 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{started}; torch {torch.__version__}, {torch.get_num_threads()} threads; {uptime()}")
     print("(the machine is shared with other jobs: timings move with its load)")
-    rows = [row for case in CASES for batch in BATCHES for row in time_case(case, batch, args.rounds)]
-    print(f"after timing: {uptime()}")
+    if args.measured:
+        rows = read_measured(args.measured)
+        print(f"measurements read from {args.measured} (not timed again)")
+    else:
+        rows = [row for case in CASES for batch in BATCHES for row in time_case(case, batch, args.rounds)]
+        print(f"after timing: {uptime()}")
     frame = table(rows, predict(rows, profile))
     report(frame, f"profile {args.profile} as shipped")
+    if args.repeat_of:
+        repeat_agreement(frame, read_measured(args.repeat_of))
     if args.fit:
-        measured = frame["measured_ms"].to_numpy()
+        # Least squares on log latency and log speedup: the speedup is what a search compares, and a
+        # layer's fixed costs (a mask pass's dispatch) are small in its latency but not in its speedup.
+        measured = with_speedups(rows, frame["measured_ms"].to_numpy())
         fixed = {name: value for name, value in zip(FACTORS, factors_of(profile), strict=True)}
         fixed = {name: value for name, value in fixed.items() if name not in CPU_FITTED}
         x, rmse = fit_factors(
-            lambda x: predict(rows, apply_factors(profile, x)),
+            lambda x: with_speedups(rows, predict(rows, apply_factors(profile, x))),
             measured,
             factors_of(profile),
             fixed=fixed,
@@ -229,7 +326,7 @@ def main() -> None:
         )
         profile = apply_factors(profile, x)
         print("\nfitted: " + ", ".join(f"{n}={v:.4g}" for n, v in zip(FACTORS, x, strict=True) if n in CPU_FITTED))
-        print(f"RMSE(log latency) {rmse:.3f}")
+        print(f"RMSE(log latency, log speedup) {rmse:.3f}")
         frame = table(rows, predict(rows, profile))
         report(frame, "fitted profile")
         if args.update:

@@ -94,12 +94,24 @@ FACTORS = (
     "k_overhead",
     "sparse_overhead_us",
     "mask_ns_per_value",
+    "mask_overhead_us",
+    "compute_rows_ratio",
+    "row_gather_ns_per_value",
 )
 # Back-to-back GEMM timings hide the per-call launch gap, hold too few memory-bound points to
-# identify the DRAM efficiency and no activation masks: the command line keeps those fixed.
-DEFAULT_FIXED = ("memory=0.8", "launch_overhead_us=5", "mask_ns_per_value=0")
-_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0])
-_UPPER = np.array([1.0, 1.0, 1.0, 1e3, 4096.0, 1e4, 1e4])
+# identify the DRAM efficiency and no activation masks or row-skipping kernels: the command line
+# keeps those fixed.
+DEFAULT_FIXED = (
+    "memory=0.8",
+    "launch_overhead_us=5",
+    "mask_ns_per_value=0",
+    "mask_overhead_us=0",
+    "compute_rows_ratio=1",
+    "row_gather_ns_per_value=0",
+)
+_LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-3, 0.0])
+# The row kernel's ratio may exceed 1 (another library than the dense one); its efficiency is capped at 1.
+_UPPER = np.array([1.0, 1.0, 1.0, 1e3, 4096.0, 1e4, 1e4, 1e4, 1e3, 1e4])
 
 
 class CalibrationError(NMSearchError):
@@ -221,9 +233,19 @@ def apply_factors(profile: HardwareProfile, x: Sequence[float]) -> HardwareProfi
     Returns:
         A copy of ``profile`` with those factors.
     """
-    dense, ratio, memory, launch, k_overhead, sparse_overhead, mask_ns = (float(v) for v in x)
-    gemm = replace(profile.gemm, k_overhead=k_overhead, sparse_overhead_us=sparse_overhead, mask_ns_per_value=mask_ns)
-    return profile.with_efficiency(Efficiency(dense, dense * ratio, memory), launch, gemm)
+    dense, ratio, memory, launch, k_overhead, sparse_overhead, mask_ns, mask_us, rows_ratio, gather_ns = (
+        float(v) for v in x
+    )
+    gemm = replace(
+        profile.gemm,
+        k_overhead=k_overhead,
+        sparse_overhead_us=sparse_overhead,
+        mask_ns_per_value=mask_ns,
+        mask_overhead_us=mask_us,
+        row_gather_ns_per_value=gather_ns,
+    )
+    rows = None if rows_ratio == 1.0 and profile.efficiency.compute_rows is None else min(1.0, dense * rows_ratio)
+    return profile.with_efficiency(Efficiency(dense, dense * ratio, memory, rows), launch, gemm)
 
 
 def factors_of(profile: HardwareProfile) -> np.ndarray:
@@ -244,6 +266,9 @@ def factors_of(profile: HardwareProfile) -> np.ndarray:
         profile.gemm.k_overhead,
         profile.gemm.sparse_overhead_us,
         profile.gemm.mask_ns_per_value,
+        profile.gemm.mask_overhead_us,
+        eff.rows / eff.compute_dense,
+        profile.gemm.row_gather_ns_per_value,
     ]
     return np.clip(x, _LOWER, _UPPER)
 
@@ -646,8 +671,9 @@ def update_profile_text(text: str, factors: Mapping[str, float], label: str = "p
 
     Returns:
         The new text: ``compute_dense``, ``compute_sparse`` (dense x ratio), ``memory``,
-        ``launch_overhead_us``, ``k_overhead``, ``sparse_overhead_us`` and, where the file has it,
-        ``mask_ns_per_value``.
+        ``launch_overhead_us``, ``k_overhead``, ``sparse_overhead_us`` and, where the file has them,
+        the optional ``mask_ns_per_value``, ``mask_overhead_us``, ``compute_rows`` and
+        ``row_gather_ns_per_value``.
 
     Raises:
         CalibrationError: a factor's key is missing or appears more than once.
@@ -660,11 +686,15 @@ def update_profile_text(text: str, factors: Mapping[str, float], label: str = "p
         "k_overhead": round(factors["k_overhead"], 1),
         "sparse_overhead_us": round(factors["sparse_overhead_us"], 2),
         "mask_ns_per_value": round(factors["mask_ns_per_value"], 3),
+        "mask_overhead_us": round(factors["mask_overhead_us"], 3),
+        "compute_rows": round(min(1.0, factors["compute_dense"] * factors["compute_rows_ratio"]), 4),
+        "row_gather_ns_per_value": round(factors["row_gather_ns_per_value"], 3),
     }
+    optional = ("mask_ns_per_value", "mask_overhead_us", "compute_rows", "row_gather_ns_per_value")
     for key, value in values.items():
         pattern = rf"(?<![\w.])({key}:\s*)[-+0-9.eE]+"
         text, count = re.subn(pattern, lambda match, v=value: f"{match.group(1)}{v:g}", text)
-        if count != 1 and not (key == "mask_ns_per_value" and count == 0):
+        if count != 1 and not (key in optional and count == 0):
             raise CalibrationError(
                 f"{label}: expected one '{key}:' entry to update, found {count}; is it a GPU profile?"
             )
@@ -720,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="NAME=VALUE",
-        help="hold a factor fixed (repeatable; default: memory=0.8 launch_overhead_us=5 mask_ns_per_value=0, "
+        help="hold a factor fixed (repeatable; default: " + " ".join(DEFAULT_FIXED) + ", "
         "which back-to-back GEMM timings cannot identify); --fix none fits all",
     )
     parser.add_argument("--all", action="store_true", help="also fit and score the rows marked kernel=untuned")

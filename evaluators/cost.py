@@ -12,10 +12,13 @@ as a runtime picking kernels would. Everything a plan reads follows the plan:
   value (:func:`format_fraction`: FP16/BF16 0.5625, INT8/FP8 0.625, TF32 1:2 0.53125 of dense).
   Only a hypothetical ``any``-pattern accelerator stores N:M itself (``ceil(log2 M)`` index bits).
   Input activations are read once, outputs written dense. Dynamic activation masks cost a pass
-  (read the dense activation, write the masked or compressed one, one launch, ``mask_ns_per_value``
-  of selection work per value) unless the profile fuses it into the producer.
+  (read the dense activation, write the masked or compressed one, one launch plus
+  ``mask_overhead_us``, ``mask_ns_per_value`` of selection work per value) unless the profile
+  fuses it into the producer.
 * **row masks** (``r0.2``): skipped GEMM rows are never computed, read or written: M, input and
-  output bytes shrink to the kept fraction of rows; the smaller GEMM then runs any plan above.
+  output bytes shrink to the kept fraction of rows; the smaller GEMM then runs any plan above. The
+  row-skipping kernel gathers the kept rows' operand (``gather = G M' K row_gather_ns_per_value``)
+  and its dense GEMM runs at ``efficiency.compute_rows`` (default: ``compute_dense``).
 * **shape-aware compute**: a GEMM's output tiles (``tile_m x tile_n``) run in whole waves over
   the profile's ``sms``, the row tile ``tile_m'`` shrinking to the rows there are (a power of two,
   at least 16) and the K loop split over idle SMs when there are fewer tiles than SMs, as shape
@@ -27,7 +30,7 @@ as a runtime picking kernels would. Everything a plan reads follows the plan:
       split   = max(1, floor(sms / tiles))                                  (split-K)
       work    = calls * ceil(tiles * split / sms) * sms * tile_m' * tile_n * (K / (s split) + k_overhead)
       compute = 2 work / (eta_c P_dense)
-      t       = max(compute, bytes / (eta_m BW)) + calls (t0 + t_sparse [sparse plans]) + mask pass
+      t       = max(compute, bytes / (eta_m BW)) + calls (t0 + t_sparse [sparse plans]) + mask pass + gather
 
   ``eta_c`` is the dense or sparse efficiency. With the default shape model (1 SM, 1x1 tiles, no
   overheads) this is the plain roofline.
@@ -228,6 +231,7 @@ class GemmTerms:
     input_sparse_bytes: np.ndarray
     output_bytes: np.ndarray
     activation_sparse: np.ndarray
+    row_skipping: np.ndarray  # the option skips GEMM rows: a row-skipping kernel runs
     speedup: np.ndarray  # (entries, plans): peak ratio of each plan; 1 where a sparse plan is unavailable
     params: np.ndarray
     effective_macs: np.ndarray
@@ -296,6 +300,7 @@ def gemm_terms(
         input_sparse_bytes=input_bytes * a_frac,
         output_bytes=column(w.output_numel for w, _ in pairs) * bytes_per_element * kept_rows,
         activation_sparse=column((a is not None for a in nm_activations), bool),
+        row_skipping=column((bool(o.rows) for o in options), bool),
         speedup=speedup,
         params=weight_numel * w_density + bias_numel,
         effective_macs=macs * w_density * a_density,
@@ -394,6 +399,7 @@ class Roofline:
     memory_s: np.ndarray
     launch_s: np.ndarray
     compress_s: np.ndarray
+    gather_s: np.ndarray
     latency_s: np.ndarray
     weight_bytes: np.ndarray
     activation_bytes: np.ndarray
@@ -418,6 +424,11 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
     launch = terms.calls * profile.launch_overhead_us * 1e-6
     sparse_launch = terms.calls * profile.gemm.sparse_overhead_us * 1e-6
     efficiency = np.array([eff.compute_dense, eff.compute_sparse, eff.compute_sparse])
+    # A row-skipping option runs its own kernel: its GEMM's efficiency, and the gathering of the kept
+    # rows' operand (a conv's im2col rows) on top.
+    efficiency = np.where(terms.row_skipping[:, None] & (np.arange(len(PLANS)) == 0), eff.rows, efficiency)
+    gathered = np.where(terms.row_skipping, terms.gemms * terms.rows * terms.reduction, 0.0)
+    gather_s = gathered * profile.gemm.row_gather_ns_per_value * 1e-9
     compute = 2 * executed_macs(terms, profile) / (spec.dense_tflops * 1e12 * efficiency)
     stored = np.where(terms.activation_sparse & fused, terms.input_sparse_bytes, terms.input_bytes)
     activation = np.stack([stored, stored, terms.input_sparse_bytes], axis=1)
@@ -436,11 +447,13 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
     memory = traffic / bandwidth
     # The pass also selects the kept values: compute per activation value (CPU: a sort per group).
     select_s = np.where(terms.activation_sparse & (not fused), terms.input_values * profile.gemm.mask_ns_per_value, 0.0)
-    compress_s = compress / bandwidth + (compress > 0) * (launch[:, None] + select_s[:, None] * 1e-9)
+    mask_fixed = launch + terms.calls * profile.gemm.mask_overhead_us * 1e-6
+    compress_s = compress / bandwidth + (compress > 0) * (mask_fixed[:, None] + select_s[:, None] * 1e-9)
     available = terms.speedup > 1
     available[:, 0] = True
     launches = launch[:, None] + np.where(available & (terms.speedup > 1), sparse_launch[:, None], 0.0)
-    latency = np.where(available, np.maximum(compute, memory) + launches + compress_s, np.inf)
+    gather_s = np.broadcast_to(gather_s[:, None], compute.shape)
+    latency = np.where(available, np.maximum(compute, memory) + launches + compress_s + gather_s, np.inf)
     executed = terms.macs[:, None] / terms.speedup
     energy = (executed * spec.pj_per_mac + (gemm_bytes + compress) * profile.pj_per_dram_byte) * 1e-12
     return {
@@ -448,6 +461,7 @@ def plan_costs(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec) -> d
         "memory_s": memory,
         "launch_s": launches,
         "compress_s": compress_s,
+        "gather_s": gather_s,
         "latency_s": latency,
         "weight_bytes": terms.weight_bytes,
         "activation_bytes": activation,
@@ -479,6 +493,7 @@ def roofline(terms: GemmTerms, profile: HardwareProfile, spec: DtypeSpec, plan: 
         memory_s=take(plans["memory_s"]),
         launch_s=take(plans["launch_s"]),
         compress_s=take(plans["compress_s"]),
+        gather_s=take(plans["gather_s"]),
         latency_s=take(plans["latency_s"]),
         weight_bytes=take(plans["weight_bytes"]),
         activation_bytes=take(plans["activation_bytes"]),
@@ -643,6 +658,7 @@ class HardwareCostModel:
                 "memory_ms": chosen.memory_s * 1e3,
                 "launch_ms": chosen.launch_s * 1e3,
                 "compress_ms": chosen.compress_s * 1e3,
+                "gather_ms": chosen.gather_s * 1e3,
                 "tensor_core_speedup": chosen.speedup,
                 "bytes_mb": columns["bytes_mb"],
                 "dense_bytes_mb": dense_columns["bytes_mb"],

@@ -90,11 +90,22 @@ class DtypeSpec:
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions of peak the kernels reach: dense GEMMs, sparse GEMMs (of the sparse peak), DRAM bandwidth."""
+    """Fractions of peak the kernels reach: dense GEMMs, sparse GEMMs (of the sparse peak), DRAM bandwidth.
+
+    ``compute_rows`` is the dense peak fraction of the row-skipping kernel's GEMM, where that kernel is
+    another library than the dense layers' (on this project's CPU: oneDNN's brgemm micro-kernel against
+    MKL and oneDNN's own convolutions); ``None`` means the same as ``compute_dense``.
+    """
 
     compute_dense: float
     compute_sparse: float
     memory: float
+    compute_rows: float | None = None
+
+    @property
+    def rows(self) -> float:
+        """The row-skipping kernel's dense peak fraction."""
+        return self.compute_dense if self.compute_rows is None else self.compute_rows
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,11 @@ class GemmShape:
     fill and epilogue) on top of its K loop, so a sparse kernel whose K loop is halved gains less
     than 2x at small K. ``sparse_overhead_us`` is a sparse kernel's extra fixed cost per call.
     ``mask_ns_per_value`` is the compute time per activation value of a dynamic N:M mask pass
-    (selecting the kept values) on top of its memory traffic. ``l2_mb`` is the last-level cache.
+    (selecting the kept values) on top of its memory traffic, ``mask_overhead_us`` its fixed cost
+    per call beyond one launch (on a CPU, the wrapper's dispatch of its small ops).
+    ``row_gather_ns_per_value`` is the time a row-skipping kernel spends gathering each value of the
+    kept rows' operand (a conv's im2col rows, built per tile) on top of its GEMM. ``l2_mb`` is the
+    last-level cache.
     ``sparse_row_order`` says the sparse kernels launch their thread blocks in plain row order over
     the sparse operand (torch's CUTLASS kernels): an operand larger than the cache is then read
     from DRAM again by every wave that touches it. Dense libraries, cuSPARSELt and TensorRT
@@ -122,6 +137,8 @@ class GemmShape:
     k_overhead: float = 0.0
     sparse_overhead_us: float = 0.0
     mask_ns_per_value: float = 0.0
+    mask_overhead_us: float = 0.0
+    row_gather_ns_per_value: float = 0.0
     l2_mb: float = 0.0
     sparse_row_order: bool = False
 
@@ -174,7 +191,7 @@ class HardwareProfile:
             "launch_overhead_us": self.launch_overhead_us,
             "fused_activation_compression": self.fused_activation_compression,
             "pj_per_dram_byte": self.pj_per_dram_byte,
-            "efficiency": asdict(self.efficiency),
+            "efficiency": {key: value for key, value in asdict(self.efficiency).items() if value is not None},
             "gemm": asdict(self.gemm),
             "compressed_dense_kernels": [str(p) for p in self.compressed_dense_kernels],
             "dtypes": {name: spec.to_dict() for name, spec in self.dtypes.items()},
@@ -289,6 +306,7 @@ _PROFILE_FIELDS = (
     "dtypes",
 )
 _EFFICIENCY_FIELDS = ("compute_dense", "compute_sparse", "memory")
+_OPTIONAL_EFFICIENCY_FIELDS = ("compute_rows",)
 _GEMM_FIELDS = (
     "sms",
     "tile_m",
@@ -297,6 +315,8 @@ _GEMM_FIELDS = (
     "k_overhead",
     "sparse_overhead_us",
     "mask_ns_per_value",
+    "mask_overhead_us",
+    "row_gather_ns_per_value",
     "l2_mb",
     "sparse_row_order",
 )
@@ -307,8 +327,11 @@ def _parse(data: Any, origin: str) -> HardwareProfile:
     fields = _Fields(data, origin)
     fields.check_known(_PROFILE_FIELDS)
     eff = fields.child("efficiency")
-    eff.check_known(_EFFICIENCY_FIELDS)
-    efficiency = Efficiency(*(eff.number(key, high=1.0) for key in _EFFICIENCY_FIELDS))
+    eff.check_known(_EFFICIENCY_FIELDS + _OPTIONAL_EFFICIENCY_FIELDS)
+    efficiency = Efficiency(
+        *(eff.number(key, high=1.0) for key in _EFFICIENCY_FIELDS),
+        compute_rows=eff.number("compute_rows", high=1.0) if "compute_rows" in eff.data else None,
+    )
     if efficiency.compute_sparse > efficiency.compute_dense:
         raise fields.error(
             "field 'efficiency.compute_sparse' must not exceed 'efficiency.compute_dense' "
@@ -346,8 +369,11 @@ def _parse_gemm(gemm: _Fields) -> GemmShape:
         **counts,
         k_overhead=gemm.number("k_overhead", allow_low=True),
         sparse_overhead_us=gemm.number("sparse_overhead_us", allow_low=True),
-        # Optional: profiles without dynamic-mask measurements charge the memory pass only.
-        mask_ns_per_value=gemm.number("mask_ns_per_value", allow_low=True) if "mask_ns_per_value" in gemm.data else 0.0,
+        **{
+            # Optional: profiles without dynamic-mask or row-kernel measurements charge their memory traffic only.
+            key: gemm.number(key, allow_low=True) if key in gemm.data else 0.0
+            for key in ("mask_ns_per_value", "mask_overhead_us", "row_gather_ns_per_value")
+        },
         # Optional: without a cache size every tensor is read once (the compulsory traffic).
         l2_mb=gemm.number("l2_mb", allow_low=True) if "l2_mb" in gemm.data else 0.0,
         sparse_row_order=gemm.flag("sparse_row_order") if "sparse_row_order" in gemm.data else False,

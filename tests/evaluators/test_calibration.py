@@ -34,8 +34,18 @@ TRUE = {
     "k_overhead": 200.0,
     "sparse_overhead_us": 20.0,
     "mask_ns_per_value": 0.0,
+    "mask_overhead_us": 0.0,
+    "compute_rows_ratio": 1.0,
+    "row_gather_ns_per_value": 0.0,
 }
-FIXED = {"memory": 0.8, "launch_overhead_us": 5.0, "mask_ns_per_value": 0.0}
+FIXED = {
+    "memory": 0.8,
+    "launch_overhead_us": 5.0,
+    "mask_ns_per_value": 0.0,
+    "mask_overhead_us": 0.0,
+    "compute_rows_ratio": 1.0,
+    "row_gather_ns_per_value": 0.0,
+}
 
 
 def shapes() -> pd.DataFrame:
