@@ -726,14 +726,16 @@ class _SupernetRun:
     def _probabilities(self, logits: dict[str, Tensor], softmax: bool = True) -> Tensor:
         """``(layers, max_options)`` option probabilities (or, ``softmax=False``, the given gates);
         fixed layers are dense with certainty."""
+        # On the logits' device (the model's): the gates of an fbnet cost term live there.
+        device = next(iter(logits.values())).device if logits else torch.device("cpu")
         rows = []
         for name in self.space.layer_names:
-            row = torch.zeros(self.space.max_options)
+            row = torch.zeros(self.space.max_options, device=device)
             if name in logits:
                 values = logits[name].softmax(-1) if softmax else logits[name]
-                row = torch.cat([values, torch.zeros(self.space.max_options - len(values))])
+                row = torch.cat([values, row[len(values) :]])
             else:
-                row = row.index_fill(0, torch.tensor([0]), 1.0)
+                row[0] = 1.0
             rows.append(row)
         return torch.stack(rows)
 
@@ -741,7 +743,11 @@ class _SupernetRun:
         strategy, source, training, space = self.strategy, self.source, self.training, self.space
         seed_everything(strategy.seed)
         model = source.pretrained().to(source.device)
-        logits = {name: torch.zeros(len(space.options[name]), requires_grad=True) for name in space.searchable}
+        # The logits live beside the weights: every gate multiplies a weight mask or an activation.
+        logits = {
+            name: torch.zeros(len(space.options[name]), device=source.device, requires_grad=True)
+            for name in space.searchable
+        }
         layers = build_supernet(model, space, logits, strategy.seed)
         for layer in layers.values():
             layer.active_groups = strategy.active_groups
