@@ -26,7 +26,9 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -52,6 +54,52 @@ COSINE_TARGET = 0.95
 
 def load() -> float:
     return os.getloadavg()[0]
+
+
+@dataclass
+class Bench:
+    """What every MiniLM search is scored with: the model, its space and the cost of its schemes.
+
+    ``evaluator(method, mode)`` scores a scheme by embedding cosine to the dense model on the
+    task's held-out sentences (one-shot ``method``, ``mode`` calibration) and by the modelled
+    latency; its fidelity part carries the task as the training source of Gumbel and DominoSearch.
+    """
+
+    task: Any
+    model: torch.nn.Module
+    space: SearchSpace
+    cost_model: HardwareCostModel
+    cost: CostEvaluator
+    cost_batch: int
+    profile: str
+
+    def evaluator(self, method: str = "sparsegpt", mode: str = "independent") -> CompositeEvaluator:
+        """The scoring evaluator (see the class docstring)."""
+        config = FidelityConfig(oneshot=method, calibration_mode=mode, metric="cosine")
+        task = self.task
+        fidelity = FidelityEvaluator(
+            self.model, self.space, task.calibration_inputs(), task.heldout_batches(), config,
+            outputs=task.outputs, source=task,
+        )  # fmt: skip
+        return CompositeEvaluator(fidelity, self.cost)
+
+
+def setup(task: Any, ratios: list[str] | None, profile: str, cost_batch: int | None) -> Bench:
+    """Load ``task``'s model and price its weights-only space (``ratios``, default the space's) on
+    ``profile`` at fp16 and ``cost_batch`` sequences (default: the task's)."""
+    model = task.build_model()
+    options = {"ratios": ratios} if ratios else {}
+    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"], **options)
+    cost_batch = cost_batch or task.cost_batch
+    cost_model = HardwareCostModel.from_profile(profile, dtype="fp16", batch_size=cost_batch)
+    return Bench(task, model, space, cost_model, CostEvaluator(space, cost_model, ["latency_ms"]), cost_batch, profile)
+
+
+def add_saving(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``saving_vs_uniform_2:4``: each point's latency saving over dense as a share of uniform 2:4's."""
+    dense = frame.loc[frame["label"] == "dense", "latency_ms"].iloc[0]
+    uniform24 = frame.loc[frame["label"] == "weights 2:4", "latency_ms"].iloc[0]
+    return frame.assign(**{"saving_vs_uniform_2:4": (dense - frame["latency_ms"]) / (dense - uniform24)})
 
 
 def score(evaluator: CompositeEvaluator, scheme: Scheme, label: str, kind: str) -> dict:
@@ -93,20 +141,10 @@ def main() -> None:
 
     task = MiniLMTask()
     t0 = time.perf_counter()
-    model = task.build_model()
-    ratios = {"ratios": args.ratios} if args.ratios else {}
-    space = SearchSpace.from_model(model, task.example_inputs(), targets=["weights"], **ratios)
-    calibration, heldout = task.calibration_inputs(), task.heldout_batches()
-    cost_batch = args.cost_batch or task.cost_batch
-    cost_model = HardwareCostModel.from_profile(args.profile, dtype="fp16", batch_size=cost_batch)
-    cost = CostEvaluator(space, cost_model, ["latency_ms"])
+    bench = setup(task, args.ratios, args.profile, args.cost_batch)
+    model, space, cost_model, cost = bench.model, bench.space, bench.cost_model, bench.cost
+    calibration, cost_batch, evaluator = task.calibration_inputs(), bench.cost_batch, bench.evaluator
     print(f"{space}; loaded in {time.perf_counter() - t0:.0f}s")
-
-    def evaluator(method: str, mode: str) -> CompositeEvaluator:
-        config = FidelityConfig(oneshot=method, calibration_mode=mode, metric="cosine")
-        return CompositeEvaluator(
-            FidelityEvaluator(model, space, calibration, heldout, config, outputs=task.outputs), cost
-        )
 
     # 1. methods at uniform N:M, sequential calibration, on more held-out sentences
     rows = []
@@ -171,10 +209,7 @@ def main() -> None:
                 "scheme": result.schemes[int(row["trial"])],
             }
         )
-    frame = pd.DataFrame(points)
-    dense_latency = frame.loc[frame["label"] == "dense", "latency_ms"].iloc[0]
-    uniform24 = frame.loc[frame["label"] == "weights 2:4", "latency_ms"].iloc[0]
-    frame["saving_vs_uniform_2:4"] = (dense_latency - frame["latency_ms"]) / (dense_latency - uniform24)
+    frame = add_saving(pd.DataFrame(points))
     ok = frame[(frame["kind"] == "optuna") & (frame["cosine"] >= COSINE_TARGET)]
     chosen = ok.loc[ok["latency_ms"].idxmin()] if not ok.empty else None
     if chosen is not None:
