@@ -164,7 +164,8 @@ def main() -> None:
         pd.DataFrame(rows).drop(columns=["scheme", "kind", "label", "summary"]).to_csv(
             args.out / "minilm_methods.csv", index=False
         )
-    methods = pd.read_csv(args.out / "minilm_methods.csv")
+    methods_csv = args.out / "minilm_methods.csv"  # --no-methods into a fresh --out has none to print
+    methods = pd.read_csv(methods_csv) if methods_csv.is_file() else None
 
     # 2. the default search, timed as a whole
     search_start, search_cpu = time.perf_counter(), time.process_time()
@@ -242,7 +243,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "minilm_pareto.png", dpi=120)
     plt.close(fig)
-    print(methods.to_markdown(index=False, floatfmt=".4f"))
+    if methods is not None:
+        print(methods.to_markdown(index=False, floatfmt=".4f"))
     print(f"done {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {load():.1f}")
 
 
