@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from minilm import Bench, add_saving, load, score, setup  # noqa: E402
 
 from search_space import NMSearchError  # noqa: E402
-from search_space.io import atomic_write_text  # noqa: E402
+from search_space.io import atomic_write_text, check_writable_dir  # noqa: E402
 from strategies import DominoStrategy, GumbelStrategy  # noqa: E402
 from strategies.base import StrategyBase  # noqa: E402
 
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     try:
         strategy = make_strategy(args.strategy, args.seed, args.overrides)
+        check_writable_dir(args.out, "--out", "choose another --out")
     except NMSearchError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)

@@ -44,10 +44,13 @@ def test_bad_overrides_are_one_line(modules, overrides: list[str], message: str)
 
 def test_the_command_line_refuses_bad_input_in_one_line(modules, tmp_path: Path, capsys) -> None:
     minilm_trained, minilm_quality = modules
+    out, a_file = tmp_path / "out", tmp_path / "a_file"
+    a_file.write_text("")
     for argv, message in [
-        (["gumbel", "--out", str(tmp_path), "--set", "bogus=1"], "--set bogus: not a field of gumbel"),
-        (["domino", "--out", str(tmp_path), "--cost-batch", "0"], "--cost-batch must be >= 1, got 0"),
-        (["optuna", "--out", str(tmp_path)], "invalid choice: 'optuna'"),
+        (["gumbel", "--out", str(out), "--set", "bogus=1"], "--set bogus: not a field of gumbel"),
+        (["domino", "--out", str(out), "--cost-batch", "0"], "--cost-batch must be >= 1, got 0"),
+        (["optuna", "--out", str(out)], "invalid choice: 'optuna'"),
+        (["domino", "--out", str(a_file / "run")], f"--out '{a_file / 'run'}' cannot be created"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             minilm_trained.main(argv)
@@ -56,7 +59,7 @@ def test_the_command_line_refuses_bad_input_in_one_line(modules, tmp_path: Path,
     with pytest.raises(SystemExit):
         minilm_quality.main([str(tmp_path)])
     assert "no minilm_front.csv or minilm_front_<strategy>.csv in" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert [path.name for path in tmp_path.iterdir()] == ["a_file"]  # nothing written
 
 
 def test_gumbel_and_domino_rows_aggregate_with_the_other_strategies(modules, tmp_path: Path) -> None:
