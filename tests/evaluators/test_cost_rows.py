@@ -53,7 +53,8 @@ def test_rows_cut_macs_and_activation_bytes_on_every_profile(profile: str) -> No
 
 def test_cpu_row_kernel_costs_what_was_measured() -> None:
     """On this CPU's fitted profile skipping 20% of a 64-channel conv's rows is slower than dense
-    (measured 0.76-0.96x: the im2col gather is large next to 64 output channels) and on a
+    (measured 0.76-0.96x fed NCHW: the im2col gather and the layout conversion are large next to 64
+    output channels) and on a
     256-channel conv it is faster (measured 1.03-1.69x), as benchmarks/cost_vs_measured.py found."""
     model = HardwareCostModel.from_profile("cpu_x86_avx2", dtype="fp32")
     for channels, size, faster in ((64, 32, False), (256, 8, True)):
