@@ -10,8 +10,11 @@
   the exported initializers along K (the input channels), as TensorRT's ``--sparsity=enable``
   wants them. Activation N:M is exported as explicit ops (TopK, ScatterElements, Mul) and row
   masks as a constant Mul after the conv.
-* ``torch``: a pickled module whose 2:4-compatible Linear weights are
-  ``torch.sparse.to_sparse_semi_structured`` tensors (fp16, CUDA compute capability >= 8.0).
+* ``torch``: checked by converting the model's 2:4-compatible Linear weights to
+  ``torch.sparse.to_sparse_semi_structured`` tensors (fp16, CUDA compute capability >= 8.0) and
+  comparing outputs; the file holds the finalized weights and the scheme JSON as plain tensors and
+  strings, which ``torch.load(..., weights_only=True)`` reads without running code
+  (:func:`load_torch`; :func:`to_semi_structured` converts again after loading).
 
 The model: with a run directory (or a ``scheme.json`` written by a search, which records the run
 config) and no ``--model``, the run's task rebuilds the very model the search scored (pre-trained
@@ -34,6 +37,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import warnings
@@ -408,6 +412,15 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _finalized_state(model: nn.Module, scheme: Scheme) -> dict[str, Tensor]:
+    """The model's state dict on the CPU, every weight checked against its N:M pattern along K."""
+    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
+    for name, option in scheme.layers:
+        if option.weight is not None:
+            _check_nm(name, state[f"{name}.weight"], option.weight, "the weight")
+    return state
+
+
 def save_safetensors(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -> None:
     """Write the model's state dict (weights with the N:M zeros) with the scheme JSON as metadata.
 
@@ -421,10 +434,7 @@ def save_safetensors(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -
         MissingDependencyError: safetensors is not installed.
     """
     safetensors_torch = require("safetensors.torch", "--format safetensors")
-    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
-    for name, option in scheme.layers:
-        if option.weight is not None:
-            _check_nm(name, state[f"{name}.weight"], option.weight, "the weight")
+    state = _finalized_state(model, scheme)
     payload = safetensors_torch.save(state, metadata={METADATA_KEY: json.dumps(scheme.to_json()), "format": "pt"})
     atomic_write(out, lambda handle: handle.write(payload))
 
@@ -448,6 +458,45 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme
     if METADATA_KEY not in metadata:
         raise DeployError(f"'{path}' has no {METADATA_KEY!r} metadata: it was not written by nmsearch deploy")
     return state, Scheme.from_json(json.loads(metadata[METADATA_KEY]), f"metadata of '{path}'")
+
+
+def save_torch(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -> None:
+    """Write the model's state dict (weights with the N:M zeros) and the scheme JSON as a torch file
+    that ``torch.load(..., weights_only=True)`` reads: tensors and strings, no pickled code.
+
+    Args:
+        model: the finalized model (see :func:`bake`).
+        scheme: its scheme, stored under :data:`METADATA_KEY`.
+        out: the ``.pt`` file (written atomically).
+
+    Raises:
+        DeployError: a weight breaks its N:M pattern along the input channels.
+    """
+    payload = {"state_dict": _finalized_state(model, scheme), METADATA_KEY: json.dumps(scheme.to_json())}
+    _write_atomically(Path(out), lambda tmp: torch.save(payload, tmp))
+
+
+def load_torch(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme]:
+    """The state dict and the scheme of a file written by ``--format torch``, read with ``weights_only=True``.
+
+    Args:
+        path: the ``.pt`` file.
+
+    Returns:
+        The tensors by name and the scheme. ``bake(model, scheme).load_state_dict(state)`` rebuilds the
+        finalized model; :func:`to_semi_structured` converts its 2:4 weights on a CUDA sm80+ GPU.
+
+    Raises:
+        DeployError: the file is not a torch file of nmsearch deploy (or holds anything but tensors and strings).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        first = str(error).splitlines()[0]
+        raise DeployError(f"'{path}' cannot be read as a weights-only torch file: {first}") from None
+    if not isinstance(payload, dict) or METADATA_KEY not in payload or "state_dict" not in payload:
+        raise DeployError(f"'{path}' has no {METADATA_KEY!r} entry: not written by nmsearch deploy --format torch")
+    return payload["state_dict"], Scheme.from_json(json.loads(payload[METADATA_KEY]), f"'{path}'")
 
 
 @dataclass
@@ -839,16 +888,10 @@ def deploy(
     elif fmt == "onnx":
         result.onnx = save_onnx(deployable.model, scheme, deployable.inputs, out)
     else:
+        # The conversion checks that the 2:4 kernels reproduce the dense outputs; the file keeps the
+        # finalized weights (a pickled module of tensor subclasses would need code to load).
         result.model = to_semi_structured(deployable.model, scheme, deployable.inputs)
-        converted = result.model
-
-        def write(tmp: Path) -> None:
-            try:
-                torch.save(converted, tmp)
-            except Exception as error:  # a module torch cannot pickle (e.g. a local class)
-                raise DeployError(f"the converted model cannot be saved: {str(error).splitlines()[0]}") from None
-
-        _write_atomically(out, write)
+        save_torch(deployable.model, scheme, out)
     return result
 
 

@@ -138,7 +138,7 @@ _EXPORTS = {
         "evaluators",
     ),
     **dict.fromkeys(("get_task", "instantiate_task"), "experiments.tasks"),
-    **dict.fromkeys(("DeployResult", "deploy", "load_model", "load_safetensors"), "experiments.deploy"),
+    **dict.fromkeys(("DeployResult", "deploy", "load_model", "load_safetensors", "load_torch"), "experiments.deploy"),
 }
 
 __all__ = [

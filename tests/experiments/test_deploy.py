@@ -23,9 +23,11 @@ from experiments.deploy import (
     exportable,
     load_model,
     load_safetensors,
+    load_torch,
     main,
     save_onnx,
     save_safetensors,
+    save_torch,
     semi_structured_plan,
 )
 from experiments.search import run
@@ -142,11 +144,15 @@ def test_unsupported_op_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_safetensors_round_trip_keeps_weights_and_scheme(tmp_path: Path, scheme: Scheme) -> None:
+FILE_FORMATS = [("m.safetensors", save_safetensors, load_safetensors), ("m.pt", save_torch, load_torch)]
+
+
+@pytest.mark.parametrize(("name", "save", "load"), FILE_FORMATS)
+def test_file_round_trip_keeps_weights_and_scheme(tmp_path: Path, scheme: Scheme, name: str, save, load) -> None:
     model = bake(tiny_net(), scheme)
-    out = tmp_path / "m.safetensors"
-    save_safetensors(model, scheme, out)
-    state, loaded = load_safetensors(out)
+    out = tmp_path / name
+    save(model, scheme, out)
+    state, loaded = load(out)
     assert loaded == scheme and loaded.fingerprint == scheme.fingerprint and dict(loaded.shapes) == dict(scheme.shapes)
     expected = model.state_dict()
     assert state.keys() == expected.keys()
@@ -160,10 +166,33 @@ def test_safetensors_round_trip_keeps_weights_and_scheme(tmp_path: Path, scheme:
             assert int((groups != 0).sum(2).max()) == option.weight.n
 
 
-def test_safetensors_refuses_weights_breaking_the_scheme(tmp_path: Path, scheme: Scheme) -> None:
+@pytest.mark.parametrize(("name", "save", "load"), FILE_FORMATS)
+def test_file_formats_refuse_weights_breaking_the_scheme(tmp_path: Path, scheme: Scheme, name: str, save, load) -> None:
     with pytest.raises(DeployError, match="'conv1': the weight has 4 non-zeros in a group of 4 input channels"):
-        save_safetensors(tiny_net(), scheme, tmp_path / "m.safetensors")  # the scheme was never baked in
+        save(tiny_net(), scheme, tmp_path / name)  # the scheme was never baked in
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_file_loads_weights_only_and_rebuilds_the_model(tmp_path: Path, scheme: Scheme) -> None:
+    model = bake(tiny_net(), scheme)
+    save_torch(model, scheme, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)  # tensors and strings: no code runs
+    assert set(payload) == {"state_dict", METADATA_KEY}
+    state, loaded = load_torch(tmp_path / "m.pt")
+    rebuilt = bake(tiny_net(), loaded)  # as the guide does before to_semi_structured
+    rebuilt.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(INPUTS), model(INPUTS), rtol=0, atol=0)
+
+
+def test_torch_file_of_another_kind_is_refused_in_one_line(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(DeployError, match=f"has no '{METADATA_KEY}' entry"):
+        load_torch(tmp_path / "plain.pt")
+    torch.save(tiny_net(), tmp_path / "module.pt")  # a pickled module: weights_only refuses its classes
+    with pytest.raises(DeployError, match="cannot be read as a weights-only torch file") as error:
+        load_torch(tmp_path / "module.pt")
+    assert "\n" not in str(error.value)
 
 
 def test_safetensors_without_scheme_is_refused(tmp_path: Path) -> None:
@@ -222,6 +251,8 @@ def test_torch_format_converts_2_4_linear_weights(tmp_path: Path) -> None:
     x = torch.randn(64, 128, device="cuda", dtype=torch.half)
     reference = bake(gpu_net(), scheme).half().cuda()(x)
     torch.testing.assert_close(result.model(x), reference, rtol=1e-2, atol=1e-2)
+    state, loaded = load_torch(tmp_path / "m.pt")  # the file: finalized weights, read weights-only
+    assert loaded == scheme and not any(isinstance(t, SparseSemiStructuredTensor) for t in state.values())
 
 
 def test_report_judges_acceleration_on_the_profile(scheme: Scheme) -> None:
