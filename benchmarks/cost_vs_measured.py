@@ -40,7 +40,6 @@ import argparse
 import copy
 import datetime
 import os
-import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -52,7 +51,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from evaluators.calibration import FACTORS, apply_factors, factors_of, fit_factors, speedup_scores
+from evaluators.calibration import (
+    FACTORS,
+    CalibrationError,
+    apply_factors,
+    factors_of,
+    fit_factors,
+    speedup_scores,
+    update_profiles,
+)
 from evaluators.cost import HardwareCostModel
 from evaluators.hardware import HardwareProfile, load_profile
 from search_space import SearchSpace, skip_masked_rows
@@ -255,27 +262,6 @@ def repeat_agreement(frame: pd.DataFrame, other: list[dict]) -> None:
     )
 
 
-def update_profile(path: Path, profile: HardwareProfile) -> None:
-    """Rewrite the fitted CPU factors in place (comments kept); the result must load."""
-    text = path.read_text()
-    numbers = {
-        r"(launch_overhead_us:\s*)[0-9.]+": round(profile.launch_overhead_us, 2),
-        r"(compute_dense:\s*)[0-9.]+": round(profile.efficiency.compute_dense, 3),
-        r"(compute_sparse:\s*)[0-9.]+": round(profile.efficiency.compute_dense, 3),  # no sparse cores; <= dense
-        r"(k_overhead:\s*)[0-9.]+": round(profile.gemm.k_overhead, 2),
-        r"(mask_ns_per_value:\s*)[0-9.]+": round(profile.gemm.mask_ns_per_value, 3),
-        r"(mask_overhead_us:\s*)[0-9.]+": round(profile.gemm.mask_overhead_us, 2),
-        r"(row_gather_ns_per_value:\s*)[0-9.]+": round(profile.gemm.row_gather_ns_per_value, 3),
-        r"(compute_rows:\s*)[0-9.]+": round(profile.efficiency.rows, 3),
-    }
-    for pattern, value in numbers.items():
-        text, count = re.subn(pattern, lambda m, v=value: f"{m.group(1)}{v}", text)
-        if count != 1:
-            raise SystemExit(f"{path}: expected one match of {pattern!r}, found {count}")
-    atomic_write_text(path, text)
-    load_profile(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu_x86_avx2")
@@ -330,7 +316,10 @@ def main() -> None:
         frame = table(rows, predict(rows, profile))
         report(frame, "fitted profile")
         if args.update:
-            update_profile(args.update, profile)
+            try:  # the calibration's rewrite: comments kept, checked to load, atomic
+                update_profiles([args.update], dict(zip(FACTORS, factors_of(profile), strict=True)))
+            except CalibrationError as error:
+                raise SystemExit(str(error)) from None
             print(f"updated {args.update}")
     if args.csv:
         atomic_write_text(args.csv, frame.to_csv(index=False, float_format="%.6g"))

@@ -78,6 +78,7 @@ __all__ = [
     "source_summary",
     "speedup_scores",
     "update_profile_text",
+    "update_profiles",
 ]
 
 PUBLISHED_CSV = Path(__file__).resolve().parent / "data" / "published_gemm_2to4.csv"
@@ -665,7 +666,7 @@ def update_profile_text(text: str, factors: Mapping[str, float], label: str = "p
     """A profile YAML's text with its kernel factors replaced in place (comments and layout kept).
 
     Args:
-        text: the YAML text of a GPU profile.
+        text: the YAML text of a profile (a GPU's, or a CPU's fitted by ``benchmarks/cost_vs_measured.py``).
         factors: the :data:`FACTORS` values (as :attr:`CalibrationResult.factors`).
         label: names the file in errors.
 
@@ -696,13 +697,22 @@ def update_profile_text(text: str, factors: Mapping[str, float], label: str = "p
         text, count = re.subn(pattern, lambda match, v=value: f"{match.group(1)}{v:g}", text)
         if count != 1 and not (key in optional and count == 0):
             raise CalibrationError(
-                f"{label}: expected one '{key}:' entry to update, found {count}; is it a GPU profile?"
+                f"{label}: expected one '{key}:' entry to update, found {count}; is it a hardware profile YAML?"
             )
     return text
 
 
-def _update_profiles(paths: Sequence[str], factors: Mapping[str, float]) -> None:
-    """Rewrite every profile, each atomically, only once all of them are known to load afterwards."""
+def update_profiles(paths: Sequence[str | Path], factors: Mapping[str, float]) -> None:
+    """Rewrite the kernel factors of every profile file (:func:`update_profile_text`), each atomically,
+    only once all of them are known to load afterwards.
+
+    Args:
+        paths: profile YAML files.
+        factors: the :data:`FACTORS` values.
+
+    Raises:
+        CalibrationError: a missing file, a factor's key missing from one, or a result that does not load.
+    """
     texts = {}
     for name in paths:
         path = Path(name)
@@ -795,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.profile(target).save(args.out)
             print(f"wrote {args.out}")
         if args.update:
-            _update_profiles(args.update, result.factors)
+            update_profiles(args.update, result.factors)
             print(f"updated {', '.join(args.update)}")
     except NMSearchError as error:
         print(f"error: {error}", file=sys.stderr)
