@@ -8,7 +8,9 @@ Every layer (Linear and 3x3 Conv2d, batch 1 and 64, fp32) is deployed as nmsearc
 CPU and timed: the dense layer; ``w2:4`` and ``w1:8`` as finalized weights (zeros baked into a plain
 dense module, ``Scheme.finalize``: the only way N:M weights run here); ``a2:4`` as the dynamic
 activation mask (the sparse wrapper computing the N:M mask of every input); ``r0.2`` / ``r0.3`` on
-convs as the row-skipping kernel (``skip_masked_rows``). Each round runs every option of a layer
+convs as the row-skipping kernel (``skip_masked_rows``). Conv inputs are NCHW (a network's default
+layout; the row-skipping kernel converts them to channels-last on every call), or channels-last
+with ``--channels-last``. Each round runs every option of a layer
 back to back (a few calls each, after a warm-up). The cost model
 (:class:`~evaluators.cost.HardwareCostModel`, ``--profile``, fp32, the layer's batch) predicts
 each option's latency; the table shows predicted and measured latency and speedup over dense.
@@ -113,11 +115,15 @@ def deployed(model: nn.Module, space: SearchSpace, option: str) -> nn.Module:
     return sparse.eval()
 
 
-def time_case(case: LayerCase, batch: int, rounds: int) -> list[dict]:
+def time_case(case: LayerCase, batch: int, rounds: int, channels_last: bool = False) -> list[dict]:
     torch.manual_seed(0)
     model = nn.Sequential(case.build()).eval()
     x = torch.randn(batch, *case.input_shape)
     space = SearchSpace.from_model(model, x, targets=TARGETS)
+    if channels_last and case.rows:
+        # The layout inside a network after a row-skipping conv (it writes channels-last): no
+        # conversion per call, and oneDNN's dense conv on that layout.
+        x = x.contiguous(memory_format=torch.channels_last)
     options = ["dense", *WEIGHT_OPTIONS, "a2:4", *(("r0.2", "r0.3") if case.rows else ())]
     modules = {option: deployed(copy.deepcopy(model), space, option) for option in options}
     with torch.no_grad():
@@ -277,6 +283,11 @@ def main() -> None:
     parser.add_argument(
         "--repeat-of", type=Path, help="an earlier run's --csv: report how well the two timings agree (the ceiling)"
     )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="feed the convs channels-last inputs (default NCHW: a network's default layout)",
+    )
     parser.add_argument("--fit", action="store_true", help="fit the CPU factors to the measurements")
     parser.add_argument("--update", type=Path, help="with --fit: profile YAML to rewrite with the fitted factors")
     args = parser.parse_args()
@@ -291,7 +302,12 @@ def main() -> None:
         rows = read_measured(args.measured)
         print(f"measurements read from {args.measured} (not timed again)")
     else:
-        rows = [row for case in CASES for batch in BATCHES for row in time_case(case, batch, args.rounds)]
+        rows = [
+            row
+            for case in CASES
+            for batch in BATCHES
+            for row in time_case(case, batch, args.rounds, channels_last=args.channels_last)
+        ]
         print(f"after timing: {uptime()}")
     frame = table(rows, predict(rows, profile))
     report(frame, f"profile {args.profile} as shipped")
