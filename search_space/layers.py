@@ -344,7 +344,8 @@ class SparseLayerMixin:
         """SAD: entries whose keep/prune decision changed since the previous mask update."""
         reference = self._flip_reference
         if reference is not None and reference[0] == nm and reference[1].shape == mask.shape:
-            flips = torch.count_nonzero(torch.logical_xor(reference[1], mask))
+            # the reference is a plain attribute: it stays behind when the layer moves (.cuda())
+            flips = torch.count_nonzero(torch.logical_xor(reference[1].to(mask.device), mask))
             self.mask_flips = self.mask_flips + flips
             self._unread_flips = self._unread_flips + flips
             self.mask_updates += 1

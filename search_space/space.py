@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from search_space.layers import SparseLayerMixin, transposed_linear_type, weight_group_dim
+from search_space.oneshot import move_inputs
 from search_space.patterns import NMPattern, NMSearchError
 from search_space.rows import DEFAULT_ROW_SPARSITIES, RowPattern, pruned_rows
 from search_space.scheme import DENSE, TARGETS, Option, Scheme, SchemeError, SchemeMismatchError
@@ -233,7 +234,8 @@ class SearchSpace:
 
         Args:
             model: Any ``nn.Module`` with Conv2d / Linear layers (subclasses included).
-            example_inputs: A tensor, a tuple of positional arguments, or a dict of keyword arguments.
+            example_inputs: A tensor, a tuple of positional arguments, or a dict of keyword arguments;
+                its tensors are moved to the device of the model's parameters.
             include: Name globs (``"layer4.*"``), class names or classes of the layers to search;
                 ``None`` searches every layer. Others stay in the space (their cost counts) with
                 only ``dense``.
@@ -263,6 +265,9 @@ class SearchSpace:
             raise NMSearchError(
                 f"{type(model).__name__} has no Conv2d or Linear layers: there is nothing to search over"
             )
+        parameter = next(model.parameters(), None)
+        if parameter is not None:  # a model moved to CUDA with the task's CPU inputs
+            example_inputs = move_inputs(example_inputs, parameter.device)
         records: dict[str, _Record] = {}
         handles = []
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -254,6 +255,44 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     for orphan in written.parent.glob(f".{written.name}.*.tmp"):
         orphan.unlink(missing_ok=True)
     return written
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state a training strategy draws from, for its checkpoint: Python, NumPy and
+    torch on the CPU and on every CUDA device (Gumbel noise and dropout draw from the device's).
+
+    Returns:
+        The states, in types :func:`load_checkpoint` reads (``weights_only``).
+    """
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any] | torch.Tensor) -> None:
+    """Restore the random states :func:`rng_state` saved, so a resumed run draws what the
+    uninterrupted one would have (the CUDA states only where CUDA is available).
+
+    Args:
+        state: What :func:`rng_state` returned, read back from a checkpoint; a bare tensor (the CPU
+            state alone, in Gumbel checkpoints written before the CUDA states were saved) also works.
+    """
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss_value))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:

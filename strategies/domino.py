@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,7 +95,9 @@ from strategies.base import (
     SearchResult,
     StrategyBase,
     TrainLoss,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -771,7 +772,7 @@ class DominoStrategy(StrategyBase):
                 model=model.state_dict(),
                 optimizer=optimizer.state_dict(),
                 domino=state.state_dict(),
-                rng=_rng_state(),
+                rng=rng_state(),
             )
             if checkpoint is not None:
                 save_checkpoint(checkpoint, self.state_dict())
@@ -784,7 +785,7 @@ class DominoStrategy(StrategyBase):
             state.load_state_dict(resume["domino"])
             _set_masks(layers, state.n, self.m, gradient)
             first_epoch, step, skip = resume["epoch"], resume["step"], resume["batch"]
-            _set_rng_state(resume["rng"])
+            set_rng_state(resume["rng"])
             logger.info("DominoSearch resumes at step %d (%d decisions made)", step, len(state.decisions))
         epoch = first_epoch
         stepper = _HookedOptimizer(optimizer, before_update, after_update)
@@ -845,29 +846,6 @@ class _HookedOptimizer:
         self.before()
         self.optimizer.step()
         self.after()
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) random states, in types ``weights_only`` loads."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, gauss_value = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss_value))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def force_to_target(state: DominoState, shares: Callable[[], list[float]], *, step: int, epoch: int) -> None:

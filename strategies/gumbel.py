@@ -87,7 +87,9 @@ from strategies.base import (
     StrategyBase,
     TrainLoss,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 
 LOSS_FORMS = ("additive", "fbnet", "budget")
@@ -675,10 +677,11 @@ class GumbelStrategy(StrategyBase):
         provenance = {"strategy": self.name, "loss": self.loss, "setting": setting, "seed": self.seed}
         argmax = {name: space.options[name][int(logits[name].argmax())] for name in space.searchable}
         schemes = {"argmax": space.scheme(argmax, provenance={**provenance, "pick": "argmax"})}
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)  # on the CPU: the same draws on every device
+        probabilities = {name: logits[name].detach().softmax(-1).cpu() for name in space.searchable}
         for i in range(self.samples):
             choice = {
-                name: space.options[name][int(torch.multinomial(logits[name].softmax(-1), 1, generator=generator))]
+                name: space.options[name][int(torch.multinomial(probabilities[name], 1, generator=generator))]
                 for name in space.searchable
             }
             scheme = space.scheme(choice, provenance={**provenance, "pick": f"sample {i}"})
@@ -767,7 +770,7 @@ class _SupernetRun:
                     logits[name].copy_(value)
             weights.load_state_dict(state["weights"])
             arch.load_state_dict(state["arch"])
-            torch.set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             start, rows, prob_rows = state["epoch"] + 1, list(state["rows"]), list(state["prob_rows"])
         loader = source.loader(strategy.seed, False)  # a fixed 80/20 batch split
         warmup = math.ceil(strategy.warmup_fraction * strategy.epochs)
@@ -822,7 +825,7 @@ class _SupernetRun:
                     prob_rows.append({"epoch": epoch, "layer": name, "option": option.name, "probability": value})
             state = {
                 "epoch": epoch, "model": model.state_dict(), "logits": {k: v.detach() for k, v in logits.items()},
-                "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": torch.get_rng_state(),
+                "weights": weights.state_dict(), "arch": arch.state_dict(), "rng": rng_state(),
                 "rows": rows, "prob_rows": prob_rows,
             }  # fmt: skip
             strategy._record_progress(runs={**strategy._progress["runs"], self.key: state})

@@ -132,6 +132,10 @@ def test_example_inputs_as_tuple_and_dict() -> None:
     model = TwoInputs()
     assert SearchSpace.from_model(model, (torch.randn(1, 8), torch.randn(1, 8))).layer_names == ["a", "b"]
     assert SearchSpace.from_model(model, {"x": torch.randn(1, 8), "y": torch.randn(1, 8)}).layer_names == ["a", "b"]
+    # CPU inputs follow the model to its device (here "meta"; on a GPU machine, a model moved to CUDA)
+    on_cpu = SearchSpace.from_model(model, {"x": torch.randn(1, 8), "y": torch.randn(1, 8)})
+    moved = SearchSpace.from_model(model.to("meta"), {"x": torch.randn(1, 8), "y": torch.randn(1, 8)})
+    assert moved.fingerprint == on_cpu.fingerprint
 
 
 def test_spaces_without_layers_are_refused() -> None:

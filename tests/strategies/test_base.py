@@ -1,14 +1,16 @@
 import json
 import logging
 import pickle
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from strategies import DominoStrategy, GumbelStrategy, OptunaStrategy, RandomStrategy, UniformStrategy
-from strategies.base import StrategyConfigError, load_checkpoint, save_checkpoint
+from strategies.base import StrategyConfigError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from strategies.domino import BudgetMetric
 from strategies.gumbel import LossForm
 from strategies.optuna_strategy import Sampler
@@ -23,6 +25,24 @@ def _payload(marker: str) -> None:
 class _Exploit:
     def __reduce__(self):
         return (_payload, ("ran",))
+
+
+def test_saved_random_states_replay_the_same_draws_after_a_checkpoint(tmp_path: Path) -> None:
+    def draws() -> tuple:
+        cuda = torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else None
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist(), cuda
+
+    draws()
+    path = save_checkpoint(tmp_path / "run.pt", {"rng": rng_state()})
+    expected = draws()
+    draws()
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert draws() == expected
+    torch.manual_seed(0)
+    legacy = torch.get_rng_state()  # Gumbel checkpoints once held the CPU state alone
+    first = torch.rand(2)
+    set_rng_state(legacy)
+    assert torch.equal(torch.rand(2), first)
 
 
 def test_checkpoint_round_trip_holds_tensors_and_plain_types(tmp_path: Path) -> None:
