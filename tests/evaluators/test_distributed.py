@@ -62,7 +62,7 @@ def test_two_gloo_ranks_match_one_process_and_only_rank_0_writes(tmp_path: Path)
 @pytest.mark.slow
 def test_ranks_that_disagree_on_the_config_stop_before_any_work(tmp_path: Path) -> None:
     done = _torchrun(
-        "-m", "experiments.search", "task=synthetic", "strategy=gumbel", "seed=${oc.env:RANK}",
+        "-m", "experiments.search", "task=synthetic", "strategy=gumbel", "seed=${oc.env:RANK}", "device=cpu",
         f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode != 0

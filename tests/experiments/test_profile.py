@@ -12,7 +12,7 @@ from experiments import profile
 from experiments.profile import ProfileSettings, additivity, additivity_schemes, main, profile_model
 from search_space import NMSearchError, SearchSpace
 
-FAST = ProfileSettings(min_run_time=0.001, warmup=1)
+FAST = ProfileSettings(min_run_time=0.001, warmup=1, device="cpu")  # the CPU tables of this file, on any machine
 
 
 class Tiny(nn.Module):
@@ -80,7 +80,7 @@ def test_an_interrupted_profile_resumes_with_only_the_missing_entries(tiny, tmp_
     assert resumed.rows.iloc[: len(kept)]["median_ms"].tolist() == pytest.approx(kept["median_ms"].tolist())
 
     with pytest.raises(MeasuredTableError, match="batch size 1, the search uses 4"):
-        profile_model(model, x, space, path, ProfileSettings(batch_size=4, min_run_time=0.001))
+        profile_model(model, x, space, path, ProfileSettings(batch_size=4, min_run_time=0.001, device="cpu"))
 
 
 @pytest.mark.filterwarnings("ignore:additivity")  # the first, real check may exceed 20% on a loaded machine
@@ -105,13 +105,14 @@ def test_bad_settings_fail_before_timing(tiny, tmp_path: Path) -> None:
     with pytest.raises(NMSearchError, match="cannot time dtype 'int8'"):
         ProfileSettings(dtype="int8")
     with pytest.raises(NMSearchError, match="fp16"):
-        profile_model(model, x, space, tmp_path / "t.csv", ProfileSettings(dtype="fp16"))
+        profile_model(model, x, space, tmp_path / "t.csv", ProfileSettings(dtype="fp16", device="cpu"))
     assert not (tmp_path / "t.csv").exists()
 
 
 def test_cli_profiles_a_task_and_refuses_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
     out = tmp_path / "synthetic.csv"
     args = ["--out", str(out), "--min-run-time", "0.001", "--warmup", "1", "--random", "1", "space=weights"]
+    args.append("device=cpu")
     assert main([*args, "task=synthetic", "evaluator.dtype=fp32", "evaluator.batch_size=2"]) == 0
     printed = capsys.readouterr().out
     assert "additivity" in printed and "uniform" in printed
@@ -130,7 +131,7 @@ def test_cli_profiles_a_task_and_refuses_bad_input_in_one_line(tmp_path: Path, c
 
 def test_cpu_clock_tables_record_it_and_do_not_mix_with_wall_clock(tiny, tmp_path: Path) -> None:
     model, x, space = tiny
-    cpu = ProfileSettings(min_run_time=0.001, warmup=1, clock="cpu")
+    cpu = ProfileSettings(min_run_time=0.001, warmup=1, clock="cpu", device="cpu")
     table = profile_model(model, x, space, tmp_path / "t.csv", cpu)
     assert table.header["clock"] == "cpu" and (table.rows["min_ms"] > 0).all()
     with pytest.raises(MeasuredTableError, match="measured with clock 'cpu', this run has 'wall'"):
@@ -149,12 +150,13 @@ def test_a_search_runs_on_the_measured_table(tmp_path: Path, capsys) -> None:
     from experiments.search import run
 
     table = tmp_path / "synthetic.csv"
-    args = ["--out", str(table), "--min-run-time", "0.001", "--warmup", "1", "--no-additivity"]
+    args = ["--out", str(table), "--min-run-time", "0.001", "--warmup", "1", "--no-additivity", "device=cpu"]
     assert main([*args, "task=synthetic", "evaluator.dtype=fp32"]) == 0
     overrides = [
         "task=synthetic",
         "strategy=uniform",
         "evaluator.dtype=fp32",
+        "device=cpu",
         "hardware=measured",
         f"hardware.measured={table}",
         f"cache_dir={tmp_path / 'cache'}",

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.status import load_study, progress
 from experiments.workers import devices_from_env, main, plan_workers, run_workers
@@ -27,15 +28,19 @@ def test_each_worker_is_pinned_to_its_device(tmp_path: Path) -> None:
     assert "strategy.storage='postgresql://db/x?sslmode=disable'" in cpu.command
 
 
-def test_devices_come_from_the_environment() -> None:
+def test_devices_come_from_the_environment(monkeypatch) -> None:
     assert devices_from_env({"NMSEARCH_DEVICES": "2,5", "CUDA_VISIBLE_DEVICES": "0"}) == ["2", "5"]
     assert devices_from_env({"CUDA_VISIBLE_DEVICES": "1, 2"}) == ["1", "2"]
-    assert devices_from_env({}) == []  # the CPU-only torch of the tests sees no GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices_from_env({}) == ["0", "1"]  # else every GPU torch sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert devices_from_env({}) == []
 
 
 def test_bad_launches_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("NMSEARCH_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a machine without a GPU
     assert main(["--run-dir", str(tmp_path)]) == 2
     assert (
         capsys.readouterr().err

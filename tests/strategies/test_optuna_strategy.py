@@ -160,12 +160,25 @@ def test_result_save_load_select_and_hypervolume(space, tmp_path: Path) -> None:
 
 def test_two_workers_share_one_journal_file(space, tmp_path: Path) -> None:
     storage = f"journal:{tmp_path / 'study.log'}"
-    workers = [worker(storage, 30, i, sleep_s=0.05) for i in range(2)]
+
+    def study() -> optuna.Study:
+        return optuna.load_study(study_name="nmsearch", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.log"))))  # fmt: skip
+
+    workers = [worker(storage, 30, 0, sleep_s=0.05)]
+    # Worker 1 starts once worker 0 has queued the warm start: on a fast machine a worker started
+    # together with it could spend the whole 30-trial budget before the warm start is queued.
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "study.log").exists() or not any(
+        key.endswith("warm_start_enqueued") for key in _user_attrs(study)
+    ):
+        assert workers[0].poll() is None and time.monotonic() < deadline, "worker 0 never queued its warm start"
+        time.sleep(0.1)
+    workers.append(worker(storage, 30, 1, sleep_s=0.05))
     for w in workers:
         output, _ = w.communicate(timeout=180)
         assert w.returncode == 0, output.decode()[-2000:]
-    study = optuna.load_study(study_name="nmsearch", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.log"))))  # fmt: skip
+    study = study()
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))  # every trial recorded once
@@ -175,6 +188,13 @@ def test_two_workers_share_one_journal_file(space, tmp_path: Path) -> None:
     assert sorted(warm) == sorted(set(warm)) and len(warm) == len(space.uniform_schemes())
     evaluated = [t for t in complete if "duplicate_of" not in t.user_attrs["evaluation"]["info"]]
     assert evaluated and all(LEASE_ATTR in t.user_attrs for t in evaluated)  # repeats reuse, no lease
+
+
+def _user_attrs(load: object) -> dict:
+    try:
+        return load().user_attrs
+    except KeyError:  # the study is not created yet
+        return {}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
