@@ -32,17 +32,24 @@ from search_space import weight_nm_mask
 from search_space.io import atomic_write_text
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Default grid (MxNxK): the shapes of the published points plus the layers nmsearch users prune --
+# LLM projections (4096/11008) from decode (M=1) to prefill, BERT-base and MiniLM encoder layers at
+# 256x128 tokens, and the m = n sweep at K=10240 of pytorch/ao#174 -- so that the measured points
+# test the shape model where it matters (small M, skinny N or K, the large-m drop).
 DEFAULT_SHAPES = (
-    "1x4096x4096",
-    "16x4096x4096",
-    "128x4096x4096",
+    *(
+        f"{m}x{n}x{k}"
+        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))
+        for m in (1, 16, 64, 256, 1024, 4096, 16384)
+    ),
+    *(f"{m}x{n}x{k}" for n, k in ((768, 768), (3072, 768), (768, 3072)) for m in (256, 4096, 32768)),
+    *(f"{m}x{n}x{k}" for n, k in ((384, 384), (1536, 384), (384, 1536)) for m in (4096, 32768)),
+    *(f"{m}x{m}x10240" for m in (1024, 2048, 3072, 4096, 8192, 16384)),
     "3072x3072x768",
     "3072x768x3072",
-    "3072x3072x10240",
-    "8192x4096x4096",
-    "8192x11008x4096",
-    "8192x4096x11008",
     "16384x8192x8192",
+    "8192x28672x8192",
+    "8192x8192x28672",
 )
 # Device-name fragments -> shipped profile, most specific first.
 DEVICE_PROFILES = (

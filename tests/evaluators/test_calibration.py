@@ -74,7 +74,10 @@ def synthetic(noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
 def test_shipped_points_are_read_sourced_and_span_gpus() -> None:
     frame = read_measurements(PUBLISHED_CSV)
     assert len(frame) >= 30 and frame["hardware"].nunique() >= 3
-    assert frame["source"].str.startswith("https://").all()  # every published point names where it was read
+    # every published point names where it was read; the rest were timed by benchmarks/gpu_*.py
+    assert (frame["source"].str.startswith("https://") | (frame["source"] == "measured here")).all()
+    here = frame[frame["source"] == "measured here"]
+    assert set(here["hardware"]) == {"h200"} and here["notes"].str.contains("benchmarks/gpu_").all()
     assert set(frame["kernel"]) == {"tuned", "untuned"}
     assert ((frame["dense_ms"] > 0) & (frame["sparse_ms"] > 0)).all()
     assert PUBLISHED_CSV.is_relative_to(Path(__file__).resolve().parents[2] / "evaluators")  # package data
@@ -120,20 +123,22 @@ def test_the_fit_reproduces_on_the_shipped_csv() -> None:
     for name in ("h100_sxm", "h100_pcie", "h200", "l4", "orin", "rtx3060", "rtx4070tis", "rtx4090"):
         assert np.allclose(factors_of(load_profile(name)), factors_of(load_profile("a100")), rtol=1e-3)
     # The validation numbers docs/results/cost-model-validation.md reports.
-    assert result.loso_median_rel_error == pytest.approx(0.092, abs=0.005)
-    assert result.loso_kendall_tau == pytest.approx(0.514, abs=0.01)
-    assert int(result.predictions["used"].sum()) == 39
+    assert result.loso_median_rel_error == pytest.approx(0.070, abs=0.005)
+    assert result.loso_kendall_tau == pytest.approx(0.568, abs=0.01)
+    assert int(result.predictions["used"].sum()) == 44
     summary = source_summary(result.predictions).set_index("hardware")
     # The RTX 4070 Ti SUPER's drop from 1.9x to 1.4x (CUTLASS re-reading operands past its L2) is
     # predicted held out; the RTX 3060's smaller one is not.
     assert summary.loc["rtx4070tis", "loso_median_rel_error"] < 0.06
     assert summary.loc["rtx4070tis", "loso_kendall_tau"] > 0.5
     assert summary.loc["rtx3060", "loso_kendall_tau"] < -0.7
+    # The H200 kernels measured here (CUDA-graph replay, 0.33-1.49x) are ranked right held out.
+    assert summary.loc["h200", "loso_kendall_tau"] == pytest.approx(0.8) and summary.loc["h200", "points"] == 5
     # What limits the tau: within one source the pairs are ranked wrong about as often as right,
     # and the two kernels of pytorch#90119 timed on the same six shapes rank each other at 0.73.
     pairs = pair_accounting(result.predictions)
-    assert pairs.loc["total", "pairs"] == 39 * 38 // 2
-    assert pairs.loc["same source", "agreement"] < 0.0 < pairs.loc["other hardware", "agreement"]
+    assert pairs.loc["total", "pairs"] == 44 * 43 // 2
+    assert abs(pairs.loc["same source", "agreement"]) < 0.1 < pairs.loc["other hardware", "agreement"]
     repeats = repeat_agreement(result.predictions)
     assert len(repeats) == 1 and repeats["shapes"].item() == 6
     assert repeats["kendall_tau"].item() == pytest.approx(0.733, abs=0.001)
