@@ -4,26 +4,18 @@ input; on a CUDA sm80+ machine, rows the calibration reads."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from evaluators.calibration import read_measurements
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def modules():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import gpu_latency
-        import gpu_overhead
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return gpu_latency, gpu_overhead
+    return benchmark_modules("gpu_latency", "gpu_overhead")
 
 
 def test_default_shapes_parse_and_bad_shapes_are_refused(modules) -> None:

@@ -3,27 +3,19 @@ aggregation by benchmarks/minilm_quality.py, on a tiny label-free encoder."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from search_space import NMSearchError
+from tests.benchmarks import benchmark_modules
 from tests.strategies.toy import TinyEncoderTask
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def modules():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import minilm_quality
-        import minilm_trained
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return minilm_trained, minilm_quality
+    return benchmark_modules("minilm_trained", "minilm_quality")
 
 
 @pytest.mark.parametrize(
