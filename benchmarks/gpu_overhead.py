@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from gpu_latency import cuda_problem, parse_shape
+from gpu_latency import cuda_problem, graphed, parse_shape
 from torch.profiler import ProfilerActivity, profile
 
 from search_space import weight_nm_mask
@@ -40,17 +40,8 @@ def events_ms(fn: Callable[[], object], calls: int = 50) -> float:
 
 def graph_ms(fn: Callable[[], object]) -> str:
     """One call captured in a CUDA graph, replayed: its time, or why capture failed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     try:
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return f"{events_ms(graph.replay):.4f} ms"
+        return f"{events_ms(graphed(fn)):.4f} ms"
     except RuntimeError as error:
         torch.cuda.synchronize()
         return f"capture failed ({str(error).splitlines()[0][:100]})"

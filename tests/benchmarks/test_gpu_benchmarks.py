@@ -60,5 +60,9 @@ def test_on_a_gpu_the_rows_join_the_calibration_data(modules, tmp_path: Path, ca
     assert gpu_latency.main(["--out", str(out), "--shapes", "256x1024x1024", "--repeats", "3", "--inner", "2"]) == 0
     rows = read_measurements(out)
     assert (rows["source"] == "measured here").all() and len(rows) >= 1
+    graph = tmp_path / "graph.csv"
+    args = ["--out", str(graph), "--shapes", "256x1024x1024", "--repeats", "3", "--inner", "2", "--graph"]
+    assert gpu_latency.main(args) == 0
+    assert read_measurements(graph)["library"].str.contains("CUDA-graph replay").all()
     assert gpu_overhead.main(["--shapes", "256x1024x1024"]) == 0
     assert "256x1024x1024 2:4:" in capsys.readouterr().out
