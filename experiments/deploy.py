@@ -52,7 +52,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from evaluators import AccuracyEvaluator, HardwareProfile, Trainer, load_profile
+from evaluators import AccuracyEvaluator, HardwareCostModel, HardwareProfile, Trainer, load_profile
+from evaluators.cost import PLANS
 from evaluators.hardware import runs_on
 from evaluators.task import Task
 from experiments.config import EvaluatorConfig, SearchConfig
@@ -60,10 +61,12 @@ from experiments.search import build_space
 from experiments.tasks import instantiate_task
 from nmsearch import config_dir
 from search_space import (
+    DENSE,
     NMPattern,
     NMSearchError,
     RowPattern,
     Scheme,
+    SearchSpace,
     SparseLayerMixin,
     atomic_write,
     prunable_modules,
@@ -121,6 +124,7 @@ class Deployable:
     inputs: Tensor
     source: str
     accuracy: float | None = None  # of ``model`` on the run's split, when a task is known
+    space: SearchSpace | None = None  # the dense model's layers, for the cost model's per-layer verdict
 
 
 def load_scheme(source: str | os.PathLike) -> tuple[Scheme, dict[str, Any] | None]:
@@ -297,6 +301,7 @@ def searched_model(config: dict[str, Any], scheme: Scheme) -> Deployable:
         _task_inputs(trainer.task),
         f"task {trainer.task.name} ({evaluator_cfg.fidelity})",
         result.accuracy,
+        space,
     )
 
 
@@ -740,8 +745,40 @@ def to_semi_structured(model: nn.Module, scheme: Scheme, inputs: Tensor | None =
 
 
 # -- report ------------------------------------------------------------------------------------
+def modelled_layers(
+    space: SearchSpace, scheme: Scheme, profile: HardwareProfile, dtype: str, batch_size: int
+) -> pd.DataFrame:
+    """The cost model's verdict per layer: the plan it runs ``scheme``'s option on and its speedup.
+
+    Args:
+        space: the dense model's search space (its layer shapes).
+        scheme: the deployed scheme.
+        profile: the target hardware.
+        dtype: the dtype it runs in.
+        batch_size: the deployment batch.
+
+    Returns:
+        Indexed by layer: ``plan`` (``dense``, ``sparse weights`` or ``sparse activations``) and
+        ``speedup`` (the layer's dense latency over its latency with the option).
+    """
+    cost = HardwareCostModel.from_profile(profile, dtype=dtype, batch_size=batch_size)
+    names = [name for name, _ in scheme.layers]
+    # costed pair by pair: a --model space offers the default options, the scheme may hold others
+    _, chosen = cost.costs(space, list(scheme.layers))
+    _, dense = cost.costs(space, [(name, DENSE) for name in names])
+    return pd.DataFrame(
+        {"plan": [PLANS[p] for p in chosen.plan], "speedup": dense.latency_s / chosen.latency_s}, index=names
+    )
+
+
 def deploy_report(
-    model: nn.Module, scheme: Scheme, fmt: str, profile: HardwareProfile | None, dtype: str = "fp16"
+    model: nn.Module,
+    scheme: Scheme,
+    fmt: str,
+    profile: HardwareProfile | None,
+    dtype: str = "fp16",
+    modelled: pd.DataFrame | None = None,
+    batch_size: int = 1,
 ) -> pd.DataFrame:
     """Per scheme layer: its patterns, the format it runs in, and whether ``profile`` accelerates it.
 
@@ -751,9 +788,12 @@ def deploy_report(
         fmt: one of :data:`FORMATS`.
         profile: the target hardware (``None``: acceleration unknown).
         dtype: the dtype whose sparse peak counts.
+        modelled: :func:`modelled_layers` at ``batch_size``; with it, ``accelerated`` follows the cost
+            model's plan and speedup instead of the sparse peak.
+        batch_size: the batch ``modelled`` is for.
 
     Returns:
-        Columns ``layer, kind, weights, activations, runs_as, accelerated, note``.
+        Columns ``layer, kind, weights, activations, runs_as, modelled, accelerated, note``.
     """
     plan = semi_structured_plan(model, scheme) if fmt == "torch" else {}
     spec = profile.dtype(dtype) if profile is not None else None
@@ -770,7 +810,8 @@ def deploy_report(
             note = plan[name] or ""
         elif fmt == "onnx":
             runs_as = f"{option.weight} zeros in initializer"
-            note = "TensorRT --sparsity=enable picks 2:4 kernels" if runs_on(option.weight, SEMI_STRUCTURED) else ""
+            if runs_on(option.weight, SEMI_STRUCTURED):
+                note = "TensorRT --sparsity=enable may pick 2:4 kernels (it times both)"
         else:
             runs_as = f"{option.weight} zeros in weights"
         if isinstance(option.activation, NMPattern):
@@ -778,10 +819,19 @@ def deploy_report(
         elif isinstance(option.activation, RowPattern):
             note = "; ".join(filter(None, [note, "row mask: skipped outputs zeroed after a dense conv"]))
         sparse_kernel = option.weight is not None and (fmt != "torch" or plan[name] is None)
+        verdict = modelled.loc[name] if modelled is not None else None
         if spec is None:
             accelerated = "unknown"
-        else:
+        elif verdict is None:
             accelerated = f"yes ({speedup:.2g}x peak)" if sparse_kernel and speedup > 1 else "no"
+        elif sparse_kernel and verdict["plan"] == "sparse weights":
+            accelerated = f"yes ({verdict['speedup']:.2f}x modelled)"
+        else:
+            accelerated = "no"
+            if sparse_kernel and speedup > 1:  # the tensor cores take it, but not faster at this size
+                converted = "converted, but " if fmt == "torch" else ""
+                modelled_note = f"{converted}the cost model predicts the dense kernel faster at batch {batch_size}"
+                note = "; ".join(filter(None, [note, modelled_note]))
         rows.append(
             {
                 "layer": name,
@@ -789,6 +839,7 @@ def deploy_report(
                 "weights": str(option.weight or "dense"),
                 "activations": str(option.activation or "dense"),
                 "runs_as": runs_as,
+                "modelled": "unknown" if verdict is None else f"{verdict['speedup']:.2f}x ({verdict['plan']})",
                 "accelerated": accelerated,
                 "note": note,
             }
@@ -840,6 +891,7 @@ def deploy(
     input_shape: tuple[int, ...] | None = None,
     hardware: str | None = None,
     dtype: str | None = None,
+    batch_size: int | None = None,
     overwrite: bool = False,
 ) -> DeployResult:
     """Bake the scheme of ``source`` into its model and write ``out`` in ``fmt``.
@@ -853,6 +905,7 @@ def deploy(
         input_shape: inputs of a ``module:callable`` model.
         hardware: the profile the report judges acceleration on (default: the run's).
         dtype: its dtype (default: the run's, else fp16).
+        batch_size: the deployment batch the report's cost model uses (default: the run's, else 1).
         overwrite: replace an existing ``out``.
 
     Returns:
@@ -870,19 +923,29 @@ def deploy(
         profile: HardwareProfile | None = load_profile(config["hardware"])
     else:
         profile = load_profile(hardware) if hardware else None
-    dtype = dtype or ((config or {}).get("evaluator") or {}).get("dtype") or "fp16"
+    run_evaluator = (config or {}).get("evaluator") or {}
+    dtype = dtype or run_evaluator.get("dtype") or "fp16"
+    if batch_size is None:
+        batch_size = run_evaluator.get("batch_size") or 1
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeployError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if profile is not None:
         profile.dtype(dtype)
     if model is not None:
         dense, inputs, _ = load_model(model, checkpoint, input_shape=input_shape)
-        deployable = Deployable(bake(dense, scheme), scheme, inputs, f"--model {model}")
+        space = SearchSpace.from_model(dense, inputs)  # before baking: the dense layers' shapes
+        deployable = Deployable(bake(dense, scheme), scheme, inputs, f"--model {model}", space=space)
     elif config is not None:
         if checkpoint is not None:
             raise DeployError("--checkpoint needs --model (which model to load it into)")
         deployable = searched_model(config, scheme)
     else:
         raise DeployError(f"'{source}' records no run config: name the model with --model TASK|module:callable")
-    result = DeployResult(out, fmt, deploy_report(deployable.model, scheme, fmt, profile, dtype), deployable)
+    modelled = None
+    if profile is not None and deployable.space is not None:
+        modelled = modelled_layers(deployable.space, scheme, profile, dtype, batch_size)
+    report = deploy_report(deployable.model, scheme, fmt, profile, dtype, modelled, batch_size)
+    result = DeployResult(out, fmt, report, deployable)
     if fmt == "safetensors":
         save_safetensors(deployable.model, scheme, out)
     elif fmt == "onnx":
@@ -923,6 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-shape", type=_shape, help="input shape of a module:callable model, e.g. 1,3,32,32")
     parser.add_argument("--hardware", help="profile for the report (conf/hardware name or .yaml); default: the run's")
     parser.add_argument("--dtype", help="the profile's dtype for the report (default: the run's, else fp16)")
+    parser.add_argument(
+        "--batch-size", type=int, help="deployment batch of the report's cost model (default: the run's, else 1)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     base = args.source if args.source.is_dir() else args.source.parent
@@ -937,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
             input_shape=args.input_shape,
             hardware=args.hardware,
             dtype=args.dtype,
+            batch_size=args.batch_size,
             overwrite=args.overwrite,
         )
     except NMSearchError as error:
