@@ -11,9 +11,10 @@
   wants them. Activation N:M is exported as explicit ops (TopK, ScatterElements, Mul) and row
   masks as a constant Mul after the conv.
 * ``torch``: checked by converting the model's 2:4-compatible Linear weights to
-  ``torch.sparse.to_sparse_semi_structured`` tensors (fp16, CUDA compute capability >= 8.0) and
-  comparing outputs; the file holds the finalized weights and the scheme JSON as plain tensors and
-  strings, which ``torch.load(..., weights_only=True)`` reads without running code
+  ``torch.sparse.to_sparse_semi_structured`` tensors (fp16, CUDA compute capability >= 8.0; not
+  those the cost model runs dense at the deployment batch, unless ``--convert-all``) and comparing
+  outputs; the file holds the finalized weights, the scheme JSON and the layers left dense as plain
+  tensors and strings, which ``torch.load(..., weights_only=True)`` reads without running code
   (:func:`load_torch`; :func:`to_semi_structured` converts again after loading).
 
 The model: with a run directory (or a ``scheme.json`` written by a search, which records the run
@@ -41,7 +42,7 @@ import pickle
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -77,6 +78,7 @@ from search_space import (
 FORMATS = ("safetensors", "onnx", "torch")
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torch": ".pt"}
 METADATA_KEY = "nmsearch.scheme"
+KEEP_DENSE_KEY = "nmsearch.keep_dense"  # torch files: layers deploy left dense, with the reason
 SEMI_STRUCTURED = NMPattern(2, 4)  # the one sparse format torch and TensorRT run (fp16/bf16/int8)
 CHECK_BATCH = 64  # inputs the ONNX round trip is checked on
 ACTIVATION_NOTES = {  # where a layer's activation N:M mask is computed, per format
@@ -465,7 +467,9 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme
     return state, Scheme.from_json(json.loads(metadata[METADATA_KEY]), f"metadata of '{path}'")
 
 
-def save_torch(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -> None:
+def save_torch(
+    model: nn.Module, scheme: Scheme, out: str | os.PathLike, keep_dense: Mapping[str, str] | None = None
+) -> None:
     """Write the model's state dict (weights with the N:M zeros) and the scheme JSON as a torch file
     that ``torch.load(..., weights_only=True)`` reads: tensors and strings, no pickled code.
 
@@ -473,23 +477,31 @@ def save_torch(model: nn.Module, scheme: Scheme, out: str | os.PathLike) -> None
         model: the finalized model (see :func:`bake`).
         scheme: its scheme, stored under :data:`METADATA_KEY`.
         out: the ``.pt`` file (written atomically).
+        keep_dense: 2:4-eligible layers :func:`to_semi_structured` leaves dense, with the reason
+            (stored under :data:`KEEP_DENSE_KEY`).
 
     Raises:
         DeployError: a weight breaks its N:M pattern along the input channels.
     """
-    payload = {"state_dict": _finalized_state(model, scheme), METADATA_KEY: json.dumps(scheme.to_json())}
+    payload = {
+        "state_dict": _finalized_state(model, scheme),
+        METADATA_KEY: json.dumps(scheme.to_json()),
+        KEEP_DENSE_KEY: json.dumps(dict(keep_dense or {})),
+    }
     _write_atomically(Path(out), lambda tmp: torch.save(payload, tmp))
 
 
-def load_torch(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme]:
-    """The state dict and the scheme of a file written by ``--format torch``, read with ``weights_only=True``.
+def load_torch(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme, dict[str, str]]:
+    """The state dict, the scheme and the layers kept dense of a file written by ``--format torch``,
+    read with ``weights_only=True``.
 
     Args:
         path: the ``.pt`` file.
 
     Returns:
-        The tensors by name and the scheme. ``bake(model, scheme).load_state_dict(state)`` rebuilds the
-        finalized model; :func:`to_semi_structured` converts its 2:4 weights on a CUDA sm80+ GPU.
+        The tensors by name, the scheme, and ``{layer: reason}`` of the 2:4-eligible layers deploy
+        left dense. ``bake(model, scheme).load_state_dict(state)`` rebuilds the finalized model;
+        ``to_semi_structured(model, scheme, keep_dense=keep_dense)`` converts as deploy did (CUDA sm80+).
 
     Raises:
         DeployError: the file is not a torch file of nmsearch deploy (or holds anything but tensors and strings).
@@ -501,7 +513,8 @@ def load_torch(path: str | os.PathLike) -> tuple[dict[str, Tensor], Scheme]:
         raise DeployError(f"'{path}' cannot be read as a weights-only torch file: {first}") from None
     if not isinstance(payload, dict) or METADATA_KEY not in payload or "state_dict" not in payload:
         raise DeployError(f"'{path}' has no {METADATA_KEY!r} entry: not written by nmsearch deploy --format torch")
-    return payload["state_dict"], Scheme.from_json(json.loads(payload[METADATA_KEY]), f"'{path}'")
+    scheme = Scheme.from_json(json.loads(payload[METADATA_KEY]), f"'{path}'")
+    return payload["state_dict"], scheme, json.loads(payload.get(KEEP_DENSE_KEY, "{}"))
 
 
 @dataclass
@@ -675,7 +688,9 @@ def require_semi_structured() -> None:
         )
 
 
-def semi_structured_plan(model: nn.Module, scheme: Scheme) -> dict[str, str | None]:
+def semi_structured_plan(
+    model: nn.Module, scheme: Scheme, keep_dense: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
     """Per scheme layer, why its weight stays dense under ``--format torch`` (``None``: converted to 2:4).
 
     torch's semi-structured tensors take the weights of plain Linear layers (not Conv2d) whose N:M
@@ -685,10 +700,13 @@ def semi_structured_plan(model: nn.Module, scheme: Scheme) -> dict[str, str | No
     Args:
         model: The finalized model (see :func:`bake`).
         scheme: Its scheme.
+        keep_dense: Eligible layers to leave dense anyway, with the reason (deploy: where the cost
+            model predicts the dense kernel faster).
 
     Returns:
         ``{layer: reason it stays dense, or None when it is converted}`` for every scheme layer.
     """
+    keep_dense = keep_dense or {}
     modules = prunable_modules(model)
     plan: dict[str, str | None] = {}
     for name, option in scheme.layers:
@@ -703,18 +721,26 @@ def semi_structured_plan(model: nn.Module, scheme: Scheme) -> dict[str, str | No
             plan[name] = "activation sparsity keeps a masking wrapper with a dense weight"
         elif any(size % 64 for size in module.weight.shape):
             plan[name] = f"weight shape {tuple(module.weight.shape)} is not a multiple of 64"
+        elif name in keep_dense:
+            plan[name] = keep_dense[name]
         else:
             plan[name] = None
     return plan
 
 
-def to_semi_structured(model: nn.Module, scheme: Scheme, inputs: Tensor | None = None) -> nn.Module:
+def to_semi_structured(
+    model: nn.Module,
+    scheme: Scheme,
+    inputs: Tensor | None = None,
+    keep_dense: Mapping[str, str] | None = None,
+) -> nn.Module:
     """A fp16 CUDA copy of a finalized model with every eligible Linear weight as a 2:4 semi-structured tensor.
 
     Args:
         model: the finalized model (see :func:`bake`), left untouched.
         scheme: its scheme (:func:`semi_structured_plan` picks the layers).
         inputs: when given, the converted model's outputs are compared with the dense fp16 model's.
+        keep_dense: eligible layers to leave dense (what :func:`load_torch` returns).
 
     Returns:
         The converted copy (eval mode, on the GPU).
@@ -727,7 +753,7 @@ def to_semi_structured(model: nn.Module, scheme: Scheme, inputs: Tensor | None =
 
     converted = copy.deepcopy(model).half().cuda().eval()
     modules = prunable_modules(converted)
-    for name, why_dense in semi_structured_plan(converted, scheme).items():
+    for name, why_dense in semi_structured_plan(converted, scheme, keep_dense).items():
         if why_dense is None:
             module = modules[name]
             module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
@@ -779,6 +805,7 @@ def deploy_report(
     dtype: str = "fp16",
     modelled: pd.DataFrame | None = None,
     batch_size: int = 1,
+    keep_dense: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Per scheme layer: its patterns, the format it runs in, and whether ``profile`` accelerates it.
 
@@ -791,11 +818,12 @@ def deploy_report(
         modelled: :func:`modelled_layers` at ``batch_size``; with it, ``accelerated`` follows the cost
             model's plan and speedup instead of the sparse peak.
         batch_size: the batch ``modelled`` is for.
+        keep_dense: eligible layers ``--format torch`` leaves dense, with the reason.
 
     Returns:
         Columns ``layer, kind, weights, activations, runs_as, modelled, accelerated, note``.
     """
-    plan = semi_structured_plan(model, scheme) if fmt == "torch" else {}
+    plan = semi_structured_plan(model, scheme, keep_dense) if fmt == "torch" else {}
     spec = profile.dtype(dtype) if profile is not None else None
     rows = []
     for name, option in scheme.layers:
@@ -892,6 +920,7 @@ def deploy(
     hardware: str | None = None,
     dtype: str | None = None,
     batch_size: int | None = None,
+    convert_all: bool = False,
     overwrite: bool = False,
 ) -> DeployResult:
     """Bake the scheme of ``source`` into its model and write ``out`` in ``fmt``.
@@ -906,6 +935,8 @@ def deploy(
         hardware: the profile the report judges acceleration on (default: the run's).
         dtype: its dtype (default: the run's, else fp16).
         batch_size: the deployment batch the report's cost model uses (default: the run's, else 1).
+        convert_all: ``--format torch`` converts every eligible layer, also where the cost model
+            predicts the dense kernel faster (by default those stay dense).
         overwrite: replace an existing ``out``.
 
     Returns:
@@ -944,7 +975,14 @@ def deploy(
     modelled = None
     if profile is not None and deployable.space is not None:
         modelled = modelled_layers(deployable.space, scheme, profile, dtype, batch_size)
-    report = deploy_report(deployable.model, scheme, fmt, profile, dtype, modelled, batch_size)
+    keep_dense = {}
+    if modelled is not None and not convert_all:
+        keep_dense = {
+            name: f"the cost model predicts the dense kernel faster at batch {batch_size} (--convert-all converts it)"
+            for name, option in scheme.layers
+            if option.weight is not None and modelled.loc[name, "plan"] != "sparse weights"
+        }
+    report = deploy_report(deployable.model, scheme, fmt, profile, dtype, modelled, batch_size, keep_dense)
     result = DeployResult(out, fmt, report, deployable)
     if fmt == "safetensors":
         save_safetensors(deployable.model, scheme, out)
@@ -953,8 +991,8 @@ def deploy(
     else:
         # The conversion checks that the 2:4 kernels reproduce the dense outputs; the file keeps the
         # finalized weights (a pickled module of tensor subclasses would need code to load).
-        result.model = to_semi_structured(deployable.model, scheme, deployable.inputs)
-        save_torch(deployable.model, scheme, out)
+        result.model = to_semi_structured(deployable.model, scheme, deployable.inputs, keep_dense)
+        save_torch(deployable.model, scheme, out, keep_dense)
     return result
 
 
@@ -989,6 +1027,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, help="deployment batch of the report's cost model (default: the run's, else 1)"
     )
+    parser.add_argument(
+        "--convert-all",
+        action="store_true",
+        help="--format torch: convert every eligible 2:4 Linear, also where the cost model predicts dense faster",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     base = args.source if args.source.is_dir() else args.source.parent
@@ -1004,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
             hardware=args.hardware,
             dtype=args.dtype,
             batch_size=args.batch_size,
+            convert_all=args.convert_all,
             overwrite=args.overwrite,
         )
     except NMSearchError as error:

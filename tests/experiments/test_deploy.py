@@ -12,6 +12,7 @@ from torch import nn
 
 from evaluators import load_profile
 from experiments.deploy import (
+    KEEP_DENSE_KEY,
     METADATA_KEY,
     DeployError,
     MissingDependencyError,
@@ -145,7 +146,10 @@ def test_unsupported_op_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-FILE_FORMATS = [("m.safetensors", save_safetensors, load_safetensors), ("m.pt", save_torch, load_torch)]
+FILE_FORMATS = [
+    ("m.safetensors", save_safetensors, load_safetensors),
+    ("m.pt", save_torch, lambda path: load_torch(path)[:2]),
+]
 
 
 @pytest.mark.parametrize(("name", "save", "load"), FILE_FORMATS)
@@ -178,8 +182,9 @@ def test_torch_file_loads_weights_only_and_rebuilds_the_model(tmp_path: Path, sc
     model = bake(tiny_net(), scheme)
     save_torch(model, scheme, tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)  # tensors and strings: no code runs
-    assert set(payload) == {"state_dict", METADATA_KEY}
-    state, loaded = load_torch(tmp_path / "m.pt")
+    assert set(payload) == {"state_dict", METADATA_KEY, KEEP_DENSE_KEY}
+    state, loaded, keep_dense = load_torch(tmp_path / "m.pt")
+    assert keep_dense == {}
     rebuilt = bake(tiny_net(), loaded)  # as the guide does before to_semi_structured
     rebuilt.load_state_dict(state)
     with torch.no_grad():
@@ -217,7 +222,7 @@ def test_scheme_for_another_model_is_refused(scheme: Scheme) -> None:
         bake(OtherNet(), scheme)
 
 
-def test_semi_structured_plan_says_why_a_layer_stays_dense() -> None:
+def test_semi_structured_plan_says_why_a_layer_stays_dense(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Conv2d(64, 64, 1))
     model.add_module("small", nn.Linear(64, 10))
     scheme = Scheme.from_choices({"0": "w2:4", "1": "w1:8", "2": "w4:8", "3": "w2:4", "small": "w2:4"})
@@ -226,6 +231,15 @@ def test_semi_structured_plan_says_why_a_layer_stays_dense() -> None:
     assert plan["2"] == "4:8 does not run as 2:4"
     assert plan["3"].startswith("Conv2d")
     assert plan["small"] == "weight shape (10, 64) is not a multiple of 64"
+    # deploy leaves eligible layers dense where the cost model says so; the torch file records them
+    keep = {"0": "the cost model predicts the dense kernel faster at batch 1 (--convert-all converts it)"}
+    kept = semi_structured_plan(model, scheme, keep)
+    assert kept["0"] == keep["0"] and kept["1"] is None and kept["small"] == plan["small"]
+    report = deploy_report(model, scheme, "torch", None, keep_dense=keep).set_index("layer")
+    assert report.loc["0", "runs_as"] == "dense (zeros stored)" and report.loc["0", "note"] == keep["0"]
+    baked = bake(nn.Sequential(nn.Linear(128, 64)), Scheme.from_choices({"0": "w2:4"}))
+    save_torch(baked, Scheme.from_choices({"0": "w2:4"}), tmp_path / "m.pt", keep_dense={"0": keep["0"]})
+    assert load_torch(tmp_path / "m.pt")[2] == {"0": keep["0"]}
 
 
 @pytest.mark.skipif(cuda_semi_structured_reason() is None, reason="a CUDA sm80+ GPU is present")
@@ -252,8 +266,19 @@ def test_torch_format_converts_2_4_linear_weights(tmp_path: Path) -> None:
     x = torch.randn(64, 128, device="cuda", dtype=torch.half)
     reference = bake(gpu_net(), scheme).half().cuda()(x)
     torch.testing.assert_close(result.model(x), reference, rtol=1e-2, atol=1e-2)
-    state, loaded = load_torch(tmp_path / "m.pt")  # the file: finalized weights, read weights-only
-    assert loaded == scheme and not any(isinstance(t, SparseSemiStructuredTensor) for t in state.values())
+    state, loaded, keep_dense = load_torch(tmp_path / "m.pt")  # the file: finalized weights, read weights-only
+    assert loaded == scheme and keep_dense == {}
+    assert not any(isinstance(t, SparseSemiStructuredTensor) for t in state.values())
+    # on the A100 profile at batch 1 the cost model keeps the 128x128 layer dense: so does deploy
+    kept = deploy(path, tmp_path / "k.pt", "torch", model=f"{__name__}:gpu_net", input_shape=(1, 128), hardware="a100")
+    assert not isinstance(kept.model[0].weight, SparseSemiStructuredTensor)
+    assert "the cost model predicts the dense kernel faster" in load_torch(tmp_path / "k.pt")[2]["0"]
+    forced = deploy(
+        path, tmp_path / "f.pt", "torch", model=f"{__name__}:gpu_net", input_shape=(1, 128), hardware="a100",
+        convert_all=True,
+    )  # fmt: skip
+    assert isinstance(forced.model[0].weight, SparseSemiStructuredTensor)
+    assert "converted, but" in forced.report.set_index("layer").loc["0", "note"]
 
 
 def test_report_judges_acceleration_on_the_profile(scheme: Scheme) -> None:
