@@ -122,7 +122,7 @@ class AccuracyEvaluator:
         self.config = config or AccuracyConfig()
         task = trainer.task
         if space is None:
-            space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs().to(trainer.device))
+            space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs())
         if not space.searchable:
             layers = ", ".join(f"{info.name!r} ({info.channels} channels)" for info in space.layers[:4])
             more = ", ..." if len(space.layers) > 4 else ""

@@ -62,7 +62,6 @@ from search_space import (
     atomic_write_text,
     check_writable_dir,
 )
-from search_space.oneshot import move_inputs
 from strategies import SearchResult, Strategy
 
 register_configs()
@@ -107,7 +106,7 @@ def build_space(cfg: DictConfig, task: Any = None) -> tuple[Trainer, SearchSpace
     task = task if task is not None else instantiate_task(cfg.task)
     trainer = Trainer(task, seed=cfg.seed, device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)
     space_cfg = OmegaConf.to_container(cfg.space, resolve=True)
-    space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs().to(trainer.device), **space_cfg)
+    space = SearchSpace.from_model(trainer.fresh_model(), task.example_inputs(), **space_cfg)
     return trainer, space
 
 
@@ -123,7 +122,7 @@ def build_fidelity(cfg: DictConfig, task: Any, evaluator_cfg: EvaluatorConfig) -
     if is_pretrained_task(task):
         device = resolve_device(cfg.device or None)
         model = task.build_model().to(device)
-        space = SearchSpace.from_model(model, move_inputs(task.example_inputs(), device), **space_cfg)
+        space = SearchSpace.from_model(model, task.example_inputs(), **space_cfg)
         return space, FidelityEvaluator.for_task(task, space, fidelity, model=model)
     trainer, space = build_space(cfg, task)
     accuracy = AccuracyEvaluator(trainer, space, evaluator_cfg.accuracy)
