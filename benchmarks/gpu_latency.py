@@ -127,16 +127,24 @@ def median_ms(fn: Callable[[], object], repeats: int, inner: int, graph: bool = 
         return median_ms(replay, repeats, 1) / inner
     for _ in range(3):
         fn()
+    return statistics.median(events_ms(fn, inner) for _ in range(repeats))
+
+
+def events_ms(fn: Callable[[], object], calls: int) -> float:
+    """Time per call of ``calls`` back-to-back calls of ``fn``, between two CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def operands(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``X[m x k]`` and a 2:4-pruned ``W[n x k]`` on the GPU."""
+    weight = torch.randn(n, k, device="cuda", dtype=dtype)
+    return torch.randn(m, k, device="cuda", dtype=dtype), weight * weight_nm_mask(weight, 2, 4)
 
 
 def measure(
@@ -154,9 +162,7 @@ def measure(
     sparse_class = torch.sparse.SparseSemiStructuredTensor
     rows = []
     for m, n, k in shapes:
-        weight = torch.randn(n, k, device="cuda", dtype=DTYPES[dtype])
-        weight = weight * weight_nm_mask(weight, 2, 4)
-        x = torch.randn(m, k, device="cuda", dtype=DTYPES[dtype])
+        x, weight = operands(m, n, k, DTYPES[dtype])
         dense = median_ms(lambda x=x, w=weight: F.linear(x, w), repeats, inner, graph)
         for backend in BACKENDS:
             sparse_class._FORCE_CUTLASS = backend == "cutlass"

@@ -20,28 +20,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from gpu_latency import cuda_problem, graphed, parse_shape
+from gpu_latency import cuda_problem, events_ms, graphed, operands, parse_shape
 from torch.profiler import ProfilerActivity, profile
 
-from search_space import weight_nm_mask
-
 DEFAULT_SHAPES = ("1x4096x4096", "256x4096x4096", "4096x4096x4096", "16384x4096x4096", "32768x768x3072")
-
-
-def events_ms(fn: Callable[[], object], calls: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def graph_ms(fn: Callable[[], object]) -> str:
     """One call captured in a CUDA graph, replayed: its time, or why capture failed."""
     try:
-        return f"{events_ms(graphed(fn)):.4f} ms"
+        return f"{events_ms(graphed(fn), 50):.4f} ms"
     except RuntimeError as error:
         torch.cuda.synchronize()
         return f"capture failed ({str(error).splitlines()[0][:100]})"
@@ -81,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16, per call:")
     for m, n, k in args.shapes:
-        weight = torch.randn(n, k, device="cuda", dtype=torch.half)
-        weight = weight * weight_nm_mask(weight, 2, 4)
-        x = torch.randn(m, k, device="cuda", dtype=torch.half)
+        x, weight = operands(m, n, k, torch.half)
         sparse = torch.sparse.to_sparse_semi_structured(weight)
         print(f"{m}x{n}x{k} dense: {breakdown(lambda x=x, w=weight: F.linear(x, w))}", flush=True)
         print(f"{m}x{n}x{k} 2:4:   {breakdown(lambda x=x, w=sparse: F.linear(x, w))}", flush=True)
